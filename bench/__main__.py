@@ -1,0 +1,31 @@
+"""``python -m bench [NAME ...]``: run the listed benchmarks (default: all of BENCHMARKS).
+
+Each benchmark is a module ``bench.<name>`` with a ``main() -> int`` that prints exactly one
+JSON line to stdout. The exit status is the largest one returned.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from bench.harness import emit
+
+BENCHMARKS = ["losses_vs_reference"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = sys.argv[1:] if argv is None else argv
+    names = names or BENCHMARKS
+    rc = 0
+    for name in names:
+        if name not in BENCHMARKS:
+            emit(name, error=f"unknown benchmark; choose from {BENCHMARKS}")
+            rc = max(rc, 2)
+            continue
+        rc = max(rc, importlib.import_module(f"bench.{name}").main() or 0)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""distil's command line: a thin Typer front end over ``stages``."""

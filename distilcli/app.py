@@ -1,0 +1,158 @@
+"""The `distil` command: every subcommand wired in one visible list below.
+
+Each command is an adapter: parse options, load its params section, call
+``stages.<command>.run``, report what it wrote.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from distilcli.options import (
+    DataOpt, DeviceOpt, FeaturesOpt, LabelOpt, OutOpt, ParamsOpt, QuietOpt, SectionOpt, SeedOpt, SetOpt,
+    config, data_config, done, handled,
+)  # fmt: skip
+from stages import __version__
+from stages import cascade as cascade_stage
+from stages import distill as distill_stage
+from stages import evaluate as evaluate_stage
+from stages import generate_teacher_data as gtd_stage
+from stages import select as select_stage
+from stages.config import CascadeConfig, DistillConfig, EvaluateConfig, GenerateTeacherDataConfig, SelectConfig
+from stages.selectors import SELECTORS
+
+app = typer.Typer(
+    name="distil",
+    help="Make a cheaper model that behaves like an expensive one: teacher data, selection, distillation, cascades, evaluation.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+
+PARAMS = Path("params.yaml")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"distil {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = None,
+) -> None:
+    """distil: distillation pipelines as composable stages."""
+
+
+def _list(table: dict[str, str]) -> str:
+    return "\n\n".join(f"* `{k}`: {v}" for k, v in table.items())
+
+
+def generate_teacher_data(
+    teacher: Annotated[Path, typer.Option("--teacher", "-t", help="Trained teacher model directory.")],
+    data: DataOpt,
+    out: OutOpt,
+    params: ParamsOpt = PARAMS, section: SectionOpt = None, set_: SetOpt = None, seed: SeedOpt = None,
+    device: DeviceOpt = "auto", features: FeaturesOpt = None, label: LabelOpt = None, quiet: QuietOpt = False,
+) -> None:  # fmt: skip
+    """Run a teacher over a table and store its logits with the gold labels and splits.
+
+    Example: `distil generate-teacher-data --teacher models/teacher --data digits --out data/teacher`
+    """
+    with handled():
+        cfg, p = config(GenerateTeacherDataConfig, params, section or "generate_teacher_data", set_, seed=seed)
+        path = gtd_stage.run(cfg, teacher, data, out, data_cfg=data_config(p, features, label), device=device, progress=not quiet)
+        done(path, "teacher data")
+
+
+def select(
+    data: Annotated[Path, typer.Argument(help="Teacher data from generate-teacher-data.")],
+    out: OutOpt,
+    by: Annotated[Optional[str], typer.Option("--by", help="Strategy: " + ", ".join(SELECTORS) + ".")] = None,
+    params: ParamsOpt = PARAMS, section: SectionOpt = None, set_: SetOpt = None, seed: SeedOpt = None, quiet: QuietOpt = False,
+) -> None:  # fmt: skip
+    """Filter and weight teacher data into a new table with `weight` and `reason` columns.
+
+    Example: `distil select data/teacher --by confident --set threshold=0.9 --out data/selected`
+    """
+    with handled():
+        cfg, _ = config(SelectConfig, params, section or "select", set_, by=by, seed=seed)
+        done(select_stage.run(cfg, data, out, progress=not quiet), "selection")
+
+
+def distill(
+    data: DataOpt,
+    out: OutOpt,
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="Training method (see the list above).")] = None,
+    teacher: Annotated[Optional[Path], typer.Option("--teacher", "-t", help="Run this teacher live on each (augmented) batch instead of stored logits.")] = None,
+    params: ParamsOpt = PARAMS, section: SectionOpt = None, set_: SetOpt = None, seed: SeedOpt = None,
+    device: DeviceOpt = "auto", features: FeaturesOpt = None, label: LabelOpt = None, quiet: QuietOpt = False,
+) -> None:  # fmt: skip
+    """Train a student (or, with `--method ce` on gold labels, a teacher).
+
+    Example: `distil distill --method kd --data data/selected --out models/student --set epochs=20`
+    """
+    with handled():
+        cfg, p = config(DistillConfig, params, section or "distill", set_, method=method, seed=seed)
+        path = distill_stage.run(cfg, data, out, data_cfg=data_config(p, features, label), teacher=teacher,
+                                 device=device, progress=not quiet)  # fmt: skip
+        done(path, "model")
+
+
+def cascade(
+    student: Annotated[Path, typer.Option("--student", "-s", help="Student model directory.")],
+    teacher: Annotated[Path, typer.Option("--teacher", "-t", help="Teacher model directory.")],
+    data: DataOpt,
+    out: OutOpt,
+    policy: Annotated[Optional[str], typer.Option("--policy", help="confidence or views.")] = None,
+    policy_file: Annotated[Optional[Path], typer.Option("--policy-file", help="Use this calibrated policy instead of calibrating on dev.")] = None,
+    params: ParamsOpt = PARAMS, section: SectionOpt = None, set_: SetOpt = None, seed: SeedOpt = None,
+    device: DeviceOpt = "auto", features: FeaturesOpt = None, label: LabelOpt = None, quiet: QuietOpt = False,
+) -> None:  # fmt: skip
+    """Student answers when confident, the teacher answers the rest; threshold calibrated on dev.
+
+    Example: `distil cascade --student models/student --teacher models/teacher --data data/teacher --out cascade`
+    """
+    with handled():
+        cfg, p = config(CascadeConfig, params, section or "cascade", set_, policy=policy, seed=seed)
+        path = cascade_stage.run(cfg, student, teacher, data, out, data_cfg=data_config(p, features, label),
+                                 policy_file=policy_file, device=device, progress=not quiet)  # fmt: skip
+        done(path, "cascade decisions")
+
+
+def evaluate(
+    data: DataOpt,
+    out: OutOpt,
+    model: Annotated[Optional[list[Path]], typer.Option("--model", help="Model directory (repeatable).")] = None,
+    cascade_dir: Annotated[Optional[list[Path]], typer.Option("--cascade", help="Cascade output directory (repeatable).")] = None,
+    params: ParamsOpt = PARAMS, section: SectionOpt = None, set_: SetOpt = None, seed: SeedOpt = None,
+    device: DeviceOpt = "auto", features: FeaturesOpt = None, label: LabelOpt = None,
+) -> None:  # fmt: skip
+    """Accuracy, calibration, agreement and cost of models and cascades; DVC metrics and plots.
+
+    Example: `distil evaluate --model models/teacher --model models/student --data data/teacher --out metrics`
+    """
+    with handled():
+        cfg, p = config(EvaluateConfig, params, section or "evaluate", set_, seed=seed)
+        path = evaluate_stage.run(cfg, model or [], data, out, data_cfg=data_config(p, features, label),
+                                  cascades=cascade_dir or [], device=device)  # fmt: skip
+        done(path, "evaluation")
+
+
+distill.__doc__ = (distill.__doc__ or "") + "\n\nMethods:\n\n" + _list(distill_stage.METHODS)
+cascade.__doc__ = (cascade.__doc__ or "") + "\n\nPolicies:\n\n" + _list(cascade_stage.POLICIES)
+
+# The command list: one place to see every subcommand.
+app.command("generate-teacher-data")(generate_teacher_data)
+app.command("select")(select)
+app.command("distill")(distill)
+app.command("cascade")(cascade)
+app.command("evaluate")(evaluate)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,65 @@
+"""Shared option aliases and the glue every command uses: params loading, overrides,
+and turning bad input into one line and exit code 2."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from stages.config import DataConfig, load_section, parse_overrides, read_params
+from stages.errors import DistilError
+
+err = Console(stderr=True)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="YAML file with one section per stage.")]
+SectionOpt = Annotated[Optional[str], typer.Option("--section", help="Params section to read (default: the command's own).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a param for this run: key=value (repeatable, dotted keys).")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (overrides the section's seed).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory (written atomically).")]
+DataOpt = Annotated[str, typer.Option("--data", "-d", help="Built-in task (digits), a distil table, or a .parquet/.csv file.")]
+FeaturesOpt = Annotated[Optional[str], typer.Option("--features", help="User tables: comma-separated feature columns, or one list column.")]
+LabelOpt = Annotated[Optional[str], typer.Option("--label", help="User tables: the label column.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+def config(cls: type, params_path: Path, section: str, sets: list[str] | None, **cli: Any) -> tuple[Any, dict[str, Any]]:
+    """The stage's config: params section, then --set, then explicit CLI options (if given)."""
+    params = read_params(params_path)
+    overrides = parse_overrides(sets or [])
+    overrides.update({k: v for k, v in cli.items() if v is not None})
+    return load_section(cls, params, section, overrides), params
+
+
+def data_config(params: dict[str, Any], features: str | None, label: str | None) -> DataConfig:
+    cli = {"features": [f for f in features.split(",") if f]} if features else {}
+    if label:
+        cli["label"] = label
+    return load_section(DataConfig, params, "data", cli)
+
+
+@contextlib.contextmanager
+def handled() -> Iterator[None]:
+    """DistilError -> one line on stderr, exit 2; Ctrl-C -> a hint that a rerun resumes."""
+    try:
+        yield
+    except DistilError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err.print("interrupted: rerun the same command to resume from the last checkpoint")
+        raise typer.Exit(130) from None
+
+
+def done(path: Path, what: str) -> None:
+    err.print(f"[green]wrote[/] {what} -> {path}")
+
+
+def is_tty() -> bool:
+    return sys.stderr.isatty()

@@ -1,0 +1,212 @@
+"""One dataclass per stage, mirroring its section of params.yaml.
+
+Every field has a default and a one-line help (its ``metadata["help"]``). Unknown keys
+raise, so a typo in params.yaml or ``--set`` is an error rather than a silent default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, get_type_hints
+
+import yaml
+
+from stages.errors import DistilError
+
+T = TypeVar("T")
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    """How raw examples are read and split; shared by every stage that reads raw data."""
+
+    features: list[str] = _f([], "feature columns of a user table (several numeric columns or one list column); [] = all but label/split/id")
+    label: str = _f("label", "label column of a user table")
+    split_column: str = _f("", "column holding train/dev/test; '' = make a stratified split")
+    split_seed: int = _f(0, "seed of the stratified train/dev/test split (fixed across stages)")
+    dev_frac: float = _f(0.15, "share of rows in the dev split")
+    test_frac: float = _f(0.2, "share of rows in the test split")
+    limit: int = _f(0, "keep at most this many rows per split (0 = all); for quick runs and tests")
+
+
+@dataclass
+class ModelConfig:
+    """A small built-in classifier network."""
+
+    arch: str = _f("mlp", "mlp or cnn")
+    width: int = _f(64, "hidden units (mlp) or channels of the first conv (cnn)")
+    depth: int = _f(1, "hidden layers (mlp) or conv blocks (cnn)")
+    dropout: float = _f(0.0, "dropout before the output layer")
+
+
+@dataclass
+class DistillConfig:
+    method: str = _f("kd", "training method: see `distil distill --help`")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "student architecture"})
+    epochs: int = _f(30, "training epochs")
+    batch_size: int = _f(64, "rows per optimiser step")
+    lr: float = _f(3e-3, "AdamW learning rate")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    temperature: float = _f(2.0, "softmax temperature of the distillation term")
+    alpha: float = _f(0.5, "weight of the distillation term; (1-alpha) goes to CE on gold labels")
+    beta: float = _f(0.5, "jsd interpolation: 0 = forward KL, 1 = reverse KL")
+    skew: float = _f(0.1, "skew-kl mixing weight a in KL(p_t || a p_t + (1-a) p_s)")
+    reverse_skew: bool = _f(False, "skew-kl: use the reverse variant KL(p_s || a p_s + (1-a) p_t)")
+    augment: str = _f("none", "training augmentation: none, weak or strong")
+    seed: int = _f(0, "training seed")
+
+
+@dataclass
+class GenerateTeacherDataConfig:
+    batch_size: int = _f(256, "rows per teacher forward pass")
+    shard_rows: int = _f(512, "rows per Parquet part; a killed run resumes at the last complete part")
+    splits: list[str] = _f(["train", "dev", "test"], "splits to run the teacher on")
+    seed: int = _f(0, "seed")
+
+
+@dataclass
+class SelectConfig:
+    by: str = _f("confident", "selection strategy: see `distil select --help`")
+    threshold: float = _f(0.0, "confident: also keep rows whose teacher max-prob >= threshold (0 = keep only correct rows)")
+    require_correct: bool = _f(True, "confident: keep rows the teacher classifies correctly")
+    splits: list[str] = _f(["train"], "splits the selection applies to; other splits pass through unchanged")
+    seed: int = _f(0, "seed")
+
+
+@dataclass
+class CascadeConfig:
+    policy: str = _f("confidence", "confidence or views")
+    target_accuracy: float = _f(-1.0, "dev accuracy to reach; < 0 = teacher dev accuracy minus `margin`")
+    margin: float = _f(0.005, "accuracy below the teacher's that the default target allows")
+    views: int = _f(8, "views: augmented views per row")
+    augment: str = _f("weak", "views: augmentation strength (weak or strong)")
+    batch_size: int = _f(256, "rows per forward pass")
+    seed: int = _f(0, "seed")
+
+
+@dataclass
+class EvaluateConfig:
+    bins: int = _f(15, "equal-width confidence bins of ECE and the reliability diagram")
+    split: str = _f("test", "split to evaluate on")
+    batch_size: int = _f(512, "rows per forward pass")
+    seed: int = _f(0, "seed")
+
+
+SECTIONS: dict[str, type] = {
+    "generate_teacher_data": GenerateTeacherDataConfig,
+    "select": SelectConfig,
+    "distill": DistillConfig,
+    "cascade": CascadeConfig,
+    "evaluate": EvaluateConfig,
+    "data": DataConfig,
+}
+
+
+def from_dict(cls: type[T], values: dict[str, Any] | None, where: str) -> T:
+    """Build ``cls`` from a mapping, recursing into nested dataclasses; unknown keys raise."""
+    values = dict(values or {})
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise DistilError(
+            f"unknown key(s) {', '.join(unknown)} in params section '{where}'; valid keys: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise DistilError(f"params '{where}.{name}' must be a mapping, got {value!r}")
+            kwargs[name] = from_dict(hint, value, f"{where}.{name}")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = getattr(hint, "__origin__", None)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    if origin is list and isinstance(value, list):
+        return value
+    if origin is list and isinstance(value, str):
+        return [v for v in value.split(",") if v]
+    raise DistilError(f"params '{where}' must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["epochs=3", "model.width=16"]`` -> nested dict; values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise DistilError(f"--set expects key=value, got '{pair}'")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for k, v in extra.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def read_params(path: Path | None) -> dict[str, Any]:
+    """The whole params file; a missing default params.yaml means "all defaults"."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.exists():
+        if path.name == "params.yaml" and path.parent == Path("."):
+            return {}
+        raise DistilError(f"params file {path} not found; pass an existing --params file")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise DistilError(f"params file {path} is not valid YAML ({first}); fix the syntax") from None
+    if not isinstance(loaded, dict):
+        raise DistilError(f"params file {path} must be a mapping of sections")
+    return loaded
+
+
+def load_section(cls: type[T], params: dict[str, Any], section: str, overrides: dict[str, Any] | None = None) -> T:
+    """One stage's config: the section of the params file, then ``--set`` overrides on top."""
+    raw = params.get(section) or {}
+    if not isinstance(raw, dict):
+        raise DistilError(f"params section '{section}' must be a mapping")
+    return from_dict(cls, _merge(raw, overrides or {}), section)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def describe(cls: type) -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every field, nested keys dotted; used by `--help` epilogs and tests."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        hint = get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows += [(f"{f.name}.{k}", d, h) for k, d, h in describe(hint)]
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f.name, default, f.metadata.get("help", "")))
+    return rows

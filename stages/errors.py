@@ -1,0 +1,9 @@
+"""The one exception type that means "the user gave bad input".
+
+The CLI turns it into a single line on stderr and exit code 2; anything else is a bug
+and keeps its traceback.
+"""
+
+
+class DistilError(Exception):
+    """Bad input: the message names the problem and how to fix it, in one line."""

@@ -1,0 +1,158 @@
+"""`distil evaluate`: metrics and plots for classifier models and cascades.
+
+For each ``--model`` directory: accuracy, balanced accuracy, macro-F1, ECE (``bins``
+equal-width bins), NLL, agreement with the teacher (when the table holds teacher
+logits), parameter count and throughput, on the ``split`` rows, streamed batch by batch.
+For each ``--cascade`` directory: its accuracy, teacher rate and cost from the decisions.
+Writes ``metrics.json`` (one flat entry per model, for ``dvc metrics``), per-model
+``plots/<name>/confusion.csv`` and ``reliability.csv`` (for ``dvc plots``), and
+``summary.txt``, the table ``make demo`` prints.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from stages.artifacts import CASCADE_DECISIONS, Output, artifact_hash, fingerprint, list_column_to_numpy, read_table, write_json, write_manifest
+from stages.config import DataConfig, EvaluateConfig, to_dict
+from stages.errors import DistilError
+from stages.metrics import classification_report, reliability, softmax
+from stages.models import resolve_device
+from stages.models.classifiers import identity, load_classifier, param_count
+from stages.tasks import load_examples, source_identity
+
+
+def _model_metrics(model: torch.nn.Module, config: dict, table, cfg: EvaluateConfig) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    device = next(model.parameters()).device
+    probs, labels, agree, seconds = [], [], [], 0.0
+    has_teacher = "logits" in table.schema.names
+    for batch in table.to_batches(max_chunksize=cfg.batch_size):
+        x = torch.from_numpy(list_column_to_numpy(batch.column("features"), "features")).to(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            z = model(x).float().cpu().numpy()
+        seconds += time.perf_counter() - t0
+        probs.append(softmax(z))
+        labels.append(batch.column("label").to_numpy())
+        if has_teacher:
+            t = list_column_to_numpy(batch.column("logits"), "teacher logits")
+            agree.append(t.argmax(1) == z.argmax(1))
+    p, y = np.concatenate(probs), np.concatenate(labels)
+    rows = len(y)
+    metrics = classification_report(p, y, config["num_classes"], cfg.bins)
+    metrics.update(
+        params=param_count(model),
+        rows=rows,
+        rows_per_second=rows / max(seconds, 1e-9),
+        ms_per_1k_rows=1000 * 1000 * seconds / rows,
+    )
+    if has_teacher:
+        metrics["agreement_with_teacher"] = float(np.concatenate(agree).mean())
+    return metrics, p, y
+
+
+def _cascade_metrics(path: Path, split: str) -> dict[str, Any]:
+    table, manifest = read_table(path, CASCADE_DECISIONS, "cascade decisions")
+    table = table.filter(np.asarray(table.column("split").to_pylist()) == split)
+    if table.num_rows == 0:
+        raise DistilError(f"cascade {path} has no decisions on split '{split}'")
+    m = manifest.get("metrics", {})
+    correct = table.column("correct").to_numpy(zero_copy_only=False)
+    teacher = np.asarray(table.column("route").to_pylist()) == "teacher"
+    return {
+        "accuracy": float(correct.mean()),
+        "teacher_rate": float(teacher.mean()),
+        "ms_per_1k_rows": float(table.column("cost_seconds").to_numpy().mean() * 1e6),
+        "flops_per_row": float(table.column("cost_flops").to_numpy().mean()),
+        "cost_vs_teacher_flops": m.get("cost_vs_teacher_flops"),
+        "rows": table.num_rows,
+    }
+
+
+def _write_plots(directory: Path, probs: np.ndarray, labels: np.ndarray, bins: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "confusion.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["actual", "predicted"])
+        w.writerows(zip(labels.tolist(), probs.argmax(1).tolist()))
+    with open(directory / "reliability.csv", "w", newline="") as fh:
+        rows = [r for r in reliability(probs, labels, bins) if r["count"]]
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def summary_table(results: dict[str, dict[str, Any]]) -> Table:
+    table = Table(title="distil: models on the test split")
+    for col in ("model", "accuracy", "ECE", "params", "ms / 1k rows", "teacher rate"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, m in results.items():
+        table.add_row(
+            name,
+            f"{m['accuracy']:.4f}",
+            f"{m['ece']:.4f}" if "ece" in m else "-",
+            f"{m['params']:,}" if "params" in m else "-",
+            f"{m['ms_per_1k_rows']:.2f}",
+            f"{m['teacher_rate']:.1%}" if "teacher_rate" in m else "-",
+        )
+    return table
+
+
+def run(
+    cfg: EvaluateConfig,
+    models: list[Path],
+    data: str | Path,
+    out: Path,
+    *,
+    data_cfg: DataConfig,
+    cascades: list[Path] = (),
+    device: str = "auto",
+    console: Console | None = None,
+) -> Path:
+    if not models and not cascades:
+        raise DistilError("nothing to evaluate: pass at least one --model or --cascade")
+    names = [Path(p).name for p in [*models, *cascades]]
+    if len(set(names)) != len(names):
+        raise DistilError(f"model names must be unique (directory names {names}); rename the directories")
+    dev_ = resolve_device(device)
+    loaded = [(Path(p), *load_classifier(p, dev_)) for p in models]
+    for p in cascades:
+        read_table(p, CASCADE_DECISIONS, "cascade decisions")
+    ex = load_examples(data, data_cfg)
+    table = ex.split(cfg.split)
+    if table.num_rows == 0:
+        raise DistilError(f"{data} has no rows in split '{cfg.split}'; set evaluate.split to train, dev or test")
+    for path, _, config in loaded:
+        if config["num_classes"] != ex.num_classes or list(config["input_shape"]) != list(ex.input_shape):
+            raise DistilError(f"model {path} was trained for {config['num_classes']} classes / input {config['input_shape']}, "
+                              f"but {data} has {ex.num_classes} / {ex.input_shape}")  # fmt: skip
+
+    params = {"evaluate": to_dict(cfg), "data": to_dict(data_cfg)}
+    inputs = {"data": source_identity(data), **{str(p): identity(p)["sha256"] for p, _, _ in loaded},
+              **{str(p): artifact_hash(Path(p)) for p in cascades}}  # fmt: skip
+    output = Output(out, fingerprint("evaluate", params, inputs))
+    work = output.open()
+    results: dict[str, dict[str, Any]] = {}
+    for path, model, config in loaded:
+        metrics, probs, labels = _model_metrics(model, config, table, cfg)
+        results[path.name] = metrics
+        _write_plots(work / "plots" / path.name, probs, labels, cfg.bins)
+    for p in cascades:
+        results[Path(p).name] = _cascade_metrics(Path(p), cfg.split)
+    write_json(work / "metrics.json", results)
+    console = console or Console()
+    rendered = Console(record=True, width=100, file=io.StringIO())
+    rendered.print(summary_table(results))
+    (work / "summary.txt").write_text(rendered.export_text())
+    console.print(summary_table(results))
+    write_manifest(work, kind="evaluation", params=params, inputs=inputs, extra={"task": ex.meta()["task"], "metrics": results})
+    return output.commit()

@@ -1,0 +1,146 @@
+"""Small built-in classifier networks, saved as ``config.json`` + ``model.safetensors``.
+
+The config records the architecture, input shape and class names, so a model directory
+is self-describing and loads with ``load_classifier(dir)`` (or by hand: build the network
+from the config and ``safetensors.torch.load_file``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stages.artifacts import file_hash, load_tensors, save_tensors, write_json
+from stages.errors import DistilError
+
+ARCHS = ("mlp", "cnn")
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+
+
+class MLP(nn.Module):
+    """``depth`` hidden layers of ``width`` units with GELU; input rows are flattened."""
+
+    def __init__(self, in_dim: int, num_classes: int, width: int, depth: int, dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        d = in_dim
+        for _ in range(depth):
+            layers += [nn.Linear(d, width), nn.GELU()]
+            d = width
+        self.trunk = nn.Sequential(*layers)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(d, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.trunk(x.flatten(1))))
+
+
+class CNN(nn.Module):
+    """``depth`` conv blocks (3x3 conv, BN, GELU; width doubling) then global average pooling."""
+
+    def __init__(self, input_shape: list[int], num_classes: int, width: int, depth: int, dropout: float = 0.0):
+        super().__init__()
+        if len(input_shape) != 3:
+            raise DistilError(f"cnn needs image inputs (C x H x W), got input shape {input_shape}; use model.arch=mlp")
+        self.input_shape = list(input_shape)
+        blocks: list[nn.Module] = []
+        c = input_shape[0]
+        for i in range(depth):
+            out = width * (2**i)
+            blocks += [nn.Conv2d(c, out, 3, padding=1), nn.BatchNorm2d(out), nn.GELU()]
+            if i < depth - 1:
+                blocks.append(nn.MaxPool2d(2) if min(input_shape[1:]) // (2 ** (i + 1)) >= 2 else nn.Identity())
+            c = out
+        self.trunk = nn.Sequential(*blocks)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.trunk(x.view(-1, *self.input_shape))
+        return self.head(self.drop(h.mean(dim=(2, 3))))
+
+
+def build_classifier(arch: str, width: int, depth: int, dropout: float, input_shape: list[int], num_classes: int) -> nn.Module:
+    if arch not in ARCHS:
+        raise DistilError(f"unknown model.arch '{arch}'; choose one of {', '.join(ARCHS)}")
+    if width < 1 or depth < (0 if arch == "mlp" else 1):
+        raise DistilError(f"model.width ({width}) and model.depth ({depth}) must be positive")
+    in_dim = 1
+    for s in input_shape:
+        in_dim *= s
+    if arch == "mlp":
+        return MLP(in_dim, num_classes, width, depth, dropout)
+    return CNN(input_shape, num_classes, width, depth, dropout)
+
+
+def save_classifier(directory: Path, model: nn.Module, config: dict[str, Any]) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_tensors(directory / WEIGHTS, model.state_dict(), metadata={"format": "pt"})
+    write_json(directory / CONFIG, config)
+
+
+def load_classifier(directory: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    directory = Path(directory)
+    if not (directory / CONFIG).exists() or not (directory / WEIGHTS).exists():
+        raise DistilError(
+            f"{directory} is not a distil model (needs {CONFIG} and {WEIGHTS}); train one with `distil distill --method ce`"
+        )
+    try:
+        config = json.loads((directory / CONFIG).read_text())
+        model = build_classifier(
+            config["arch"], config["width"], config["depth"], config.get("dropout", 0.0), config["input_shape"], config["num_classes"]
+        )
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise DistilError(f"{directory / CONFIG} is not a classifier config ({exc}); retrain the model") from None
+    state = load_tensors(directory / WEIGHTS)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise DistilError(f"{directory / WEIGHTS} does not match its config ({str(exc).splitlines()[0]})") from None
+    return model.to(device).eval(), config
+
+
+def identity(directory: Path) -> dict[str, str]:
+    directory = Path(directory)
+    return {"path": str(directory), "sha256": file_hash(directory / WEIGHTS)}
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, input_shape: list[int]) -> int:
+    """Forward FLOPs for one row (2 x multiply-accumulates of Linear and Conv2d layers)."""
+    total = 0
+
+    def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(mod, nn.Linear):
+            total += 2 * mod.in_features * mod.out_features
+        elif isinstance(mod, nn.Conv2d):
+            k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
+            total += 2 * k * out[0].numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        model(torch.zeros(1, *input_shape, device=device))
+    model.train(was_training)
+    for h in handles:
+        h.remove()
+    return total
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    device = next(model.parameters()).device
+    outs = [model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(outs) if outs else torch.zeros(0)

@@ -1,0 +1,94 @@
+"""Built-in data and user tables, all turned into the canonical examples table
+(``artifacts.EXAMPLES``: id, split, label, features) plus task metadata.
+
+``load_examples(source, data_cfg)`` accepts a built-in name (``digits``), a distil table
+(teacher data or a selection: already split, metadata in its manifest), or a user
+Parquet / CSV table whose columns ``DataConfig`` names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from stages.artifacts import EXAMPLES, MANIFEST, read_table
+from stages.config import DataConfig
+from stages.errors import DistilError
+from stages.tasks.digits import load_digits
+from stages.tasks.tabular import load_user_table
+
+BUILTIN = {"digits": load_digits}
+
+
+@dataclass
+class Examples:
+    table: pa.Table
+    """Canonical columns first; distil tables keep their extra columns (logits, weight, ...)."""
+    num_classes: int
+    input_shape: list[int]
+    name: str
+    class_names: list[str] = field(default_factory=list)
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "task": {
+                "name": self.name,
+                "num_classes": self.num_classes,
+                "input_shape": self.input_shape,
+                "class_names": self.class_names,
+            }
+        }
+
+    def split(self, name: str) -> pa.Table:
+        mask = pc.equal(self.table.column("split"), name)
+        return self.table.filter(mask)
+
+
+def load_examples(source: str | Path, data: DataConfig) -> Examples:
+    name = str(source)
+    if name in BUILTIN:
+        table, meta = BUILTIN[name](data)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise DistilError(
+                f"data '{source}' is neither a built-in task ({', '.join(BUILTIN)}) nor an existing file; check the path"
+            )
+        if path.is_dir() and (path / MANIFEST).exists():
+            table, manifest = read_table(path, EXAMPLES, "table")
+            if "task" not in manifest:
+                raise DistilError(f"{path}/{MANIFEST} has no task metadata; regenerate the table with distil")
+            meta = manifest["task"]
+        else:
+            table, meta = load_user_table(path, data)
+    table = _limit(table, data.limit)
+    labels = table.column("label").to_numpy()
+    if labels.min() < 0:
+        raise DistilError("labels must be non-negative class indices; map them to 0..C-1 or use string labels")
+    if labels.max() >= meta["num_classes"]:
+        raise DistilError(f"label {labels.max()} is outside the task's {meta['num_classes']} classes; check the label column")
+    return Examples(table=table, **{k: meta[k] for k in ("num_classes", "input_shape", "name")}, class_names=list(meta.get("class_names", [])))
+
+
+def _limit(table: pa.Table, limit: int) -> pa.Table:
+    if limit <= 0:
+        return table
+    splits = table.column("split").to_numpy(zero_copy_only=False)
+    keep = np.zeros(len(splits), dtype=bool)
+    for s in np.unique(splits):
+        keep[np.flatnonzero(splits == s)[:limit]] = True
+    return table.filter(pa.array(keep))
+
+
+def source_identity(source: str | Path) -> str:
+    """What a run depends on: a built-in task's name, or the content hash of a file/table."""
+    from stages.artifacts import artifact_hash
+
+    if str(source) in BUILTIN and not Path(source).exists():
+        return f"builtin:{source}"
+    return artifact_hash(Path(source))
