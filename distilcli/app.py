@@ -12,8 +12,20 @@ from typing import Annotated, Optional
 import typer
 
 from distilcli.options import (
-    DataOpt, DeviceOpt, FeaturesOpt, LabelOpt, OutOpt, ParamsOpt, QuietOpt, SectionOpt, SeedOpt, SetOpt,
-    config, data_config, done, handled,
+    DataOpt,
+    DeviceOpt,
+    FeaturesOpt,
+    LabelOpt,
+    OutOpt,
+    ParamsOpt,
+    QuietOpt,
+    SectionOpt,
+    SeedOpt,
+    SetOpt,
+    config,
+    data_config,
+    done,
+    handled,
 )  # fmt: skip
 from stages import __version__
 from stages import cascade as cascade_stage
@@ -43,7 +55,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_callback(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = None,
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = None,
 ) -> None:
     """distil: distillation pipelines as composable stages."""
 

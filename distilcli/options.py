@@ -19,12 +19,16 @@ err = Console(stderr=True)
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="YAML file with one section per stage.")]
 SectionOpt = Annotated[Optional[str], typer.Option("--section", help="Params section to read (default: the command's own).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a param for this run: key=value (repeatable, dotted keys).")]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", help="Override a param for this run: key=value (repeatable, dotted keys).")
+]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (overrides the section's seed).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory (written atomically).")]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="Built-in task (digits), a distil table, or a .parquet/.csv file.")]
-FeaturesOpt = Annotated[Optional[str], typer.Option("--features", help="User tables: comma-separated feature columns, or one list column.")]
+FeaturesOpt = Annotated[
+    Optional[str], typer.Option("--features", help="User tables: comma-separated feature columns, or one list column.")
+]
 LabelOpt = Annotated[Optional[str], typer.Option("--label", help="User tables: the label column.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 

@@ -4,8 +4,10 @@ safetensors helpers and validation on read.
 A table is a directory of ``part-NNNNN.parquet`` files plus ``_manifest.json``; any
 Parquet reader (``pyarrow.parquet.read_table(dir)``, DuckDB, polars,
 ``datasets.load_dataset("parquet")``) reads it without distil. The manifest's leading
-underscore is what lets directory readers skip it, as they skip Spark's ``_SUCCESS``. Every output is built in ``<out>.partial/`` and renamed into place when complete,
-so a killed stage leaves the old artifact or a resumable partial, never a half-written
+underscore is what lets directory readers skip it, as they skip Spark's ``_SUCCESS``.
+
+Every output is built in ``<out>.partial/`` and renamed into place when complete, so a
+killed stage leaves the old artifact or a resumable partial, never a half-written
 ``<out>``. The partial carries a fingerprint of the inputs and params; a rerun with the
 same fingerprint resumes, a different one starts afresh.
 """
@@ -71,6 +73,10 @@ CASCADE_DECISIONS = pa.schema(
 )
 """One row per query routed by a cascade."""
 
+DECISIONS = "decisions"
+"""A cascade's output keeps its decisions table in this subdirectory, beside its JSON and
+CSV files, so plain Parquet readers open ``<cascade>/decisions`` directly."""
+
 # ---- hashing and provenance ------------------------------------------------------------
 
 
@@ -88,7 +94,9 @@ def artifact_hash(path: Path) -> str:
     if path.is_file():
         return file_hash(path)
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in {".parquet", ".safetensors", ".csv"} or p.name == "config.json"):
+    for f in sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix in {".parquet", ".safetensors", ".csv"} or p.name == "config.json"
+    ):
         if ".partial" in f.parts or "checkpoint" in f.parts:
             continue
         h.update(str(f.relative_to(path)).encode())
@@ -196,8 +204,9 @@ def load_state(path: Path) -> dict[str, Any]:
 class Output:
     """An output directory built in ``<out>.partial`` and renamed into place by ``commit``.
 
-    Nothing is created until ``open()``, so a stage validates all its inputs first and
-    bad input leaves ``--out`` untouched.
+    Nothing is created until ``open()`` (or entering ``with output as work:``), so a
+    stage validates its inputs first and bad input leaves ``--out`` untouched; a
+    ``DistilError`` raised inside the ``with`` block removes the partial too.
     """
 
     def __init__(self, out: Path, fp: str):
@@ -218,6 +227,15 @@ class Output:
     def resuming(self) -> bool:
         stamp = self.dir / ".fingerprint"
         return stamp.exists() and stamp.read_text().strip() == self.fp
+
+    def __enter__(self) -> Path:
+        return self.open()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # bad input found mid-run is not resumable: leave nothing behind. Anything else
+        # (a kill, Ctrl-C, a crash) keeps the partial so a rerun resumes.
+        if exc_type is not None and issubclass(exc_type, DistilError):
+            self.discard()
 
     def discard(self) -> None:
         """Drop the partial: for bad input found mid-run, where resuming makes no sense."""
@@ -324,7 +342,9 @@ def read_any_table(path: Path) -> pa.Table:
         return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
     except (pa.ArrowInvalid, OSError) as exc:
         first = str(exc).splitlines()[0][:160]
-        raise DistilError(f"cannot read {path} as Parquet or CSV ({first}); pass a .parquet/.csv file or a distil table") from None
+        raise DistilError(
+            f"cannot read {path} as Parquet or CSV ({first}); pass a .parquet/.csv file or a distil table"
+        ) from None
 
 
 def check_schema(table_or_schema: pa.Table | pa.Schema, required: pa.Schema, where: str) -> None:
@@ -380,7 +400,9 @@ def list_column_to_numpy(column: pa.ChunkedArray | pa.Array, what: str) -> np.nd
         column = column.combine_chunks()
     lengths = np.asarray(column.value_lengths()) if len(column) else np.zeros(0, dtype=np.int64)
     if len(lengths) and (lengths.min() != lengths.max()):
-        raise DistilError(f"{what}: rows have different lengths ({lengths.min()}..{lengths.max()}); every row needs the same size")
+        raise DistilError(
+            f"{what}: rows have different lengths ({lengths.min()}..{lengths.max()}); every row needs the same size"
+        )
     width = int(lengths[0]) if len(lengths) else 0
     values = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
     array = values.reshape(len(column), width)

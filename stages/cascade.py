@@ -10,8 +10,10 @@ Policies (``POLICIES``):
 
 The threshold is calibrated on the dev split: the lowest threshold (fewest deferrals)
 whose dev accuracy reaches the target (default: the teacher's dev accuracy minus
-``margin``). It is written to ``policy.json``; ``--policy-file`` reuses a calibrated
-policy instead. The teacher runs only on deferred test rows; cost per row is measured as
+``margin``). Output: ``decisions/`` (one row per test query: route, confidence, answer,
+cost), ``policy.json``, ``metrics.json`` and ``calibration.csv`` (the dev curve of
+accuracy against teacher rate). ``--policy-file`` reuses a calibrated policy instead of
+calibrating. The teacher runs only on deferred test rows; cost per row is measured as
 wall time and as FLOPs.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,12 +30,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages.artifacts import CASCADE_DECISIONS, Output, TableWriter, fingerprint, list_column_to_numpy, write_json, write_manifest
+from stages.artifacts import (
+    CASCADE_DECISIONS,
+    DECISIONS,
+    Output,
+    TableWriter,
+    fingerprint,
+    list_column_to_numpy,
+    write_json,
+    write_manifest,
+)
 from stages.config import CascadeConfig, DataConfig, to_dict
 from stages.errors import DistilError
 from stages.metrics import softmax
 from stages.models import resolve_device
-from stages.models.classifiers import count_flops, identity, load_classifier, predict_logits
+from stages.models.classifiers import check_compatible, count_flops, identity, load_classifier, predict_logits
 from stages.tasks import load_examples, source_identity
 from stages.tasks.augment import augment
 
@@ -65,7 +77,9 @@ def student_votes(model: nn.Module, x: torch.Tensor, cfg: CascadeConfig, input_s
     return answer, counts.max(1) / votes.shape[1]
 
 
-def calibrate(conf: np.ndarray, s_ans: np.ndarray, t_ans: np.ndarray, labels: np.ndarray, target: float) -> tuple[float, list[dict]]:
+def calibrate(
+    conf: np.ndarray, s_ans: np.ndarray, t_ans: np.ndarray, labels: np.ndarray, target: float
+) -> tuple[float, list[dict]]:
     """Lowest threshold whose cascade accuracy reaches ``target``; the full curve too.
 
     Sorting rows by confidence makes every threshold's accuracy a prefix sum: rows at or
@@ -110,8 +124,8 @@ def run(
     if s_cfg["num_classes"] != t_cfg["num_classes"] or s_cfg["input_shape"] != t_cfg["input_shape"]:
         raise DistilError("student and teacher disagree on classes or input shape; cascade models trained on the same task")
     ex = load_examples(data, data_cfg)
-    if list(ex.input_shape) != list(s_cfg["input_shape"]):
-        raise DistilError(f"models expect input shape {s_cfg['input_shape']} but {data} has {ex.input_shape}")
+    check_compatible(s_cfg, ex.num_classes, ex.input_shape, f"student {student}", data)
+    shape = s_cfg["input_shape"]
     split = {s: ex.split(s) for s in ("dev", "test")}
     if split["test"].num_rows == 0:
         raise DistilError(f"{data} has no test rows; the cascade runs on the test split")
@@ -125,12 +139,14 @@ def run(
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
             raise DistilError(f"{policy_file} is not a cascade policy file; calibrate one with `distil cascade`") from None
         if policy.get("policy") != cfg.policy:
-            raise DistilError(f"{policy_file} calibrates policy '{policy.get('policy')}', not '{cfg.policy}'; pass a matching --policy")
+            raise DistilError(
+                f"{policy_file} calibrates policy '{policy.get('policy')}', not '{cfg.policy}'; pass a matching --policy"
+            )
         curve: list[dict] = []
     else:
         if split["dev"].num_rows == 0:
             raise DistilError(f"{data} has no dev rows to calibrate on; pass --policy-file or add a dev split")
-        s_ans, conf = student_votes(s_model, x["dev"], cfg, ex.input_shape)
+        s_ans, conf = student_votes(s_model, x["dev"], cfg, shape)
         t_ans = predict_logits(t_model, x["dev"], cfg.batch_size).argmax(1).numpy()
         teacher_acc = float((t_ans == y["dev"]).mean())
         target = cfg.target_accuracy if cfg.target_accuracy >= 0 else teacher_acc - cfg.margin
@@ -154,60 +170,61 @@ def run(
     inputs = {"student": identity(student)["sha256"], "teacher": identity(teacher)["sha256"], "data": source_identity(data),
               "policy": json.dumps(policy, sort_keys=True)}  # fmt: skip
     output = Output(out, fingerprint("cascade", params, inputs))
-    work = output.open()
-    for stale in work.glob("part-*.parquet"):
-        stale.unlink()
+    with output as work:
+        decisions = work / DECISIONS
+        shutil.rmtree(decisions, ignore_errors=True)  # routing is cheap to redo: no partial resume
+        decisions.mkdir()
 
-    xt, yt = x["test"], y["test"]
-    n = len(yt)
-    (s_ans, conf), s_sec = _timed(student_votes, s_model, xt, cfg, ex.input_shape)
-    deferred = ~(conf >= policy["threshold"])
-    answer = s_ans.copy()
-    t_sec = 0.0
-    if deferred.any():
-        t_logits, t_sec = _timed(predict_logits, t_model, xt[torch.from_numpy(deferred)], cfg.batch_size)
-        answer[deferred] = t_logits.argmax(1).numpy()
-    # teacher-only reference (not part of the cascade's cost): answers and time for every row
-    t_all, t_all_sec = _timed(predict_logits, t_model, xt, cfg.batch_size)
-    t_all = t_all.argmax(1).numpy()
-    views = cfg.views if cfg.policy == "views" else 1
-    s_flops, t_flops = count_flops(s_model, ex.input_shape) * views, count_flops(t_model, ex.input_shape)
-    row_sec = s_sec / n + np.where(deferred, t_sec / max(int(deferred.sum()), 1), 0.0)
-    row_flops = s_flops + np.where(deferred, t_flops, 0)
-    correct = answer == yt
-    TableWriter(work, CASCADE_DECISIONS).write(
-        {
-            "id": split["test"].column("id").to_numpy(),
-            "split": ["test"] * n,
-            "label": yt,
-            "route": np.where(deferred, "teacher", "student").tolist(),
-            "confidence": conf.astype(np.float32),
-            "answer": answer,
-            "correct": correct,
-            "cost_seconds": row_sec,
-            "cost_flops": row_flops.astype(np.float64),
+        xt, yt = x["test"], y["test"]
+        n = len(yt)
+        (s_ans, conf), s_sec = _timed(student_votes, s_model, xt, cfg, shape)
+        deferred = ~(conf >= policy["threshold"])
+        answer = s_ans.copy()
+        t_sec = 0.0
+        if deferred.any():
+            t_logits, t_sec = _timed(predict_logits, t_model, xt[torch.from_numpy(deferred)], cfg.batch_size)
+            answer[deferred] = t_logits.argmax(1).numpy()
+        # teacher-only reference (not part of the cascade's cost): answers and time for every row
+        t_all, t_all_sec = _timed(predict_logits, t_model, xt, cfg.batch_size)
+        t_all = t_all.argmax(1).numpy()
+        views = cfg.views if cfg.policy == "views" else 1
+        s_flops, t_flops = count_flops(s_model, shape) * views, count_flops(t_model, shape)
+        row_sec = s_sec / n + np.where(deferred, t_sec / max(int(deferred.sum()), 1), 0.0)
+        row_flops = s_flops + np.where(deferred, t_flops, 0)
+        correct = answer == yt
+        TableWriter(decisions, CASCADE_DECISIONS).write(
+            {
+                "id": split["test"].column("id").to_numpy(),
+                "split": ["test"] * n,
+                "label": yt,
+                "route": np.where(deferred, "teacher", "student").tolist(),
+                "confidence": conf.astype(np.float32),
+                "answer": answer,
+                "correct": correct,
+                "cost_seconds": row_sec,
+                "cost_flops": row_flops.astype(np.float64),
+            }
+        )
+        metrics = {
+            "policy": cfg.policy,
+            "threshold": policy["threshold"],
+            "accuracy": float(correct.mean()),
+            "teacher_rate": float(deferred.mean()),
+            "student_accuracy": float((s_ans == yt).mean()),
+            "teacher_accuracy": float((t_all == yt).mean()),
+            "flops_per_row": float(row_flops.mean()),
+            "seconds_per_1k_rows": float(row_sec.mean() * 1000),
+            "cost_vs_teacher_flops": float(row_flops.mean() / t_flops),
+            "cost_vs_teacher_seconds": float(row_sec.mean() / (t_all_sec / n)),
+            "rows": n,
         }
-    )
-    metrics = {
-        "policy": cfg.policy,
-        "threshold": policy["threshold"],
-        "accuracy": float(correct.mean()),
-        "teacher_rate": float(deferred.mean()),
-        "student_accuracy": float((s_ans == yt).mean()),
-        "teacher_accuracy": float((t_all == yt).mean()),
-        "flops_per_row": float(row_flops.mean()),
-        "seconds_per_1k_rows": float(row_sec.mean() * 1000),
-        "cost_vs_teacher_flops": float(row_flops.mean() / t_flops),
-        "cost_vs_teacher_seconds": float(row_sec.mean() / (t_all_sec / n)),
-        "rows": n,
-    }
-    write_json(work / "policy.json", policy)
-    write_json(work / "metrics.json", metrics)
-    with open(work / "calibration.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["threshold", "teacher_rate", "accuracy"])
-        w.writeheader()
-        w.writerows(curve)
-    write_manifest(work, kind="cascade_decisions", params=params, inputs=inputs, rows=n,
-                   model={"student": identity(student), "teacher": identity(teacher)},
-                   extra={"task": ex.meta()["task"], "metrics": metrics})  # fmt: skip
-    return output.commit()
+        write_json(work / "policy.json", policy)
+        write_json(work / "metrics.json", metrics)
+        with open(work / "calibration.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["threshold", "teacher_rate", "accuracy"])
+            w.writeheader()
+            w.writerows(curve)
+        write_manifest(decisions, kind="cascade_decisions", params=params, inputs=inputs, rows=n,
+                       model={"student": identity(student), "teacher": identity(teacher)},
+                       extra={"task": ex.meta()["task"], "metrics": metrics})  # fmt: skip
+        return output.commit()

@@ -29,7 +29,9 @@ def _f(default: Any, help: str) -> Any:
 class DataConfig:
     """How raw examples are read and split; shared by every stage that reads raw data."""
 
-    features: list[str] = _f([], "feature columns of a user table (several numeric columns or one list column); [] = all but label/split/id")
+    features: list[str] = _f(
+        [], "feature columns of a user table (several numeric columns or one list column); [] = all but label/split/id"
+    )
     label: str = _f("label", "label column of a user table")
     split_column: str = _f("", "column holding train/dev/test; '' = make a stratified split")
     split_seed: int = _f(0, "seed of the stratified train/dev/test split (fixed across stages)")

@@ -22,16 +22,28 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from stages.artifacts import CASCADE_DECISIONS, Output, artifact_hash, fingerprint, list_column_to_numpy, read_table, write_json, write_manifest
+from stages.artifacts import (
+    CASCADE_DECISIONS,
+    DECISIONS,
+    Output,
+    artifact_hash,
+    fingerprint,
+    list_column_to_numpy,
+    read_table,
+    write_json,
+    write_manifest,
+)
 from stages.config import DataConfig, EvaluateConfig, to_dict
 from stages.errors import DistilError
 from stages.metrics import classification_report, reliability, softmax
 from stages.models import resolve_device
-from stages.models.classifiers import identity, load_classifier, param_count
+from stages.models.classifiers import check_compatible, identity, load_classifier, param_count
 from stages.tasks import load_examples, source_identity
 
 
-def _model_metrics(model: torch.nn.Module, config: dict, table, cfg: EvaluateConfig) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+def _model_metrics(
+    model: torch.nn.Module, config: dict, table, cfg: EvaluateConfig
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     device = next(model.parameters()).device
     probs, labels, agree, seconds = [], [], [], 0.0
     has_teacher = "logits" in table.schema.names
@@ -61,7 +73,7 @@ def _model_metrics(model: torch.nn.Module, config: dict, table, cfg: EvaluateCon
 
 
 def _cascade_metrics(path: Path, split: str) -> dict[str, Any]:
-    table, manifest = read_table(path, CASCADE_DECISIONS, "cascade decisions")
+    table, manifest = read_table(path / DECISIONS, CASCADE_DECISIONS, "cascade decisions")
     table = table.filter(np.asarray(table.column("split").to_pylist()) == split)
     if table.num_rows == 0:
         raise DistilError(f"cascade {path} has no decisions on split '{split}'")
@@ -83,7 +95,7 @@ def _write_plots(directory: Path, probs: np.ndarray, labels: np.ndarray, bins: i
     with open(directory / "confusion.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["actual", "predicted"])
-        w.writerows(zip(labels.tolist(), probs.argmax(1).tolist()))
+        w.writerows(zip(labels.tolist(), probs.argmax(1).tolist(), strict=True))
     with open(directory / "reliability.csv", "w", newline="") as fh:
         rows = [r for r in reliability(probs, labels, bins) if r["count"]]
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -126,33 +138,33 @@ def run(
     dev_ = resolve_device(device)
     loaded = [(Path(p), *load_classifier(p, dev_)) for p in models]
     for p in cascades:
-        read_table(p, CASCADE_DECISIONS, "cascade decisions")
+        read_table(Path(p) / DECISIONS, CASCADE_DECISIONS, "cascade decisions")
     ex = load_examples(data, data_cfg)
     table = ex.split(cfg.split)
     if table.num_rows == 0:
         raise DistilError(f"{data} has no rows in split '{cfg.split}'; set evaluate.split to train, dev or test")
     for path, _, config in loaded:
-        if config["num_classes"] != ex.num_classes or list(config["input_shape"]) != list(ex.input_shape):
-            raise DistilError(f"model {path} was trained for {config['num_classes']} classes / input {config['input_shape']}, "
-                              f"but {data} has {ex.num_classes} / {ex.input_shape}")  # fmt: skip
+        check_compatible(config, ex.num_classes, ex.input_shape, f"model {path}", data)
 
     params = {"evaluate": to_dict(cfg), "data": to_dict(data_cfg)}
     inputs = {"data": source_identity(data), **{str(p): identity(p)["sha256"] for p, _, _ in loaded},
               **{str(p): artifact_hash(Path(p)) for p in cascades}}  # fmt: skip
     output = Output(out, fingerprint("evaluate", params, inputs))
-    work = output.open()
-    results: dict[str, dict[str, Any]] = {}
-    for path, model, config in loaded:
-        metrics, probs, labels = _model_metrics(model, config, table, cfg)
-        results[path.name] = metrics
-        _write_plots(work / "plots" / path.name, probs, labels, cfg.bins)
-    for p in cascades:
-        results[Path(p).name] = _cascade_metrics(Path(p), cfg.split)
-    write_json(work / "metrics.json", results)
-    console = console or Console()
-    rendered = Console(record=True, width=100, file=io.StringIO())
-    rendered.print(summary_table(results))
-    (work / "summary.txt").write_text(rendered.export_text())
-    console.print(summary_table(results))
-    write_manifest(work, kind="evaluation", params=params, inputs=inputs, extra={"task": ex.meta()["task"], "metrics": results})
-    return output.commit()
+    with output as work:
+        results: dict[str, dict[str, Any]] = {}
+        for path, model, config in loaded:
+            metrics, probs, labels = _model_metrics(model, config, table, cfg)
+            results[path.name] = metrics
+            _write_plots(work / "plots" / path.name, probs, labels, cfg.bins)
+        for p in cascades:
+            results[Path(p).name] = _cascade_metrics(Path(p), cfg.split)
+        write_json(work / "metrics.json", results)
+        console = console or Console()
+        rendered = Console(record=True, width=100, file=io.StringIO())
+        rendered.print(summary_table(results))
+        (work / "summary.txt").write_text(rendered.export_text())
+        console.print(summary_table(results))
+        write_manifest(
+            work, kind="evaluation", params=params, inputs=inputs, extra={"task": ex.meta()["task"], "metrics": results}
+        )
+        return output.commit()

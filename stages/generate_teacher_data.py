@@ -20,7 +20,7 @@ from stages.artifacts import CLASSIFIER_TEACHER_DATA, Output, TableWriter, finge
 from stages.config import DataConfig, GenerateTeacherDataConfig, to_dict
 from stages.errors import DistilError
 from stages.models import resolve_device
-from stages.models.classifiers import identity, load_classifier, predict_logits
+from stages.models.classifiers import check_compatible, identity, load_classifier, predict_logits
 from stages.progress import progress_bar
 from stages.tasks import load_examples, source_identity
 
@@ -39,14 +39,8 @@ def run(
         raise DistilError("shard_rows and batch_size must be positive")
     model, config = load_classifier(teacher, resolve_device(device))
     ex = load_examples(data, data_cfg)
-    if list(config["input_shape"]) != list(ex.input_shape):
-        raise DistilError(f"teacher expects inputs of shape {config['input_shape']} but {data} has {ex.input_shape}; use matching data")
     labels = ex.table.column("label").to_numpy()
-    if labels.max() >= config["num_classes"]:
-        raise DistilError(
-            f"{data} has label {labels.max()} but the teacher knows only {config['num_classes']} classes; "
-            "retrain the teacher on data with these labels"
-        )
+    check_compatible(config, int(labels.max()) + 1, ex.input_shape, f"teacher {teacher}", data)
     if config.get("class_names") and ex.class_names and config["class_names"] != ex.class_names[: len(config["class_names"])]:
         raise DistilError(f"{data} names its classes {ex.class_names} but the teacher was trained on {config['class_names']}")
     table = ex.table.filter(pc.is_in(ex.table.column("split"), pa.array(cfg.splits)))
@@ -58,27 +52,28 @@ def run(
     params = {"generate_teacher_data": to_dict(cfg), "data": to_dict(data_cfg)}
     inputs = {"teacher": identity(teacher)["sha256"], "data": source_identity(data)}
     output = Output(out, fingerprint("generate_teacher_data", params, inputs))
-    writer = TableWriter(output.open(), CLASSIFIER_TEACHER_DATA)
-    start = writer.done_rows
-    t0 = time.perf_counter()
-    with progress_bar(progress) as bar:
-        task = bar.add_task("teacher logits", total=table.num_rows, completed=start, info="rows")
-        for lo in range(start, table.num_rows, cfg.shard_rows):
-            hi = min(lo + cfg.shard_rows, table.num_rows)
-            logits = predict_logits(model, torch.from_numpy(features[lo:hi]), cfg.batch_size).numpy().astype(np.float32)
-            if not np.isfinite(logits).all():
-                raise DistilError(f"teacher {teacher} produced NaN/inf logits; the checkpoint is broken, retrain it")
-            shard = table.slice(lo, hi - lo).append_column("logits", pa.array(list(logits), type=pa.list_(pa.float32())))
-            writer.write(shard)
-            bar.update(task, completed=hi)
-    seconds = time.perf_counter() - t0
-    write_manifest(
-        writer.dir,
-        kind="teacher_data",
-        params=params,
-        inputs=inputs,
-        rows=writer.done_rows,
-        model={**identity(teacher), "arch": config["arch"], "num_classes": config["num_classes"]},
-        extra={"task": ex.meta()["task"], "rows_per_second": (table.num_rows - start) / max(seconds, 1e-9)},
-    )
-    return output.commit()
+    with output as work:
+        writer = TableWriter(work, CLASSIFIER_TEACHER_DATA)
+        start = writer.done_rows
+        t0 = time.perf_counter()
+        with progress_bar(progress) as bar:
+            task = bar.add_task("teacher logits", total=table.num_rows, completed=start, info="rows")
+            for lo in range(start, table.num_rows, cfg.shard_rows):
+                hi = min(lo + cfg.shard_rows, table.num_rows)
+                logits = predict_logits(model, torch.from_numpy(features[lo:hi]), cfg.batch_size).numpy().astype(np.float32)
+                if not np.isfinite(logits).all():
+                    raise DistilError(f"teacher {teacher} produced NaN/inf logits; the checkpoint is broken, retrain it")
+                shard = table.slice(lo, hi - lo).append_column("logits", pa.array(list(logits), type=pa.list_(pa.float32())))
+                writer.write(shard)
+                bar.update(task, completed=hi)
+        seconds = time.perf_counter() - t0
+        write_manifest(
+            writer.dir,
+            kind="teacher_data",
+            params=params,
+            inputs=inputs,
+            rows=writer.done_rows,
+            model={**identity(teacher), "arch": config["arch"], "num_classes": config["num_classes"]},
+            extra={"task": ex.meta()["task"], "rows_per_second": (table.num_rows - start) / max(seconds, 1e-9)},
+        )
+        return output.commit()

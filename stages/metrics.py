@@ -57,7 +57,9 @@ def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> list[d
 def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
     """Expected calibration error (Guo et al., 2017, eq. 3) with equal-width bins."""
     n = len(labels)
-    return float(sum(r["count"] / n * abs(r["accuracy"] - r["confidence"]) for r in reliability(probs, labels, bins) if r["count"]))
+    return float(
+        sum(r["count"] / n * abs(r["accuracy"] - r["confidence"]) for r in reliability(probs, labels, bins) if r["count"])
+    )
 
 
 def nll(probs: np.ndarray, labels: np.ndarray) -> float:

@@ -14,7 +14,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.artifacts import CLASSIFIER_TEACHER_DATA, SELECTION, Output, TableWriter, artifact_hash, check_schema, fingerprint, iter_batches, read_manifest, table_files, write_manifest
+from stages.artifacts import (
+    CLASSIFIER_TEACHER_DATA,
+    SELECTION,
+    Output,
+    TableWriter,
+    artifact_hash,
+    check_schema,
+    fingerprint,
+    iter_batches,
+    read_manifest,
+    table_files,
+    write_manifest,
+)
 from stages.config import SelectConfig, to_dict
 from stages.errors import DistilError
 from stages.progress import progress_bar
@@ -40,35 +52,34 @@ def run(cfg: SelectConfig, data: Path, out: Path, *, progress: bool = True) -> P
     params = {"select": to_dict(cfg)}
     inputs = {"data": artifact_hash(Path(data))}
     output = Output(out, fingerprint("select", params, inputs))
-    work = output.open()
-    for stale in work.glob("part-*.parquet"):  # selection is cheap: restart rather than track batch offsets
-        stale.unlink()
-    writer = TableWriter(work, SELECTION)
-    strategy = SELECTORS[cfg.by]
-    kept_by_split: dict[str, list[int]] = {}
-    with progress_bar(progress) as bar:
-        task = bar.add_task(f"select {cfg.by}", total=total, info="")
-        for batch in iter_batches(data, CLASSIFIER_TEACHER_DATA.names, 4096):
-            splits = batch.column("split").to_numpy(zero_copy_only=False).astype(str)
-            keep, weight, reason = strategy(batch, cfg)
-            apply = np.isin(splits, cfg.splits)
-            keep = np.where(apply, keep, True)
-            weight = np.where(apply, weight, 1.0).astype(np.float32)
-            reason = np.where(apply, reason, "passthrough")
-            for s in np.unique(splits):
-                k = kept_by_split.setdefault(str(s), [0, 0])
-                k[0] += int(keep[splits == s].sum())
-                k[1] += int((splits == s).sum())
-            chosen = pa.Table.from_batches([batch]).filter(pa.array(keep))
-            chosen = chosen.append_column("weight", pa.array(weight[keep])).append_column("reason", pa.array(reason[keep]))
-            writer.write(chosen)
-            bar.update(task, advance=batch.num_rows)
-    if writer.done_rows == 0 or not any(kept_by_split.get(s, [0])[0] for s in cfg.splits):
-        output.discard()
-        raise DistilError(f"selection '{cfg.by}' kept no rows of {cfg.splits}; lower the threshold")
-    stats = {s: {"kept": k, "rows": n, "share": k / n} for s, (k, n) in kept_by_split.items()}
-    write_manifest(
-        work, kind="selection", params=params, inputs=inputs, rows=writer.done_rows,
-        model=manifest.get("model", {}), extra={"task": manifest.get("task", {}), "selection": stats},
-    )  # fmt: skip
-    return output.commit()
+    with output as work:
+        for stale in work.glob("part-*.parquet"):  # selection is cheap: restart rather than track batch offsets
+            stale.unlink()
+        writer = TableWriter(work, SELECTION)
+        strategy = SELECTORS[cfg.by]
+        kept_by_split: dict[str, list[int]] = {}
+        with progress_bar(progress) as bar:
+            task = bar.add_task(f"select {cfg.by}", total=total, info="")
+            for batch in iter_batches(data, CLASSIFIER_TEACHER_DATA.names, 4096):
+                splits = batch.column("split").to_numpy(zero_copy_only=False).astype(str)
+                keep, weight, reason = strategy(batch, cfg)
+                apply = np.isin(splits, cfg.splits)
+                keep = np.where(apply, keep, True)
+                weight = np.where(apply, weight, 1.0).astype(np.float32)
+                reason = np.where(apply, reason, "passthrough")
+                for s in np.unique(splits):
+                    k = kept_by_split.setdefault(str(s), [0, 0])
+                    k[0] += int(keep[splits == s].sum())
+                    k[1] += int((splits == s).sum())
+                chosen = pa.Table.from_batches([batch]).filter(pa.array(keep))
+                chosen = chosen.append_column("weight", pa.array(weight[keep])).append_column("reason", pa.array(reason[keep]))
+                writer.write(chosen)
+                bar.update(task, advance=batch.num_rows)
+        if writer.done_rows == 0 or not any(kept_by_split.get(s, [0])[0] for s in cfg.splits):
+            raise DistilError(f"selection '{cfg.by}' kept no rows of {cfg.splits}; lower the threshold")
+        stats = {s: {"kept": k, "rows": n, "share": k / n} for s, (k, n) in kept_by_split.items()}
+        write_manifest(
+            work, kind="selection", params=params, inputs=inputs, rows=writer.done_rows,
+            model=manifest.get("model", {}), extra={"task": manifest.get("task", {}), "selection": stats},
+        )  # fmt: skip
+        return output.commit()

@@ -123,7 +123,10 @@ def test_mask_and_weight_reduce_over_counted_positions():
     assert torch.allclose(forward_kl(s, t, temperature=1.0, mask=mask), torch.stack(per).mean())
     w = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
     one = forward_kl(s[0, 0][None], t[0, 0][None], temperature=1.0)
-    assert torch.allclose(forward_kl(s, t, temperature=1.0, weight=w, mask=mask), (2 * one + forward_kl(s[1, 0][None], t[1, 0][None], temperature=1.0)) / 3)
+    assert torch.allclose(
+        forward_kl(s, t, temperature=1.0, weight=w, mask=mask),
+        (2 * one + forward_kl(s[1, 0][None], t[1, 0][None], temperature=1.0)) / 3,
+    )
 
 
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))

@@ -8,6 +8,7 @@ from the config and ``safetensors.torch.load_file``).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,12 @@ def load_classifier(directory: Path, device: str | torch.device = "cpu") -> tupl
     try:
         config = json.loads((directory / CONFIG).read_text())
         model = build_classifier(
-            config["arch"], config["width"], config["depth"], config.get("dropout", 0.0), config["input_shape"], config["num_classes"]
+            config["arch"],
+            config["width"],
+            config["depth"],
+            config.get("dropout", 0.0),
+            config["input_shape"],
+            config["num_classes"],
         )
     except (KeyError, json.JSONDecodeError) as exc:
         raise DistilError(f"{directory / CONFIG} is not a classifier config ({exc}); retrain the model") from None
@@ -104,6 +110,20 @@ def load_classifier(directory: Path, device: str | torch.device = "cpu") -> tupl
     except RuntimeError as exc:
         raise DistilError(f"{directory / WEIGHTS} does not match its config ({str(exc).splitlines()[0]})") from None
     return model.to(device).eval(), config
+
+
+def check_compatible(config: dict[str, Any], num_classes: int, input_shape: list[int], what: str, data: Any) -> None:
+    """A model serves a data set when the feature counts agree (a flat table of 64 pixel
+    columns feeds an 8x8 image model) and the data's labels are classes the model knows."""
+    if math.prod(config["input_shape"]) != math.prod(input_shape):
+        raise DistilError(
+            f"{what} expects inputs of shape {config['input_shape']} but {data} has {input_shape}; use data with matching features"
+        )
+    if num_classes > config["num_classes"]:
+        raise DistilError(
+            f"{data} has labels up to {num_classes - 1} but {what} knows only {config['num_classes']} classes; "
+            "retrain it on data with these labels"
+        )
 
 
 def identity(directory: Path) -> dict[str, str]:

@@ -72,7 +72,9 @@ def load_examples(source: str | Path, data: DataConfig) -> Examples:
         raise DistilError("labels must be non-negative class indices; map them to 0..C-1 or use string labels")
     if labels.max() >= meta["num_classes"]:
         raise DistilError(f"label {labels.max()} is outside the task's {meta['num_classes']} classes; check the label column")
-    return Examples(table=table, **{k: meta[k] for k in ("num_classes", "input_shape", "name")}, class_names=list(meta.get("class_names", [])))
+    return Examples(
+        table=table, **{k: meta[k] for k in ("num_classes", "input_shape", "name")}, class_names=list(meta.get("class_names", []))
+    )
 
 
 def _limit(table: pa.Table, limit: int) -> pa.Table:

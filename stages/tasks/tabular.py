@@ -54,7 +54,11 @@ def load_user_table(path: Path, data: DataConfig) -> tuple[pa.Table, dict[str, A
             raise DistilError(f"{path}: split column holds {bad}; allowed values are train, dev, test")
     else:
         split = stratified_split(y, data.dev_frac, data.test_frac, data.split_seed)
-    ids = raw.column("id").to_numpy().astype(np.int64) if "id" in names and pa.types.is_integer(raw.schema.field("id").type) else np.arange(len(y))
+    ids = (
+        raw.column("id").to_numpy().astype(np.int64)
+        if "id" in names and pa.types.is_integer(raw.schema.field("id").type)
+        else np.arange(len(y))
+    )
     table = pa.table(
         {"id": ids, "split": split, "label": y, "features": pa.array(list(x), type=pa.list_(pa.float32()))},
         schema=EXAMPLES,

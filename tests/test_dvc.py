@@ -1,0 +1,117 @@
+"""dvc.yaml is wired right: every stage names a real command, params section and paths;
+and the default pipeline runs under `dvc repro` / `dvc exp run` on tiny settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distilcli.app import app
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+COMMANDS = {c.name for c in app.registered_commands}
+
+
+def _paths(entries):
+    for e in entries or []:
+        yield from (e if isinstance(e, dict) else {e: None}).keys()
+
+
+@pytest.mark.parametrize("name", sorted(DVC["stages"]))
+def test_stage_command_params_and_paths_exist(name):
+    stage = DVC["stages"][name]
+    argv = shlex.split(stage["cmd"])
+    assert argv[0] == "distil" and argv[1] in COMMANDS, stage["cmd"]
+    section = argv[argv.index("--section") + 1] if "--section" in argv else argv[1].replace("-", "_")
+    assert section in PARAMS, f"{name}: params section {section} missing"
+    for p in stage.get("params", []):
+        assert p in PARAMS, f"{name}: params {p} not in params.yaml"
+    assert section in stage.get("params", []), f"{name}: cmd reads section {section} but does not declare it"
+    produced = {o for s in DVC["stages"].values() for key in ("outs", "metrics", "plots") for o in _paths(s.get(key))}
+    for dep in stage.get("deps", []):
+        assert (ROOT / dep).exists() or dep in produced, f"{name}: dep {dep} neither exists nor is produced"
+        if not dep.startswith("stages/"):
+            assert dep in argv, f"{name}: data dep {dep} is not named in the cmd"
+    for out in _paths(stage.get("outs")):
+        assert out in argv or any(out.startswith(a + "/") for a in argv), f"{name}: out {out} not named in the cmd"
+
+
+def test_dvc_config_disables_analytics():
+    assert "analytics = false" in (ROOT / ".dvc" / "config").read_text()
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """The repo's pipeline in a fresh git repo, with tiny params, after `dvc repro`."""
+    repo = tmp_path_factory.mktemp("pipeline")
+    for item in ("dvc.yaml", ".dvcignore", "stages", "distilcli"):
+        src = ROOT / item
+        (
+            shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
+            if src.is_dir()
+            else shutil.copy(src, repo / item)
+        )
+    (repo / ".dvc").mkdir()
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["limit"] = 60
+    params["teacher"]["epochs"] = 2
+    params["distill"]["epochs"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    (repo / ".gitignore").write_text("/models/\n/data/\n/cascade/\n/metrics/\n*.partial/\n")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "GIT_AUTHOR_NAME": "distil-tests", "GIT_AUTHOR_EMAIL": "tests@distil.invalid",
+        "GIT_COMMITTER_NAME": "distil-tests", "GIT_COMMITTER_EMAIL": "tests@distil.invalid",
+        "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
+    }  # fmt: skip
+
+    def run(*args: str) -> str:
+        proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{' '.join(args)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return proc.stdout
+
+    run("git", "init", "-q")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "pipeline")
+    run(sys.executable, "-m", "dvc", "repro", "-q")
+    return repo, run
+
+
+def test_dvc_repro_metrics_and_plots(pipeline):
+    repo, run = pipeline
+    metrics = json.loads((repo / "metrics" / "metrics.json").read_text())
+    assert set(metrics) == {"teacher", "student", "student_ce", "cascade"}
+    shown = json.loads(run(sys.executable, "-m", "dvc", "metrics", "show", "--json"))
+    assert "metrics/metrics.json" in json.dumps(shown)
+    run(sys.executable, "-m", "dvc", "metrics", "diff")
+    plots = json.loads(run(sys.executable, "-m", "dvc", "plots", "show", "--json"))
+    names = list(plots["data"])
+    for title in ("Reliability", "Cascade calibration", "dev accuracy per epoch", "confusion.csv"):
+        assert any(title in k for k in names), names
+    assert "distil: models" in (repo / "metrics" / "summary.txt").read_text()
+    status = run(sys.executable, "-m", "dvc", "status")
+    assert "up to date" in status.lower() or status.strip() == ""
+
+
+def test_dvc_exp_run_with_a_different_method(pipeline):
+    repo, run = pipeline
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "lock", "--allow-empty")
+    run(sys.executable, "-m", "dvc", "exp", "run", "-S", "distill.method=jsd", "-q")
+    manifest = json.loads((repo / "models" / "student" / "_manifest.json").read_text())
+    assert manifest["params"]["distill"]["method"] == "jsd"
+    assert yaml.safe_load((repo / "params.yaml").read_text())["distill"]["method"] == "jsd"
+    shown = run(sys.executable, "-m", "dvc", "exp", "show", "--json")
+    assert "jsd" in shown

@@ -1,0 +1,74 @@
+"""A killed stage is rerun and finishes without duplicates or loss."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from stages import distill, generate_teacher_data
+from stages.artifacts import TableWriter, load_tensors
+from stages.config import DataConfig, DistillConfig, GenerateTeacherDataConfig, ModelConfig
+
+
+class Killed(Exception):
+    pass
+
+
+def test_teacher_data_resumes_after_a_kill(tiny_run, tmp_path, monkeypatch):
+    cfg = GenerateTeacherDataConfig(shard_rows=20)
+    data_cfg = DataConfig(dev_frac=0.2, test_frac=0.2, limit=60)
+    real_write = TableWriter.write
+    calls = {"n": 0}
+
+    def dying_write(self, table):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise Killed
+        real_write(self, table)
+
+    monkeypatch.setattr(TableWriter, "write", dying_write)
+    with pytest.raises(Killed):
+        generate_teacher_data.run(cfg, tiny_run["teacher"], "digits", tmp_path / "td", data_cfg=data_cfg, progress=False)
+    assert not (tmp_path / "td").exists()
+    assert len(list((tmp_path / "td.partial").glob("part-*.parquet"))) == 3
+    monkeypatch.setattr(TableWriter, "write", real_write)
+    generate_teacher_data.run(cfg, tiny_run["teacher"], "digits", tmp_path / "td", data_cfg=data_cfg, progress=False)
+    generate_teacher_data.run(cfg, tiny_run["teacher"], "digits", tmp_path / "ref", data_cfg=data_cfg, progress=False)
+    resumed, ref = pq.read_table(tmp_path / "td"), pq.read_table(tmp_path / "ref")
+    ids = resumed.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 180
+    assert resumed.equals(ref)
+
+
+def test_distill_resumes_from_its_last_checkpoint_and_matches_an_uninterrupted_run(tiny_run, tmp_path, monkeypatch):
+    cfg = DistillConfig(method="kd", model=ModelConfig(arch="mlp", width=8, depth=1), epochs=4, batch_size=16)
+    data_cfg = DataConfig(dev_frac=0.2, test_frac=0.2, limit=60)
+    distill.run(cfg, tiny_run["selected"], tmp_path / "ref", data_cfg=data_cfg, progress=False)
+
+    import stages.distill as mod
+
+    real_save = mod.save_state
+    saves = {"n": 0}
+
+    def dying_save(path, state):
+        real_save(path, state)
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise Killed
+
+    monkeypatch.setattr(mod, "save_state", dying_save)
+    with pytest.raises(Killed):
+        distill.run(cfg, tiny_run["selected"], tmp_path / "s", data_cfg=data_cfg, progress=False)
+    assert not (tmp_path / "s").exists() and (tmp_path / "s.partial" / "checkpoint").exists()
+    monkeypatch.setattr(mod, "save_state", real_save)
+    distill.run(cfg, tiny_run["selected"], tmp_path / "s", data_cfg=data_cfg, progress=False)
+
+    import json
+
+    history = json.loads((tmp_path / "s" / "training.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    a, b = load_tensors(tmp_path / "s" / "model.safetensors"), load_tensors(tmp_path / "ref" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max() < 1e-6, k
+    assert not (tmp_path / "s" / "checkpoint").exists()
