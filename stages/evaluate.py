@@ -47,6 +47,8 @@ def _model_metrics(
     device = next(model.parameters()).device
     probs, labels, agree, seconds = [], [], [], 0.0
     has_teacher = "logits" in table.schema.names
+    with torch.no_grad():  # one untimed pass so lazy initialisation does not count as model cost
+        model(torch.from_numpy(list_column_to_numpy(table.slice(0, 1).column("features"), "features")).to(device))
     for batch in table.to_batches(max_chunksize=cfg.batch_size):
         x = torch.from_numpy(list_column_to_numpy(batch.column("features"), "features")).to(device)
         t0 = time.perf_counter()
