@@ -372,20 +372,29 @@ def _castable(got: pa.DataType, want: pa.DataType) -> bool:
     return got == want
 
 
-def read_table(path: Path, required: pa.Schema, what: str) -> tuple[pa.Table, dict[str, Any]]:
-    """A distil table, validated: the required columns with castable types, no empty table."""
+def inspect_table(path: Path, required: pa.Schema, what: str) -> tuple[list[Path], pa.Schema, int, dict[str, Any]]:
+    """Validate a distil table without loading it: (part files, schema, rows, manifest).
+
+    Checks the required columns and their types and that the table is not empty."""
     files = table_files(path)
     try:
         schema = pq.read_schema(files[0])
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     except (pa.ArrowInvalid, OSError):
         raise DistilError(f"{files[0]} is not a Parquet file; pass {what} produced by distil") from None
     check_schema(schema, required, f"{what} {path}")
+    if rows == 0:
+        raise DistilError(f"{what} {path} is empty; check the selection or the data that produced it")
+    return files, schema, rows, read_manifest(path if Path(path).is_dir() else Path(path).parent)
+
+
+def read_table(path: Path, required: pa.Schema, what: str) -> tuple[pa.Table, dict[str, Any]]:
+    """A distil table, validated and cast to ``required`` (extra columns kept), memory-mapped."""
+    files, schema, _, manifest = inspect_table(path, required, what)
     extra = [n for n in schema.names if n not in required.names]
     table = pa.concat_tables([pq.read_table(f, memory_map=True) for f in files], promote_options="default")
-    if table.num_rows == 0:
-        raise DistilError(f"{what} {path} is empty; check the selection or the data that produced it")
     cast_schema = pa.schema([*required, *(table.schema.field(n) for n in extra)])
-    return table.select(cast_schema.names).cast(cast_schema), read_manifest(path if Path(path).is_dir() else Path(path).parent)
+    return table.select(cast_schema.names).cast(cast_schema), manifest
 
 
 def iter_batches(path: Path, columns: list[str] | None = None, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from stages.artifacts import (
     CLASSIFIER_TEACHER_DATA,
@@ -20,11 +19,9 @@ from stages.artifacts import (
     Output,
     TableWriter,
     artifact_hash,
-    check_schema,
     fingerprint,
+    inspect_table,
     iter_batches,
-    read_manifest,
-    table_files,
     write_manifest,
 )
 from stages.config import SelectConfig, to_dict
@@ -38,16 +35,7 @@ def run(cfg: SelectConfig, data: Path, out: Path, *, progress: bool = True) -> P
         raise DistilError(f"unknown selection '{cfg.by}'; choose one of {', '.join(SELECTORS)}")
     if not 0 <= cfg.threshold <= 1:
         raise DistilError(f"threshold must be in [0, 1], got {cfg.threshold}")
-    files = table_files(data)
-    try:
-        schema = pq.read_schema(files[0])
-    except (pa.ArrowInvalid, OSError):
-        raise DistilError(f"{files[0]} is not a Parquet file; pass teacher data from `distil generate-teacher-data`") from None
-    check_schema(schema, CLASSIFIER_TEACHER_DATA, f"teacher data {data}")
-    manifest = read_manifest(Path(data))
-    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    if total == 0:
-        raise DistilError(f"teacher data {data} is empty; rerun generate-teacher-data")
+    _, _, total, manifest = inspect_table(data, CLASSIFIER_TEACHER_DATA, "teacher data")
 
     params = {"select": to_dict(cfg)}
     inputs = {"data": artifact_hash(Path(data))}
