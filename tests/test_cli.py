@@ -97,3 +97,15 @@ def test_user_csv_table_trains_end_to_end(cli, tmp_path):
     config = json.loads((tmp_path / "t" / "config.json").read_text())
     assert config["class_names"] == ["setosa", "versicolor", "virginica"] and config["input_shape"] == [4]
     assert pq.read_table(tmp_path / "td").num_rows == 60 + 30 + 30  # 150 rows, 60/20/20, train capped by data.limit
+
+
+def test_shell_completion_completes_subcommands():
+    import os
+    import shutil
+    import subprocess
+
+    exe = shutil.which("distil")
+    assert exe, "the distil console script is installed"
+    env = {**os.environ, "_DISTIL_COMPLETE": "complete_bash", "COMP_WORDS": "distil gen", "COMP_CWORD": "1"}
+    out = subprocess.run([exe], env=env, capture_output=True, text=True, timeout=60).stdout
+    assert out.split() == ["generate-teacher-data"]
