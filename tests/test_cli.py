@@ -86,10 +86,12 @@ def test_chain_of_all_five_commands(cli, tmp_path):
 def test_user_csv_table_trains_end_to_end(cli, tmp_path):
     from sklearn.datasets import load_iris
 
-    iris = load_iris(as_frame=True).frame
-    iris["species"] = [["setosa", "versicolor", "virginica"][t] for t in iris.pop("target")]
+    iris = load_iris()
+    names = ["setosa", "versicolor", "virginica"]
     path = tmp_path / "iris.csv"
-    iris.to_csv(path, index=False)
+    lines = [",".join([*(n.replace(" (cm)", "").replace(" ", "_") for n in iris.feature_names), "species"])]
+    lines += [",".join([*map(str, row), names[t]]) for row, t in zip(iris.data, iris.target, strict=True)]
+    path.write_text("\n".join(lines) + "\n")
     cli.ok("distill", "--method", "ce", "--data", path, "--label", "species", "--out", tmp_path / "t", "--set", "epochs=3", "-q")
     cli.ok(
         "generate-teacher-data", "--teacher", tmp_path / "t", "--data", path, "--label", "species", "--out", tmp_path / "td", "-q"
