@@ -106,7 +106,10 @@ def test_shell_completion_completes_subcommands():
     import shutil
     import subprocess
 
-    exe = shutil.which("distil")
+    import sys
+    from pathlib import Path
+
+    exe = shutil.which("distil", path=str(Path(sys.executable).parent)) or shutil.which("distil")
     assert exe, "the distil console script is installed"
     env = {**os.environ, "_DISTIL_COMPLETE": "complete_bash", "COMP_WORDS": "distil gen", "COMP_CWORD": "1"}
     out = subprocess.run([exe], env=env, capture_output=True, text=True, timeout=60).stdout

@@ -23,60 +23,97 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 
 
-class MLP(nn.Module):
-    """``depth`` hidden layers of ``width`` units with GELU; input rows are flattened."""
+class Reshape(nn.Module):
+    """Flat rows -> images of ``shape`` (a no-op view for inputs that already have it)."""
 
-    def __init__(self, in_dim: int, num_classes: int, width: int, depth: int, dropout: float = 0.0):
+    def __init__(self, shape: list[int]):
         super().__init__()
-        layers: list[nn.Module] = []
-        d = in_dim
-        for _ in range(depth):
-            layers += [nn.Linear(d, width), nn.GELU()]
-            d = width
-        self.trunk = nn.Sequential(*layers)
-        self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(d, num_classes)
+        self.shape = list(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.drop(self.trunk(x.flatten(1))))
+        return x.reshape(-1, *self.shape)
 
 
-class CNN(nn.Module):
-    """``depth`` conv blocks (3x3 conv, BN, GELU; width doubling) then global average pooling."""
+class Classifier(nn.Module):
+    """A trunk and a linear head with ``experts`` groups of logits.
 
-    def __init__(self, input_shape: list[int], num_classes: int, width: int, depth: int, dropout: float = 0.0):
+    ``forward`` returns the mean of the experts' logits (one expert: plain logits);
+    ``expert_logits`` returns all of them, ``[N, E, C]``. An optional ``aux_head`` serves
+    methods with an auxiliary label space (sla-sd's joint class x rotation labels)."""
+
+    def __init__(self, trunk: nn.Module, feature_dim: int, num_classes: int, dropout: float, experts: int = 1, aux_classes: int = 0):
         super().__init__()
-        if len(input_shape) != 3:
-            raise DistilError(f"cnn needs image inputs (C x H x W), got input shape {input_shape}; use model.arch=mlp")
-        self.input_shape = list(input_shape)
-        blocks: list[nn.Module] = []
-        c = input_shape[0]
-        for i in range(depth):
-            out = width * (2**i)
-            blocks += [nn.Conv2d(c, out, 3, padding=1), nn.BatchNorm2d(out), nn.GELU()]
-            if i < depth - 1:
-                blocks.append(nn.MaxPool2d(2) if min(input_shape[1:]) // (2 ** (i + 1)) >= 2 else nn.Identity())
-            c = out
-        self.trunk = nn.Sequential(*blocks)
+        self.num_classes, self.experts, self.feature_dim = num_classes, experts, feature_dim
+        self.trunk = trunk
         self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(c, num_classes)
+        self.head = nn.Linear(feature_dim, num_classes * experts)
+        self.aux_head = nn.Linear(feature_dim, aux_classes) if aux_classes else None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x)
+
+    def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.features(x))).view(-1, self.experts, self.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.trunk(x.view(-1, *self.input_shape))
-        return self.head(self.drop(h.mean(dim=(2, 3))))
+        return self.expert_logits(x).mean(dim=1)
+
+    def aux_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.aux_head(self.drop(self.features(x)))
 
 
-def build_classifier(arch: str, width: int, depth: int, dropout: float, input_shape: list[int], num_classes: int) -> nn.Module:
+def mlp_trunk(in_dim: int, width: int, depth: int) -> tuple[nn.Module, int]:
+    """``depth`` hidden layers of ``width`` units with GELU over flattened rows."""
+    layers: list[nn.Module] = [nn.Flatten(1)]
+    d = in_dim
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.GELU()]
+        d = width
+    return nn.Sequential(*layers), d
+
+
+def cnn_trunk(input_shape: list[int], width: int, depth: int) -> tuple[nn.Module, int]:
+    """``depth`` conv blocks (3x3 conv, BN, GELU; width doubling, 2x2 max-pool between
+    blocks while the image is large enough) then global average pooling."""
+    if len(input_shape) != 3:
+        raise DistilError(f"cnn needs image inputs (C x H x W), got input shape {input_shape}; use model.arch=mlp")
+    blocks: list[nn.Module] = [Reshape(input_shape)]
+    c = input_shape[0]
+    for i in range(depth):
+        out = width * (2**i)
+        blocks += [nn.Conv2d(c, out, 3, padding=1), nn.BatchNorm2d(out), nn.GELU()]
+        if i < depth - 1 and min(input_shape[1:]) // (2 ** (i + 1)) >= 2:
+            blocks.append(nn.MaxPool2d(2))
+        c = out
+    blocks += [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
+    return nn.Sequential(*blocks), c
+
+
+def build_classifier(
+    arch: str,
+    width: int,
+    depth: int,
+    dropout: float,
+    input_shape: list[int],
+    num_classes: int,
+    experts: int = 1,
+    aux_classes: int = 0,
+) -> Classifier:
     if arch not in ARCHS:
         raise DistilError(f"unknown model.arch '{arch}'; choose one of {', '.join(ARCHS)}")
     if width < 1 or depth < (0 if arch == "mlp" else 1):
         raise DistilError(f"model.width ({width}) and model.depth ({depth}) must be positive")
-    in_dim = 1
-    for s in input_shape:
-        in_dim *= s
-    if arch == "mlp":
-        return MLP(in_dim, num_classes, width, depth, dropout)
-    return CNN(input_shape, num_classes, width, depth, dropout)
+    if experts < 1:
+        raise DistilError(f"model.experts must be >= 1, got {experts}")
+    trunk, dim = mlp_trunk(math.prod(input_shape), width, depth) if arch == "mlp" else cnn_trunk(input_shape, width, depth)
+    return Classifier(trunk, dim, num_classes, dropout, experts, aux_classes)
+
+
+def build_from_config(config: dict[str, Any]) -> Classifier:
+    return build_classifier(
+        config["arch"], config["width"], config["depth"], config.get("dropout", 0.0), config["input_shape"],
+        config["num_classes"], config.get("experts", 1), config.get("aux_classes", 0),
+    )  # fmt: skip
 
 
 def save_classifier(directory: Path, model: nn.Module, config: dict[str, Any]) -> None:
@@ -86,7 +123,7 @@ def save_classifier(directory: Path, model: nn.Module, config: dict[str, Any]) -
     write_json(directory / CONFIG, config)
 
 
-def load_classifier(directory: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_classifier(directory: Path, device: str | torch.device = "cpu") -> tuple[Classifier, dict[str, Any]]:
     directory = Path(directory)
     if not (directory / CONFIG).exists() or not (directory / WEIGHTS).exists():
         raise DistilError(
@@ -94,15 +131,8 @@ def load_classifier(directory: Path, device: str | torch.device = "cpu") -> tupl
         )
     try:
         config = json.loads((directory / CONFIG).read_text())
-        model = build_classifier(
-            config["arch"],
-            config["width"],
-            config["depth"],
-            config.get("dropout", 0.0),
-            config["input_shape"],
-            config["num_classes"],
-        )
-    except (KeyError, json.JSONDecodeError) as exc:
+        model = build_from_config(config)
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise DistilError(f"{directory / CONFIG} is not a classifier config ({exc}); retrain the model") from None
     state = load_tensors(directory / WEIGHTS)
     try:
