@@ -34,6 +34,7 @@ from stages import evaluate as evaluate_stage
 from stages import generate_teacher_data as gtd_stage
 from stages import select as select_stage
 from stages.config import CascadeConfig, DistillConfig, EvaluateConfig, GenerateTeacherDataConfig, SelectConfig
+from stages.methods import METHODS
 from stages.selectors import SELECTORS
 
 app = typer.Typer(
@@ -102,7 +103,10 @@ def distill(
     data: DataOpt,
     out: OutOpt,
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="Training method (see the list above).")] = None,
-    teacher: Annotated[Optional[Path], typer.Option("--teacher", "-t", help="Run this teacher live on each (augmented) batch instead of stored logits.")] = None,
+    teacher: Annotated[
+        Optional[list[Path]],
+        typer.Option("--teacher", "-t", help="Teacher run live on each (augmented) batch instead of stored logits; repeat for mst."),
+    ] = None,
     params: ParamsOpt = PARAMS, section: SectionOpt = None, set_: SetOpt = None, seed: SeedOpt = None,
     device: DeviceOpt = "auto", features: FeaturesOpt = None, label: LabelOpt = None, quiet: QuietOpt = False,
 ) -> None:  # fmt: skip
@@ -112,7 +116,7 @@ def distill(
     """
     with handled():
         cfg, p = config(DistillConfig, params, section or "distill", set_, method=method, seed=seed)
-        path = distill_stage.run(cfg, data, out, data_cfg=data_config(p, features, label), teacher=teacher,
+        path = distill_stage.run(cfg, data, out, data_cfg=data_config(p, features, label), teachers=teacher or [],
                                  device=device, progress=not quiet)  # fmt: skip
         done(path, "model")
 
@@ -157,7 +161,7 @@ def evaluate(
         done(path, "evaluation")
 
 
-distill.__doc__ = (distill.__doc__ or "") + "\n\nMethods:\n\n" + _list(distill_stage.METHODS)
+distill.__doc__ = (distill.__doc__ or "") + "\n\nMethods:\n\n" + _list({k: m.help for k, m in METHODS.items()})
 cascade.__doc__ = (cascade.__doc__ or "") + "\n\nPolicies:\n\n" + _list(cascade_stage.POLICIES)
 
 # The command list: one place to see every subcommand.

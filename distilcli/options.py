@@ -20,7 +20,10 @@ err = Console(stderr=True)
 ParamsOpt = Annotated[Path, typer.Option("--params", help="YAML file with one section per stage.")]
 SectionOpt = Annotated[Optional[str], typer.Option("--section", help="Params section to read (default: the command's own).")]
 SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", help="Override a param for this run: key=value (repeatable, dotted keys).")
+    Optional[list[str]],
+    typer.Option(
+        "--set", help="Override a param for this run: key=value (repeatable, dotted keys; data.KEY sets the data section)."
+    ),
 ]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (overrides the section's seed).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
@@ -37,6 +40,11 @@ def config(cls: type, params_path: Path, section: str, sets: list[str] | None, *
     """The stage's config: params section, then --set, then explicit CLI options (if given)."""
     params = read_params(params_path)
     overrides = parse_overrides(sets or [])
+    data = overrides.pop("data", None)  # `--set data.limit=100` reaches the shared data section
+    if data is not None:
+        if not isinstance(data, dict):
+            raise DistilError("--set data.KEY=VALUE sets one key of the data section")
+        params = {**params, "data": {**(params.get("data") or {}), **data}}
     overrides.update({k: v for k, v in cli.items() if v is not None})
     return load_section(cls, params, section, overrides), params
 

@@ -94,7 +94,9 @@ def calibrate(
     # candidate cuts: after each distinct confidence value (all rows with conf >= c kept)
     cuts = [0] + [i + 1 for i in range(n) if i == n - 1 or c[i + 1] < c[i]]
     for k in cuts:
-        thr = float(c[k - 1]) if k > 0 else always_defer
+        # any threshold in (c[k], c[k-1]] routes the dev rows alike: take the conservative end,
+        # and 0 once every row goes to the student
+        thr = always_defer if k == 0 else 0.0 if k == n else float(c[k - 1])
         acc = (s_cum[k] + t_rest[k]) / n
         curve.append({"threshold": thr, "teacher_rate": (n - k) / n, "accuracy": float(acc)})
         if acc >= target - 1e-12:

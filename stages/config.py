@@ -38,6 +38,9 @@ class DataConfig:
     dev_frac: float = _f(0.15, "share of rows in the dev split")
     test_frac: float = _f(0.2, "share of rows in the test split")
     limit: int = _f(0, "keep at most this many rows per split (0 = all); for quick runs and tests")
+    long_tail: float = _f(
+        0.0, "imbalance ratio of an exponential long-tailed profile applied to the train split (0 = off; e.g. 50)"
+    )
 
 
 @dataclass
@@ -48,6 +51,7 @@ class ModelConfig:
     width: int = _f(64, "hidden units (mlp) or channels of the first conv (cnn)")
     depth: int = _f(1, "hidden layers (mlp) or conv blocks (cnn)")
     dropout: float = _f(0.0, "dropout before the output layer")
+    experts: int = _f(1, "output heads on the shared trunk (mdcs: E >= 2 experts; prediction = their mean)")
 
 
 @dataclass
@@ -64,6 +68,22 @@ class DistillConfig:
     skew: float = _f(0.1, "skew-kl mixing weight a in KL(p_t || a p_t + (1-a) p_s)")
     reverse_skew: bool = _f(False, "skew-kl: use the reverse variant KL(p_s || a p_s + (1-a) p_t)")
     augment: str = _f("none", "training augmentation: none, weak or strong")
+    labeled_fraction: float = _f(
+        1.0, "keep gold labels for this share of train rows (stratified); label-free methods (ssld, random-teacher) use every row"
+    )
+    generations: int = _f(4, "self-distill / anchored: distillation rounds after the first model")
+    gt_weight: float = _f(
+        -1.0, "self-distill: weight of gold labels in each round's target; -1 = the closed-form optimum per round"
+    )
+    anchor: float = _f(0.5, "anchored: weight of the base teacher in each round's target")
+    pskd_alpha: float = _f(0.8, "pskd: final weight a_T of the model's own past predictions")
+    probe_dim: int = _f(128, "random-teacher: output size of the random teacher's projection")
+    probe_epochs: int = _f(300, "random-teacher: full-batch steps of the linear probe")
+    rotations: int = _f(4, "sla-sd: rotations (of 90 degrees) in the joint label space")
+    expert_lambdas: list[float] = _f([], "mdcs: logit-adjustment weight per expert; [] = evenly from -0.5 to 2.5")
+    consistency_weight: float = _f(1.0, "mdcs: weight of consistency self-distillation (ramped in linearly)")
+    top_k: int = _f(1, "mst: teachers the gate selects per row")
+    balance_weight: float = _f(0.01, "mst: weight of the gate's load-balancing loss")
     seed: int = _f(0, "training seed")
 
 
@@ -98,6 +118,8 @@ class CascadeConfig:
 @dataclass
 class EvaluateConfig:
     bins: int = _f(15, "equal-width confidence bins of ECE and the reliability diagram")
+    many_shot: int = _f(50, "classes with more train rows than this are 'many-shot'")
+    few_shot: int = _f(15, "classes with fewer train rows than this are 'few-shot' (the rest 'medium')")
     split: str = _f("test", "split to evaluate on")
     batch_size: int = _f(512, "rows per forward pass")
     seed: int = _f(0, "seed")
@@ -142,7 +164,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
     if origin is list and isinstance(value, list):
-        return value
+        inner = hint.__args__[0]
+        return [_coerce(v, inner, where) for v in value]
     if origin is list and isinstance(value, str):
         return [v for v in value.split(",") if v]
     raise DistilError(f"params '{where}' must be {getattr(hint, '__name__', hint)}, got {value!r}")

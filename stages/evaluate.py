@@ -35,18 +35,17 @@ from stages.artifacts import (
 )
 from stages.config import DataConfig, EvaluateConfig, to_dict
 from stages.errors import DistilError
-from stages.metrics import classification_report, reliability, softmax
+from stages.metrics import classification_report, expert_metrics, reliability, shot_accuracy, softmax
 from stages.models import resolve_device
 from stages.models.classifiers import check_compatible, identity, load_classifier, param_count
 from stages.tasks import load_examples, source_identity
 
 
-def _model_metrics(
-    model: torch.nn.Module, config: dict, table, cfg: EvaluateConfig
-) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+def _model_metrics(model, config: dict, table, cfg: EvaluateConfig) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     device = next(model.parameters()).device
-    probs, labels, agree, seconds = [], [], [], 0.0
+    probs, labels, agree, expert_preds, seconds = [], [], [], [], 0.0
     has_teacher = "logits" in table.schema.names
+    experts = config.get("experts", 1)
     with torch.no_grad():  # one untimed pass so lazy initialisation does not count as model cost
         model(torch.from_numpy(list_column_to_numpy(table.slice(0, 1).column("features"), "features")).to(device))
     for batch in table.to_batches(max_chunksize=cfg.batch_size):
@@ -57,6 +56,9 @@ def _model_metrics(
         seconds += time.perf_counter() - t0
         probs.append(softmax(z))
         labels.append(batch.column("label").to_numpy())
+        if experts > 1:
+            with torch.no_grad():
+                expert_preds.append(model.expert_logits(x).argmax(-1).cpu().numpy())
         if has_teacher:
             t = list_column_to_numpy(batch.column("logits"), "teacher logits")
             agree.append(t.argmax(1) == z.argmax(1))
@@ -69,6 +71,10 @@ def _model_metrics(
         rows_per_second=rows / max(seconds, 1e-9),
         ms_per_1k_rows=1000 * 1000 * seconds / rows,
     )
+    if config.get("class_counts"):
+        metrics.update(shot_accuracy(p.argmax(1), y, np.asarray(config["class_counts"]), cfg.many_shot, cfg.few_shot))
+    if expert_preds:
+        metrics.update(expert_metrics(np.concatenate(expert_preds), y))
     if has_teacher:
         metrics["agreement_with_teacher"] = float(np.concatenate(agree).mean())
     return metrics, p, y

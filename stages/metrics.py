@@ -75,3 +75,30 @@ def classification_report(probs: np.ndarray, labels: np.ndarray, num_classes: in
         "ece": ece(probs, labels, bins),
         "nll": nll(probs, labels),
     }
+
+
+def shot_accuracy(pred: np.ndarray, labels: np.ndarray, class_counts: np.ndarray, many: int, few: int) -> dict[str, float]:
+    """Accuracy on many-shot (train count > many), medium and few-shot (< few) classes, as
+    in long-tailed recognition (Liu et al. 2019, "Large-Scale Long-Tailed Recognition in an
+    Open World"); a group with no classes present is NaN-free: left out."""
+    groups = {
+        "many_shot_accuracy": class_counts > many,
+        "medium_shot_accuracy": (class_counts <= many) & (class_counts >= few),
+        "few_shot_accuracy": class_counts < few,
+    }
+    out = {}
+    for name, classes in groups.items():
+        rows = np.isin(labels, np.flatnonzero(classes))
+        if rows.any():
+            out[name] = float((pred[rows] == labels[rows]).mean())
+    return out
+
+
+def expert_metrics(expert_pred: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Per-expert accuracy and diversity (mean pairwise disagreement of the experts'
+    predictions, MDCS section 4.4) for ``expert_pred`` of shape [N, E]."""
+    e = expert_pred.shape[1]
+    pairs = [(i, j) for i in range(e) for j in range(i + 1, e)]
+    out = {f"expert{i}_accuracy": float((expert_pred[:, i] == labels).mean()) for i in range(e)}
+    out["expert_disagreement"] = float(np.mean([(expert_pred[:, i] != expert_pred[:, j]).mean() for i, j in pairs]))
+    return out

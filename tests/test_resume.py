@@ -45,7 +45,7 @@ def test_distill_resumes_from_its_last_checkpoint_and_matches_an_uninterrupted_r
     data_cfg = DataConfig(dev_frac=0.2, test_frac=0.2, limit=60)
     distill.run(cfg, tiny_run["selected"], tmp_path / "ref", data_cfg=data_cfg, progress=False)
 
-    import stages.distill as mod
+    import stages.training as mod
 
     real_save = mod.save_state
     saves = {"n": 0}
@@ -72,3 +72,32 @@ def test_distill_resumes_from_its_last_checkpoint_and_matches_an_uninterrupted_r
     for k in a:
         assert (a[k] - b[k]).abs().max() < 1e-6, k
     assert not (tmp_path / "s" / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("kill_at", [2, 5])
+def test_multi_round_method_resumes_finished_rounds_and_the_open_one(tiny_run, tmp_path, monkeypatch, kill_at):
+    """self-distill trains one model per round; a kill in round 2 keeps round 1 and resumes round 2."""
+    cfg = DistillConfig(method="self-distill", model=ModelConfig(arch="mlp", width=8, depth=1), epochs=3, batch_size=16,
+                        generations=2, gt_weight=0.5)  # fmt: skip
+    data_cfg = DataConfig(dev_frac=0.2, test_frac=0.2, limit=60)
+    distill.run(cfg, tiny_run["selected"], tmp_path / "ref", data_cfg=data_cfg, progress=False)
+
+    import stages.training as mod
+
+    real_save, saves = mod.save_state, {"n": 0}
+
+    def dying_save(path, state):
+        real_save(path, state)
+        saves["n"] += 1
+        if saves["n"] == kill_at:
+            raise Killed
+
+    monkeypatch.setattr(mod, "save_state", dying_save)
+    with pytest.raises(Killed):
+        distill.run(cfg, tiny_run["selected"], tmp_path / "s", data_cfg=data_cfg, progress=False)
+    monkeypatch.setattr(mod, "save_state", real_save)
+    distill.run(cfg, tiny_run["selected"], tmp_path / "s", data_cfg=data_cfg, progress=False)
+    for rel in ("model.safetensors", "generations/g1/model.safetensors"):
+        a, b = load_tensors(tmp_path / "s" / rel), load_tensors(tmp_path / "ref" / rel)
+        for k in a:
+            assert (a[k] - b[k]).abs().max() < 1e-6, (rel, k)

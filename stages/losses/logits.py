@@ -129,6 +129,21 @@ def tvd(student_logits, teacher, *, temperature=1.0, mask=None, weight=None):
     return reduce(0.5 * (t.exp() - s.exp()).abs().sum(-1), mask, weight)
 
 
+def symmetric_kl(student_logits, teacher, *, temperature=1.0, mask=None, weight=None):
+    """``T^2 (KL(p_t || p_s) + KL(p_s || p_t)) / 2``: the label-free objective of SSLD
+    ("Beyond Self-Supervision", Cui et al. 2021, section 3.1: the student matches the
+    teacher's prediction only, as PaddleClas' DML loss), so unlabeled rows can be used."""
+    s, t = log_prob_pair(student_logits, teacher, temperature)
+    return temperature**2 * reduce(0.5 * (_kl(t, s) + _kl(s, t)), mask, weight)
+
+
+def soft_cross_entropy(student_logits, target_probs, *, temperature=1.0, mask=None, weight=None):
+    """``-sum_c q_c log p_s(c)`` against a given target distribution q (e.g. PS-KD's
+    mixture of one-hot and past predictions)."""
+    log_p = F.log_softmax(_wide(student_logits) / temperature, dim=-1)
+    return reduce(-(target_probs * log_p).sum(-1), mask, weight)
+
+
 def cross_entropy(student_logits, labels, *, mask=None, weight=None):
     """Next-label cross-entropy on gold labels, with the same mask/weight reduction."""
     per = F.cross_entropy(_wide(student_logits).flatten(0, -2), labels.flatten(), reduction="none").view(labels.shape)

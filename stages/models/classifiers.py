@@ -41,7 +41,9 @@ class Classifier(nn.Module):
     ``expert_logits`` returns all of them, ``[N, E, C]``. An optional ``aux_head`` serves
     methods with an auxiliary label space (sla-sd's joint class x rotation labels)."""
 
-    def __init__(self, trunk: nn.Module, feature_dim: int, num_classes: int, dropout: float, experts: int = 1, aux_classes: int = 0):
+    def __init__(
+        self, trunk: nn.Module, feature_dim: int, num_classes: int, dropout: float, experts: int = 1, aux_classes: int = 0
+    ):
         super().__init__()
         self.num_classes, self.experts, self.feature_dim = num_classes, experts, feature_dim
         self.trunk = trunk

@@ -20,6 +20,7 @@ from stages.artifacts import EXAMPLES, MANIFEST, read_table
 from stages.config import DataConfig
 from stages.errors import DistilError
 from stages.tasks.digits import load_digits
+from stages.tasks.splits import long_tail_keep
 from stages.tasks.tabular import load_user_table
 
 BUILTIN = {"digits": load_digits}
@@ -67,6 +68,8 @@ def load_examples(source: str | Path, data: DataConfig) -> Examples:
         else:
             table, meta = load_user_table(path, data)
     table = _limit(table, data.limit)
+    if data.long_tail > 0:
+        table = _long_tail(table, data, meta["num_classes"])
     labels = table.column("label").to_numpy()
     if labels.min() < 0:
         raise DistilError("labels must be non-negative class indices; map them to 0..C-1 or use string labels")
@@ -75,6 +78,16 @@ def load_examples(source: str | Path, data: DataConfig) -> Examples:
     return Examples(
         table=table, **{k: meta[k] for k in ("num_classes", "input_shape", "name")}, class_names=list(meta.get("class_names", []))
     )
+
+
+def _long_tail(table: pa.Table, data: DataConfig, num_classes: int) -> pa.Table:
+    """Long-tailed train split (dev and test stay as they are)."""
+    split = table.column("split").to_numpy(zero_copy_only=False).astype(str)
+    train = split == "train"
+    keep = np.ones(len(split), dtype=bool)
+    ids, labels = table.column("id").to_numpy(), table.column("label").to_numpy()
+    keep[train] = long_tail_keep(ids[train], labels[train], data.long_tail, num_classes, data.split_seed)
+    return table.filter(pa.array(keep))
 
 
 def _limit(table: pa.Table, limit: int) -> pa.Table:
