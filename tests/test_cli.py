@@ -105,7 +105,6 @@ def test_shell_completion_completes_subcommands():
     import os
     import shutil
     import subprocess
-
     import sys
     from pathlib import Path
 
