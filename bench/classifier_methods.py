@@ -43,6 +43,7 @@ RUNS: dict[str, tuple[str, dict, bool]] = {
     "self-distill (a=0)": ("self-distill", {"generations": 4, "gt_weight": 0.0}, False),
     "anchored": ("anchored", {"generations": 4}, False),
     "random-teacher": ("random-teacher", {}, False),
+    "random-teacher (3 layers)": ("random-teacher", {"depth": 3}, False),
     "sla-sd": ("sla-sd", {}, False),
     "mdcs": ("mdcs", {"experts": 3}, False),
     "mst": ("mst", {}, True),
@@ -72,6 +73,10 @@ def main() -> int:
         root = Path(tmp)
         for ds, ratio in DATASETS.items():
             data_cfg = replace(load_section(DataConfig, params, "data"), long_tail=ratio)
+            # the same number of optimiser steps on the smaller long-tailed train split
+            scale = _train_rows(replace(data_cfg, long_tail=0.0)) / _train_rows(data_cfg)
+            t_cfg = replace(teacher_cfg, epochs=round(teacher_cfg.epochs * scale))
+            s_cfg = replace(student_cfg, epochs=round(student_cfg.epochs * scale))
             rows: dict[str, dict[str, list]] = {name: {} for name in only}
             teacher_acc = []
             for seed in seeds:
@@ -149,6 +154,12 @@ def main() -> int:
     emit("classifier_methods", seeds=len(seeds), seconds=time.perf_counter() - t_start, claims=claims,
          results=str(RESULTS / "classifier_methods.md"))  # fmt: skip
     return 0
+
+
+def _train_rows(data_cfg: DataConfig) -> int:
+    from stages.tasks import load_examples
+
+    return load_examples("digits", data_cfg).split("train").num_rows
 
 
 def _gt(a, b):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from stages.errors import DistilError
 from stages.losses import cross_entropy
-from stages.losses.logits import forward_kl
+from stages.losses.logits import forward_kl, soft_cross_entropy
 from stages.methods.common import Trained, build, frozen
 from stages.models.classifiers import Classifier
 from stages.training import Context, fit
@@ -37,20 +37,26 @@ def linear_probe(ctx: Context, model: Classifier, steps: int) -> float:
     return float((dev_pred == ctx.dev["y"]).double().mean())
 
 
+TEACHER_TEMPERATURE, STUDENT_TEMPERATURE = 0.04, 0.1
+"""DINO's defaults (Caron et al. 2021), which Random Teachers keeps: the teacher's output is
+sharpened more than the student's."""
+
+
 def random_teacher(ctx: Context) -> Trained:
     """Random Teachers are Good Teachers (Sarnthein et al., ICML 2023, section 3): a student
     distils a frozen, randomly initialised teacher of the same architecture through a
-    ``probe_dim``-dimensional projection (KL between their softmax outputs, the student on
-    augmented inputs, no labels). A linear probe on the frozen trunk then measures the
+    ``probe_dim``-dimensional projection: cross-entropy between the teacher's sharpened
+    softmax (temperature 0.04) and the student's (0.1), the student on augmented inputs,
+    no labels (their eq. 1 without DINO's centering, which a frozen teacher does not need). A linear probe on the frozen trunk then measures the
     representation: the paper reports the student's probe beating the teacher's."""
     cfg = ctx.cfg
     teacher = frozen(build(ctx, init=1, experts=1, aux_classes=cfg.probe_dim))
     student = build(ctx, init=2, experts=1, aux_classes=cfg.probe_dim)
 
     def loss(m, b):
-        with torch.no_grad():
-            t = teacher.aux_logits(b["x_raw"])
-        return forward_kl(m.aux_logits(b["x"]), t, temperature=cfg.temperature, weight=b["w"])
+        with torch.no_grad():  # sharpened teacher targets, as DINO's (and the paper's) teacher temperature
+            target = torch.softmax(teacher.aux_logits(b["x_raw"]) / TEACHER_TEMPERATURE, dim=-1)
+        return soft_cross_entropy(m.aux_logits(b["x"]), target, temperature=STUDENT_TEMPERATURE, weight=b["w"])
 
     summary = fit(ctx, student, loss, select_best=False, predict=lambda m, x: m.aux_logits(x)[:, : ctx.ex.num_classes])
     teacher_probe = linear_probe(ctx, teacher, cfg.probe_epochs)
