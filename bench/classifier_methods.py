@@ -83,7 +83,7 @@ def main() -> int:
                 d = root / ds / f"s{seed}"
                 for k in (0, 1):  # two teachers per seed: the first teaches, both serve mst
                     distill.run(
-                        replace(teacher_cfg, seed=seed * 10 + k), "digits", d / f"teacher{k}", data_cfg=data_cfg, progress=False
+                        replace(t_cfg, seed=seed * 10 + k), "digits", d / f"teacher{k}", data_cfg=data_cfg, progress=False
                     )
                 generate_teacher_data.run(
                     GenerateTeacherDataConfig(), d / "teacher0", "digits", d / "td", data_cfg=data_cfg, progress=False
@@ -91,10 +91,9 @@ def main() -> int:
                 teacher_acc.append(_eval([d / "teacher0"], d / "td", d / "ev-teacher", data_cfg)["teacher0"]["accuracy"])
                 for name in only:
                     method, over, live = RUNS[name]
-                    model = replace(student_cfg.model, experts=over.get("experts", 1))
-                    cfg = replace(
-                        student_cfg, method=method, seed=seed, model=model, **{k: v for k, v in over.items() if k != "experts"}
-                    )
+                    model = replace(s_cfg.model, experts=over.get("experts", 1), depth=over.get("depth", s_cfg.model.depth))
+                    rest = {k: v for k, v in over.items() if k not in ("experts", "depth")}
+                    cfg = replace(s_cfg, method=method, seed=seed, model=model, **rest)
                     out = d / name.replace(" ", "_")
                     t0 = time.perf_counter()
                     teachers = [d / "teacher0", d / "teacher1"] if live else []
