@@ -89,3 +89,32 @@ def test_ece_is_zero_when_calibrated_and_large_when_overconfident():
     bins = reliability(probs, labels, 15)
     assert sum(b["count"] for b in bins) == 100
     assert nll(probs, labels) == pytest.approx(-(0.8 * np.log(0.8) + 0.2 * np.log(0.2)))
+
+
+def test_long_tail_profile_is_exponential_train_only_and_idempotent():
+    full = load_examples("digits", DataConfig())
+    lt = load_examples("digits", DataConfig(long_tail=50))
+    counts = np.bincount(lt.split("train").column("label").to_numpy(), minlength=10)
+    assert counts[0] == np.bincount(full.split("train").column("label").to_numpy())[0]  # the head keeps every row
+    assert all(counts[i] >= counts[i + 1] for i in range(9))
+    assert counts[0] / counts[9] == pytest.approx(50, rel=0.25)
+    assert lt.split("test").num_rows == full.split("test").num_rows and lt.split("dev").num_rows == full.split("dev").num_rows
+    # applying the profile to an already long-tailed table keeps exactly the same rows
+    from stages.tasks.splits import long_tail_keep
+
+    t = lt.split("train")
+    keep = long_tail_keep(t.column("id").to_numpy(), t.column("label").to_numpy(), 50, 10, 0)
+    assert keep.all()
+
+
+def test_shot_groups_and_expert_diversity():
+    from stages.metrics import expert_metrics, shot_accuracy
+
+    counts = np.array([100, 30, 5])
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 0, 1, 0, 0, 0])
+    groups = shot_accuracy(pred, labels, counts, many=50, few=15)
+    assert groups == {"many_shot_accuracy": 1.0, "medium_shot_accuracy": 0.5, "few_shot_accuracy": 0.0}
+    experts = np.array([[0, 0], [1, 0], [2, 2], [1, 1]])
+    m = expert_metrics(experts, np.array([0, 1, 2, 0]))
+    assert m["expert0_accuracy"] == 0.75 and m["expert1_accuracy"] == 0.5 and m["expert_disagreement"] == 0.25
