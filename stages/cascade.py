@@ -78,28 +78,50 @@ def student_votes(model: nn.Module, x: torch.Tensor, cfg: CascadeConfig, input_s
 
 
 def calibrate(
-    conf: np.ndarray, s_ans: np.ndarray, t_ans: np.ndarray, labels: np.ndarray, target: float
+    conf: np.ndarray,
+    s_ans: np.ndarray,
+    t_ans: np.ndarray,
+    labels: np.ndarray,
+    target: float,
+    *,
+    margin: float | None = None,
+    level: float = 0.0,
+    resamples: int = 1000,
+    seed: int = 0,
 ) -> tuple[float, list[dict]]:
-    """Lowest threshold whose cascade accuracy reaches ``target``; the full curve too.
+    """Lowest threshold whose cascade accuracy reaches the target; the full curve too.
 
     Sorting rows by confidence makes every threshold's accuracy a prefix sum: rows at or
-    above the threshold use the student's answer, the rest the teacher's."""
+    above the threshold use the student's answer, the rest the teacher's. With ``level``
+    > 0 the target must hold in that share of (Poisson) bootstrap resamples of the rows,
+    not just on the rows themselves: a small dev split otherwise picks a threshold that
+    happens to fit it. With ``margin`` the target is relative and paired: in each
+    resample the cascade must be within ``margin`` of the teacher's accuracy on that
+    same resample."""
     order = np.argsort(-conf, kind="stable")
     c, s_ok, t_ok = conf[order], (s_ans == labels)[order], (t_ans == labels)[order]
     n = len(labels)
-    s_cum = np.concatenate([[0], np.cumsum(s_ok)])
-    t_rest = np.concatenate([np.cumsum(t_ok[::-1])[::-1], [0]])
     always_defer = 1.0 + 1e-6  # above any confidence: every row goes to the teacher
-    curve, best = [], always_defer
     # candidate cuts: after each distinct confidence value (all rows with conf >= c kept)
-    cuts = [0] + [i + 1 for i in range(n) if i == n - 1 or c[i + 1] < c[i]]
-    for k in cuts:
-        # any threshold in (c[k], c[k-1]] routes the dev rows alike: take the conservative end,
+    cuts = np.array([0] + [i + 1 for i in range(n) if i == n - 1 or c[i + 1] < c[i]])
+    weights = np.ones((1, n))
+    if level > 0:
+        weights = np.random.default_rng(seed).poisson(1.0, size=(resamples, n)).astype(np.float64)
+    total = weights.sum(1, keepdims=True).clip(min=1)
+    s_cum = np.concatenate([np.zeros((len(weights), 1)), np.cumsum(weights * s_ok, axis=1)], axis=1)
+    t_rest = np.concatenate([np.cumsum((weights * t_ok)[:, ::-1], axis=1)[:, ::-1], np.zeros((len(weights), 1))], axis=1)
+    acc = (s_cum[:, cuts] + t_rest[:, cuts]) / total  # [resamples, cuts]
+    goal = (t_rest[:, :1] / total - margin) if margin is not None else target
+    passed = (acc >= goal - 1e-12).mean(0)
+    needed = level if level > 0 else 1.0
+    point = (np.concatenate([[0], np.cumsum(s_ok)])[cuts] + np.concatenate([np.cumsum(t_ok[::-1])[::-1], [0]])[cuts]) / n
+    curve, best = [], always_defer
+    for j, k in enumerate(cuts):
+        # any threshold in (c[k], c[k-1]] routes the rows alike: take the conservative end,
         # and 0 once every row goes to the student
         thr = always_defer if k == 0 else 0.0 if k == n else float(c[k - 1])
-        acc = (s_cum[k] + t_rest[k]) / n
-        curve.append({"threshold": thr, "teacher_rate": (n - k) / n, "accuracy": float(acc)})
-        if acc >= target - 1e-12:
+        curve.append({"threshold": thr, "teacher_rate": (n - k) / n, "accuracy": float(point[j]), "target_met": float(passed[j])})
+        if passed[j] >= needed - 1e-12:
             best = min(best, thr)
     return best, curve
 
@@ -151,13 +173,16 @@ def run(
         s_ans, conf = student_votes(s_model, x["dev"], cfg, shape)
         t_ans = predict_logits(t_model, x["dev"], cfg.batch_size).argmax(1).numpy()
         teacher_acc = float((t_ans == y["dev"]).mean())
-        target = cfg.target_accuracy if cfg.target_accuracy >= 0 else teacher_acc - cfg.margin
-        threshold, curve = calibrate(conf, s_ans, t_ans, y["dev"], target)
+        relative = cfg.target_accuracy < 0
+        target = teacher_acc - cfg.margin if relative else cfg.target_accuracy
+        threshold, curve = calibrate(conf, s_ans, t_ans, y["dev"], target, margin=cfg.margin if relative else None,
+                                     level=cfg.confidence, seed=cfg.seed)  # fmt: skip
         dev_route = conf >= threshold
         policy = {
             "policy": cfg.policy,
             "threshold": threshold,
             "target_accuracy": target,
+            "confidence": cfg.confidence,
             "dev": {
                 "accuracy": float((np.where(dev_route, s_ans, t_ans) == y["dev"]).mean()),
                 "teacher_rate": float((~dev_route).mean()),
@@ -223,7 +248,7 @@ def run(
         write_json(work / "policy.json", policy)
         write_json(work / "metrics.json", metrics)
         with open(work / "calibration.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["threshold", "teacher_rate", "accuracy"])
+            w = csv.DictWriter(fh, fieldnames=["threshold", "teacher_rate", "accuracy", "target_met"])
             w.writeheader()
             w.writerows(curve)
         write_manifest(decisions, kind="cascade_decisions", params=params, inputs=inputs, rows=n,

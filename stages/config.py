@@ -68,6 +68,7 @@ class DistillConfig:
     skew: float = _f(0.1, "skew-kl mixing weight a in KL(p_t || a p_t + (1-a) p_s)")
     reverse_skew: bool = _f(False, "skew-kl: use the reverse variant KL(p_s || a p_s + (1-a) p_t)")
     augment: str = _f("none", "training augmentation: none, weak or strong")
+    checkpoint: str = _f("best", "which epoch's weights to keep: best (dev accuracy) or last")
     labeled_fraction: float = _f(
         1.0, "keep gold labels for this share of train rows (stratified); label-free methods (ssld, random-teacher) use every row"
     )
@@ -109,6 +110,7 @@ class CascadeConfig:
     policy: str = _f("confidence", "confidence or views")
     target_accuracy: float = _f(-1.0, "dev accuracy to reach; < 0 = teacher dev accuracy minus `margin`")
     margin: float = _f(0.005, "accuracy below the teacher's that the default target allows")
+    confidence: float = _f(0.9, "the target must hold in this share of bootstrap resamples of dev (0 = on dev as it is)")
     views: int = _f(8, "views: augmented views per row")
     augment: str = _f("weak", "views: augmentation strength (weak or strong)")
     batch_size: int = _f(256, "rows per forward pass")

@@ -100,6 +100,8 @@ def run(
         raise DistilError(f"unknown augment '{cfg.augment}'; choose one of {', '.join(STRENGTHS)}")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise DistilError("epochs, batch_size and lr must be positive")
+    if cfg.checkpoint not in ("best", "last"):
+        raise DistilError(f"checkpoint must be best or last, got '{cfg.checkpoint}'")
     if not 0 < cfg.labeled_fraction <= 1:
         raise DistilError(f"labeled_fraction must be in (0, 1], got {cfg.labeled_fraction}")
     teachers = [Path(t) for t in teachers]

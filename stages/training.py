@@ -146,7 +146,7 @@ def fit(
                 ctx.live.log_metric(k if tag == "main" else f"{tag}/{k}", row[k], plot=True)
             ctx.live.next_step()
         better = dev_acc > progress["best_acc"] or (dev_acc == progress["best_acc"] and dev_nll < progress["best_nll"])
-        if not select_best or better:
+        if not select_best or cfg.checkpoint == "last" or better:
             progress.update(best_acc=dev_acc, best_nll=dev_nll, best_epoch=epoch + 1)
             save_tensors(best_path, model.state_dict())
         progress["epoch"] = epoch + 1

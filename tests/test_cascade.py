@@ -66,3 +66,19 @@ def test_views_policy_routes_by_agreement(cli, tiny_run, tmp_path):
     assert set(np.round(conf * 4).astype(int)) <= {1, 2, 3, 4}  # agreement is a share of 4 views
     metrics = json.loads((tmp_path / "v" / "metrics.json").read_text())
     assert metrics["flops_per_row"] >= 4 * metrics["flops_per_row"] / (4 + metrics["teacher_rate"]) - 1e-6
+
+
+def test_bootstrap_calibration_is_more_conservative_than_the_point_estimate():
+    rng = np.random.default_rng(0)
+    n = 300
+    labels = np.zeros(n, dtype=int)
+    conf = rng.random(n)
+    s_ans = np.where(rng.random(n) < 0.03 + 0.1 * (conf < 0.3), 1, 0)  # ~3-6% student errors, more at low confidence
+    t_ans = np.where(rng.random(n) < 0.01, 1, 0)
+    point, _ = calibrate(conf, s_ans, t_ans, labels, 0.0, margin=0.005)
+    boot, curve = calibrate(conf, s_ans, t_ans, labels, 0.0, margin=0.005, level=0.9, seed=1)
+    assert boot > point  # needs a higher threshold (more deferral) to hold in 90% of resamples
+    met = [c["target_met"] for c in curve]
+    assert met[0] == 1.0  # everything to the teacher is always within the margin of the teacher
+    chosen = next(c for c in curve if c["threshold"] == boot)
+    assert chosen["target_met"] >= 0.9
