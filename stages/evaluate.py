@@ -41,19 +41,30 @@ from stages.models.classifiers import check_compatible, identity, load_classifie
 from stages.tasks import load_examples, source_identity
 
 
+def _time_per_row(model, table, batch_size: int, device, repeats: int = 5) -> float:
+    """Median wall time per row of one batch (a warm-up pass first): steadier than timing
+    the metrics pass, where a single sub-millisecond batch is mostly noise."""
+    x = torch.from_numpy(list_column_to_numpy(table.slice(0, batch_size).column("features"), "features")).to(device)
+    times = []
+    with torch.no_grad():
+        model(x)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times)) / len(x)
+
+
 def _model_metrics(model, config: dict, table, cfg: EvaluateConfig) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     device = next(model.parameters()).device
-    probs, labels, agree, expert_preds, seconds = [], [], [], [], 0.0
+    probs, labels, agree, expert_preds = [], [], [], []
     has_teacher = "logits" in table.schema.names
     experts = config.get("experts", 1)
-    with torch.no_grad():  # one untimed pass so lazy initialisation does not count as model cost
-        model(torch.from_numpy(list_column_to_numpy(table.slice(0, 1).column("features"), "features")).to(device))
+    seconds_per_row = _time_per_row(model, table, cfg.batch_size, device)
     for batch in table.to_batches(max_chunksize=cfg.batch_size):
         x = torch.from_numpy(list_column_to_numpy(batch.column("features"), "features")).to(device)
-        t0 = time.perf_counter()
         with torch.no_grad():
             z = model(x).float().cpu().numpy()
-        seconds += time.perf_counter() - t0
         probs.append(softmax(z))
         labels.append(batch.column("label").to_numpy())
         if experts > 1:
@@ -68,8 +79,8 @@ def _model_metrics(model, config: dict, table, cfg: EvaluateConfig) -> tuple[dic
     metrics.update(
         params=param_count(model),
         rows=rows,
-        rows_per_second=rows / max(seconds, 1e-9),
-        ms_per_1k_rows=1000 * 1000 * seconds / rows,
+        rows_per_second=1 / max(seconds_per_row, 1e-12),
+        ms_per_1k_rows=1000 * 1000 * seconds_per_row,
     )
     if config.get("class_counts"):
         metrics.update(shot_accuracy(p.argmax(1), y, np.asarray(config["class_counts"]), cfg.many_shot, cfg.few_shot))
