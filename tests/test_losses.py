@@ -166,3 +166,16 @@ def test_golden_values(update_golden):
     assert golden.keys() == values.keys()
     for k, v in golden.items():
         assert values[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+
+
+@pytest.mark.parametrize("name", ["kd", "jsd", "skew-kl", "tvd"])  # reverse KL is rightly infinite there
+def test_masked_teacher_classes_count_as_zero_probability(name):
+    s = logits(30)
+    t = logits(31)
+    t[:, 0] = float("-inf")  # e.g. a vocabulary entry the teacher may never emit
+    value = DIVERGENCES[name](s, t, temperature=1.0)
+    assert torch.isfinite(value), name
+    if name == "kd":  # forward KL simply ignores the impossible class
+        lp_t = F.log_softmax(t, -1)[:, 1:]
+        lp_s = F.log_softmax(s, -1)[:, 1:]
+        assert torch.allclose(value, (lp_t.exp() * (lp_t - lp_s)).sum(-1).mean())

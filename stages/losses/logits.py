@@ -72,9 +72,11 @@ def reduce(per_position: torch.Tensor, mask: torch.Tensor | None = None, weight:
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per position, over the last dim; 0 log 0 = 0."""
-    p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    """KL(p || q) per position, over the last dim; 0 log 0 = 0 (a -inf log p counts as 0)."""
+    per = F.kl_div(log_q, log_p, reduction="none", log_target=True)  # fused p * (log p - log q)
+    if not torch.isfinite(log_p).all():
+        per = per.masked_fill(log_p == float("-inf"), 0.0)
+    return per.sum(-1)
 
 
 def forward_kl(student_logits, teacher, *, temperature=2.0, mask=None, weight=None):
