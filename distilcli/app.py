@@ -129,7 +129,7 @@ def cascade(
     policy: Annotated[Optional[str], typer.Option("--policy", help="confidence or views.")] = None,
     policy_file: Annotated[Optional[Path], typer.Option("--policy-file", help="Use this calibrated policy instead of calibrating on dev.")] = None,
     params: ParamsOpt = PARAMS, section: SectionOpt = None, set_: SetOpt = None, seed: SeedOpt = None,
-    device: DeviceOpt = "auto", features: FeaturesOpt = None, label: LabelOpt = None, quiet: QuietOpt = False,
+    device: DeviceOpt = "auto", features: FeaturesOpt = None, label: LabelOpt = None,
 ) -> None:  # fmt: skip
     """Student answers when confident, the teacher answers the rest; threshold calibrated on dev.
 
@@ -138,7 +138,7 @@ def cascade(
     with handled():
         cfg, p = config(CascadeConfig, params, section or "cascade", set_, policy=policy, seed=seed)
         path = cascade_stage.run(cfg, student, teacher, data, out, data_cfg=data_config(p, features, label),
-                                 policy_file=policy_file, device=device, progress=not quiet)  # fmt: skip
+                                 policy_file=policy_file, device=device)  # fmt: skip
         done(path, "cascade decisions")
 
 

@@ -4,7 +4,6 @@ and turning bad input into one line and exit code 2."""
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -71,7 +70,3 @@ def handled() -> Iterator[None]:
 
 def done(path: Path, what: str) -> None:
     err.print(f"[green]wrote[/] {what} -> {path}")
-
-
-def is_tty() -> bool:
-    return sys.stderr.isatty()

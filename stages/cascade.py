@@ -136,7 +136,6 @@ def run(
     data_cfg: DataConfig,
     policy_file: Path | None = None,
     device: str = "auto",
-    progress: bool = True,
 ) -> Path:
     if cfg.policy not in POLICIES:
         raise DistilError(f"unknown policy '{cfg.policy}'; choose one of {', '.join(POLICIES)}")

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -171,7 +170,3 @@ def fit(
     write_json(done_dir / "summary.json", summary)
     shutil.rmtree(ckpt_dir)
     return summary
-
-
-def probs_np(logits: torch.Tensor) -> np.ndarray:
-    return softmax(logits.numpy().astype(np.float64))

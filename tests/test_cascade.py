@@ -34,7 +34,7 @@ def test_calibrate_defers_everything_when_the_target_is_out_of_reach():
 def test_cascade_cli_calibrates_then_reuses_the_policy(cli, tiny_run, tmp_path):
     t = tiny_run["teacher"]
     cli.ok("distill", "--method", "kd", "--data", tiny_run["selected"], "--out", tmp_path / "s", "-q")
-    cli.ok("cascade", "--student", tmp_path / "s", "--teacher", t, "--data", tiny_run["tdata"], "--out", tmp_path / "c", "-q",
+    cli.ok("cascade", "--student", tmp_path / "s", "--teacher", t, "--data", tiny_run["tdata"], "--out", tmp_path / "c",
            "--set", "target_accuracy=0.0")  # fmt: skip
     policy = json.loads((tmp_path / "c" / "policy.json").read_text())
     decisions = pq.read_table(tmp_path / "c" / "decisions")
@@ -42,7 +42,7 @@ def test_cascade_cli_calibrates_then_reuses_the_policy(cli, tiny_run, tmp_path):
     assert set(decisions.column("route").to_pylist()) == {"student"}
     assert policy["dev"]["teacher_rate"] == 0.0
 
-    cli.ok("cascade", "--student", tmp_path / "s", "--teacher", t, "--data", tiny_run["tdata"], "--out", tmp_path / "c2", "-q",
+    cli.ok("cascade", "--student", tmp_path / "s", "--teacher", t, "--data", tiny_run["tdata"], "--out", tmp_path / "c2",
            "--set", "target_accuracy=1.01")  # fmt: skip
     decisions = pq.read_table(tmp_path / "c2" / "decisions")
     metrics = json.loads((tmp_path / "c2" / "metrics.json").read_text())
@@ -51,7 +51,7 @@ def test_cascade_cli_calibrates_then_reuses_the_policy(cli, tiny_run, tmp_path):
     assert metrics["cost_vs_teacher_flops"] > 1.0  # the student ran too, for nothing
 
     # reuse the first policy on a new run: same routing without calibration
-    cli.ok("cascade", "--student", tmp_path / "s", "--teacher", t, "--data", tiny_run["tdata"], "--out", tmp_path / "c3", "-q",
+    cli.ok("cascade", "--student", tmp_path / "s", "--teacher", t, "--data", tiny_run["tdata"], "--out", tmp_path / "c3",
            "--policy-file", tmp_path / "c" / "policy.json")  # fmt: skip
     assert set(pq.read_table(tmp_path / "c3" / "decisions").column("route").to_pylist()) == {"student"}
     cli.fails("cascade", "--student", tmp_path / "s", "--teacher", t, "--data", tiny_run["tdata"], "--out", tmp_path / "c4",
@@ -60,7 +60,7 @@ def test_cascade_cli_calibrates_then_reuses_the_policy(cli, tiny_run, tmp_path):
 
 def test_views_policy_routes_by_agreement(cli, tiny_run, tmp_path):
     cli.ok("cascade", "--student", tiny_run["teacher"], "--teacher", tiny_run["teacher"], "--data", tiny_run["tdata"],
-           "--out", tmp_path / "v", "--policy", "views", "--set", "views=4", "-q")  # fmt: skip
+           "--out", tmp_path / "v", "--policy", "views", "--set", "views=4")  # fmt: skip
     decisions = pq.read_table(tmp_path / "v" / "decisions")
     conf = np.asarray(decisions.column("confidence"))
     assert set(np.round(conf * 4).astype(int)) <= {1, 2, 3, 4}  # agreement is a share of 4 views

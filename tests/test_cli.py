@@ -42,7 +42,7 @@ def test_chain_of_all_five_commands(cli, tmp_path):
     cli.ok("generate-teacher-data", "--teacher", d["teacher"], "--data", "digits", "--out", d["tdata"], "-q")
     cli.ok("select", d["tdata"], "--by", "confident", "--out", d["sel"], "-q")
     cli.ok("distill", "--method", "jsd", "--data", d["sel"], "--out", d["student"], "--set", "beta=0.3", "--seed", "3", "-q")
-    cli.ok("cascade", "--student", d["student"], "--teacher", d["teacher"], "--data", d["tdata"], "--out", d["casc"], "-q")
+    cli.ok("cascade", "--student", d["student"], "--teacher", d["teacher"], "--data", d["tdata"], "--out", d["casc"])
     result = cli.ok(
         "evaluate",
         "--model",
