@@ -101,3 +101,35 @@ def test_multi_round_method_resumes_finished_rounds_and_the_open_one(tiny_run, t
         a, b = load_tensors(tmp_path / "s" / rel), load_tensors(tmp_path / "ref" / rel)
         for k in a:
             assert (a[k] - b[k]).abs().max() < 1e-6, (rel, k)
+
+
+def test_a_really_killed_cli_run_resumes(tiny_run, tmp_path):
+    """SIGKILL a `distil distill` process mid-training, rerun it: it resumes and completes."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import write_params
+
+    params = write_params(tmp_path)
+    out = tmp_path / "s"
+    cmd = [sys.executable, "-m", "distilcli", "distill", "--method", "kd", "--data", str(tiny_run["selected"]),
+           "--out", str(out), "--params", str(params), "--set", "epochs=400", "-q"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out.with_name("s.partial") / "checkpoint" / "main" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (state.exists() and json.loads(state.read_text() or "{}")):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and state.exists()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    history = json.loads((out / "training.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == list(range(1, 401))
+    assert not out.with_name("s.partial").exists()
