@@ -1,0 +1,137 @@
+"""Procedural reasoning tasks from reasoning-gym (a PyPI package: generators and their own
+answer scorers, nothing downloaded), and user prompt tables.
+
+A task owns its prompt format, answer extraction and scoring. Items are fixed by seed:
+split s of task t is ``reasoning_gym.create_dataset(t, size=n_s, seed=seed * 3 + s)``,
+and train items whose question also appears in dev or test are dropped, so no test
+question is ever trained on.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from stages.artifacts import read_any_table
+from stages.errors import DistilError
+
+TASKS = ("basic_arithmetic", "chain_sum", "number_sorting", "gsm_symbolic")
+SPLITS = ("train", "dev", "test")
+
+PROMPTS = pa.schema(
+    [
+        pa.field("id", pa.int64(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("answer", pa.string()),
+        pa.field("item", pa.int64()),
+    ]
+)
+"""Prompts for a language model: the gold ``answer`` may be null (unlabelled prompts);
+``item`` indexes the task's generator (-1 for user data) so its scorer can be rerun."""
+
+
+def prompt_for(question: str) -> str:
+    return f"Question: {question.strip()}\nAnswer:"
+
+
+def extract_answer(completion: str) -> tuple[str | None, str]:
+    """The answer is the first non-empty line of the completion, without a trailing period
+    or an "Answer:" echo. Returns (answer, reason); answer is None when nothing is there."""
+    for line in completion.splitlines():
+        line = re.sub(r"^\s*(answer\s*:)?\s*", "", line, flags=re.IGNORECASE).strip().rstrip(".").strip()
+        if line:
+            return line, "ok"
+    return None, "empty completion"
+
+
+@lru_cache(maxsize=32)
+def _dataset(task: str, size: int, seed: int):
+    import reasoning_gym
+
+    return reasoning_gym.create_dataset(task, size=size, seed=seed)
+
+
+@dataclass(frozen=True)
+class ReasoningTask:
+    name: str
+    sizes: tuple[int, int, int] = (2000, 200, 200)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.name not in TASKS:
+            raise DistilError(f"unknown reasoning task '{self.name}'; choose one of {', '.join(TASKS)}")
+
+    def _split_dataset(self, split: str):
+        s = SPLITS.index(split)
+        return _dataset(self.name, self.sizes[s], self.seed * 3 + s)
+
+    def table(self) -> pa.Table:
+        held_out = {str(x["question"]) for split in ("dev", "test") for x in self._split_dataset(split)}
+        rows: dict[str, list[Any]] = {k: [] for k in PROMPTS.names}
+        for split in SPLITS:
+            for i, x in enumerate(self._split_dataset(split)):
+                if split == "train" and str(x["question"]) in held_out:
+                    continue
+                rows["id"].append(len(rows["id"]))
+                rows["split"].append(split)
+                rows["task"].append(self.name)
+                rows["prompt"].append(prompt_for(str(x["question"])))
+                rows["answer"].append(str(x["answer"]))
+                rows["item"].append(i)
+        return pa.table(rows, schema=PROMPTS)
+
+    def score(self, answer: str | None, split: str, item: int) -> float:
+        """The package's own scorer (1.0 correct, partial credit where it gives any)."""
+        if answer is None:
+            return 0.0
+        ds = self._split_dataset(split)
+        return float(ds.score_answer(answer=answer, entry=ds[item]))
+
+
+def normalise(answer: str) -> str:
+    return re.sub(r"\s+", " ", answer.strip().rstrip(".")).lower()
+
+
+def load_prompt_table(path: Path, prompt_column: str = "prompt", answer_column: str = "answer") -> pa.Table:
+    """A user prompt table (JSONL, Parquet or CSV) as ``PROMPTS``; answers are optional.
+    Without a split column every row is a test row."""
+    path = Path(path)
+    if path.suffix.lower() in (".jsonl", ".json"):
+        import pyarrow.json as pajson
+
+        try:
+            raw = pajson.read_json(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DistilError(
+                f"cannot read {path} as JSON lines ({str(exc).splitlines()[0][:120]}); one JSON object per line"
+            ) from None
+    else:
+        raw = read_any_table(path)
+    if prompt_column not in raw.schema.names:
+        raise DistilError(f"{path} has no prompt column '{prompt_column}' (columns: {', '.join(raw.schema.names)})")
+    if raw.num_rows == 0:
+        raise DistilError(f"{path} is empty; pass at least one prompt")
+    prompts = [str(p) for p in raw.column(prompt_column).to_pylist()]
+    if any(not p.strip() for p in prompts):
+        raise DistilError(f"{path}: {sum(not p.strip() for p in prompts)} prompt(s) are empty; drop them")
+    answers = (
+        [None if a is None else str(a) for a in raw.column(answer_column).to_pylist()]
+        if answer_column in raw.schema.names
+        else [None] * len(prompts)
+    )
+    splits = [str(s) for s in raw.column("split").to_pylist()] if "split" in raw.schema.names else ["test"] * len(prompts)
+    bad = sorted(set(splits) - set(SPLITS))
+    if bad:
+        raise DistilError(f"{path}: split column holds {bad}; allowed values are train, dev, test")
+    n = len(prompts)
+    return pa.table(
+        {"id": list(range(n)), "split": splits, "task": [path.stem] * n, "prompt": prompts, "answer": answers, "item": [-1] * n},
+        schema=PROMPTS,
+    )

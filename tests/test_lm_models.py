@@ -1,0 +1,56 @@
+"""Tiny language models built from a config load back in plain transformers, offline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from stages.errors import DistilError
+from stages.models.lm import LMSize, build_lm, check_same_tokenizer, load_lm, train_tokenizer
+from stages.tasks.reasoning import ReasoningTask
+
+TEXTS = [r["prompt"] + " " + r["answer"] for r in ReasoningTask("basic_arithmetic", sizes=(200, 10, 10)).table().to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return train_tokenizer(TEXTS, vocab_size=400, out=tmp_path_factory.mktemp("tok"))
+
+
+def test_tokenizer_round_trips_task_text(tokenizer):
+    text = TEXTS[0]
+    ids = tokenizer(text)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert len(ids) < len(text)  # merges learned from the task text compress it
+    assert tokenizer.pad_token and tokenizer.eos_token and len(tokenizer) <= 400
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
+def test_built_models_save_and_load_in_plain_transformers(tokenizer, tmp_path, family):
+    model = build_lm(family, LMSize(hidden=32, layers=1, heads=2, context=64), tokenizer)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert list(tmp_path.glob("*.safetensors"))
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    ids = torch.tensor([tok("Question: 1 + 1")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(ids).logits, again.eval()(ids).logits, atol=1e-6)
+    loaded, tok2 = load_lm(tmp_path)
+    assert loaded.config.vocab_size == len(tok2)
+
+
+def test_load_lm_errors_are_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DistilError, match="no model weights"):
+        load_lm(tmp_path / "empty")
+    with pytest.raises(DistilError, match="neither a directory nor a hub name"):
+        load_lm("not-a-model")
+
+
+def test_tokenizer_mismatch_names_both_vocab_sizes(tokenizer):
+    other = train_tokenizer(TEXTS[:50], vocab_size=320)
+    with pytest.raises(DistilError, match=r"400|3\d\d"):
+        check_same_tokenizer(tokenizer, other, "kd")
+    check_same_tokenizer(tokenizer, tokenizer, "kd")

@@ -1,0 +1,51 @@
+"""Reasoning-gym tasks: fixed items, no test question in train, the package's own scorer."""
+
+from __future__ import annotations
+
+import pytest
+
+from stages.errors import DistilError
+from stages.tasks.reasoning import ReasoningTask, extract_answer, load_prompt_table
+
+
+def test_items_are_fixed_by_seed_and_train_never_sees_held_out_questions():
+    task = ReasoningTask("basic_arithmetic", sizes=(300, 40, 40), seed=0)
+    a, b = task.table(), ReasoningTask("basic_arithmetic", sizes=(300, 40, 40), seed=0).table()
+    assert a.equals(b)
+    assert (
+        a.column("prompt").to_pylist()
+        != ReasoningTask("basic_arithmetic", sizes=(300, 40, 40), seed=1).table().column("prompt").to_pylist()
+    )
+    rows = a.to_pylist()
+    held = {r["prompt"] for r in rows if r["split"] != "train"}
+    train = [r for r in rows if r["split"] == "train"]
+    assert train and not any(r["prompt"] in held for r in train)
+    assert sum(r["split"] == "test" for r in rows) == 40
+    assert rows[0]["prompt"].startswith("Question: ") and rows[0]["prompt"].endswith("\nAnswer:")
+
+
+@pytest.mark.parametrize("name", ["basic_arithmetic", "chain_sum", "number_sorting", "gsm_symbolic"])
+def test_the_gold_answer_scores_one_and_garbage_zero(name):
+    task = ReasoningTask(name, sizes=(5, 5, 5))
+    row = next(r for r in task.table().to_pylist() if r["split"] == "dev")
+    assert task.score(row["answer"], row["split"], row["item"]) == 1.0
+    assert task.score("not an answer", row["split"], row["item"]) == 0.0
+    assert task.score(None, row["split"], row["item"]) == 0.0
+
+
+def test_answer_extraction():
+    assert extract_answer(" 42.\nmore text") == ("42", "ok")
+    assert extract_answer("\n\nAnswer: -7") == ("-7", "ok")
+    assert extract_answer("   \n ") == (None, "empty completion")
+
+
+def test_unknown_task_and_user_tables(tmp_path):
+    with pytest.raises(DistilError, match="unknown reasoning task"):
+        ReasoningTask("chess")
+    jl = tmp_path / "p.jsonl"
+    jl.write_text('{"prompt": "2+2?", "answer": "4"}\n{"prompt": "3+3?"}\n')
+    t = load_prompt_table(jl)
+    assert t.column("answer").to_pylist() == ["4", None] and set(t.column("split").to_pylist()) == {"test"}
+    (tmp_path / "bad.jsonl").write_text('{"question": "x"}\n')
+    with pytest.raises(DistilError, match="no prompt column"):
+        load_prompt_table(tmp_path / "bad.jsonl")
