@@ -34,6 +34,7 @@ from stages import evaluate as evaluate_stage
 from stages import generate_teacher_data as gtd_stage
 from stages import select as select_stage
 from stages.config import CascadeConfig, DistillConfig, EvaluateConfig, GenerateTeacherDataConfig, SelectConfig
+from stages.distill_lm import LM_METHODS
 from stages.methods import METHODS
 from stages.selectors import SELECTORS
 
@@ -161,7 +162,13 @@ def evaluate(
         done(path, "evaluation")
 
 
-distill.__doc__ = (distill.__doc__ or "") + "\n\nMethods:\n\n" + _list({k: m.help for k, m in METHODS.items()})
+distill.__doc__ = (
+    (distill.__doc__ or "")
+    + "\n\nClassifier methods (digits, user tables, teacher data):\n\n"
+    + _list({k: m.help for k, m in METHODS.items()})
+    + "\n\nLanguage-model methods (reasoning tasks such as `basic_arithmetic`, prompt tables):\n\n"
+    + _list(LM_METHODS)
+)
 cascade.__doc__ = (cascade.__doc__ or "") + "\n\nPolicies:\n\n" + _list(cascade_stage.POLICIES)
 
 # The command list: one place to see every subcommand.

@@ -153,7 +153,14 @@ def _json_default(obj: Any) -> Any:
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    seen: set[int] = set()
+    flat = {}
+    for k, v in tensors.items():  # tied weights (embeddings / LM head) share storage: store a copy
+        v = v.detach().contiguous().cpu()
+        ptr = v.untyped_storage().data_ptr() if v.numel() else -1
+        flat[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    save_file(flat, str(tmp), metadata=metadata)
     _fsync_replace(tmp, path)
 
 

@@ -38,6 +38,9 @@ class DataConfig:
     dev_frac: float = _f(0.15, "share of rows in the dev split")
     test_frac: float = _f(0.2, "share of rows in the test split")
     limit: int = _f(0, "keep at most this many rows per split (0 = all); for quick runs and tests")
+    sizes: list[int] = _f([2000, 200, 200], "reasoning tasks: items in the train, dev and test splits")
+    prompt_column: str = _f("prompt", "LM prompt tables: the prompt column")
+    answer_column: str = _f("answer", "LM prompt tables: the gold answer column (optional in the table)")
     long_tail: float = _f(
         0.0, "imbalance ratio of an exponential long-tailed profile applied to the train split (0 = off; e.g. 50)"
     )
@@ -55,9 +58,27 @@ class ModelConfig:
 
 
 @dataclass
+class LMConfig:
+    """A language-model student or teacher (used when the data is a reasoning task or a prompt table)."""
+
+    family: str = _f("llama", "gpt2, llama or qwen2 (built from this config unless `init` is set)")
+    hidden: int = _f(64, "hidden size")
+    layers: int = _f(2, "transformer layers")
+    heads: int = _f(4, "attention heads")
+    kv_heads: int = _f(0, "key/value heads (0 = heads)")
+    intermediate: int = _f(0, "MLP width (0 = 4 x hidden)")
+    context: int = _f(128, "maximum sequence length in tokens (prompt + completion)")
+    vocab_size: int = _f(512, "BPE vocabulary trained on the task text when building from a config")
+    init: str = _f("", "start from this model directory or hub name instead of a config")
+    precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
+
+
+@dataclass
 class DistillConfig:
     method: str = _f("kd", "training method: see `distil distill --help`")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "student architecture"})
+    lm: LMConfig = field(default_factory=LMConfig, metadata={"help": "language-model student (reasoning tasks, prompt tables)"})
+    grad_accum: int = _f(1, "LM: micro-batches per optimiser step")
     epochs: int = _f(30, "training epochs")
     batch_size: int = _f(64, "rows per optimiser step")
     lr: float = _f(3e-3, "AdamW learning rate")
@@ -123,6 +144,7 @@ class EvaluateConfig:
     many_shot: int = _f(50, "classes with more train rows than this are 'many-shot'")
     few_shot: int = _f(15, "classes with fewer train rows than this are 'few-shot' (the rest 'medium')")
     split: str = _f("test", "split to evaluate on")
+    max_new_tokens: int = _f(16, "LMs: greedy completion length when scoring answers")
     batch_size: int = _f(512, "rows per forward pass")
     seed: int = _f(0, "seed")
 

@@ -22,12 +22,13 @@ import torch
 
 from stages.artifacts import Output, fingerprint, list_column_to_numpy, write_json, write_manifest
 from stages.config import DataConfig, DistillConfig, to_dict
+from stages.distill_lm import run_lm
 from stages.errors import DistilError
 from stages.methods import METHODS
 from stages.models import resolve_device
 from stages.models.classifiers import Classifier, check_compatible, identity, load_classifier, param_count, save_classifier
 from stages.progress import progress_bar
-from stages.tasks import Examples, load_examples, source_identity
+from stages.tasks import Examples, is_prompt_source, load_examples, source_identity
 from stages.tasks.augment import STRENGTHS
 from stages.tasks.splits import stratified_split
 from stages.training import Context
@@ -93,6 +94,8 @@ def run(
     teacher is patient and consistent", CVPR 2022, section 3). Without them, the stored
     ``logits`` column of the data is the teacher.
     """
+    if is_prompt_source(data, data_cfg):
+        return run_lm(cfg, data, out, data_cfg=data_cfg, teachers=teachers, device=device, progress=progress)
     if cfg.method not in METHODS:
         raise DistilError(f"unknown method '{cfg.method}'; choose one of {', '.join(METHODS)}")
     method = METHODS[cfg.method]

@@ -35,10 +35,11 @@ from stages.artifacts import (
 )
 from stages.config import DataConfig, EvaluateConfig, to_dict
 from stages.errors import DistilError
+from stages.evaluate_lm import lm_metrics
 from stages.metrics import classification_report, expert_metrics, reliability, shot_accuracy, softmax
 from stages.models import resolve_device
 from stages.models.classifiers import check_compatible, identity, load_classifier, param_count
-from stages.tasks import load_examples, source_identity
+from stages.tasks import is_prompt_source, load_examples, load_prompts, source_identity
 
 
 def _time_per_row(model, table, batch_size: int, device, repeats: int = 5) -> float:
@@ -138,6 +139,13 @@ def summary_table(results: dict[str, dict[str, Any]]) -> Table:
     return table
 
 
+def _write_summary(work: Path, results: dict[str, dict[str, Any]], console: Console | None) -> None:
+    rendered = Console(record=True, width=100, file=io.StringIO())
+    rendered.print(summary_table(results))
+    (work / "summary.txt").write_text(rendered.export_text())
+    (console or Console()).print(summary_table(results))
+
+
 def run(
     cfg: EvaluateConfig,
     models: list[Path],
@@ -151,6 +159,8 @@ def run(
 ) -> Path:
     if not models and not cascades:
         raise DistilError("nothing to evaluate: pass at least one --model or --cascade")
+    if is_prompt_source(data, data_cfg):
+        return _run_lm(cfg, models, data, out, data_cfg=data_cfg, device=device, console=console)
     names = [Path(p).name for p in [*models, *cascades]]
     if len(set(names)) != len(names):
         raise DistilError(f"model names must be unique (directory names {names}); rename the directories")
@@ -178,12 +188,27 @@ def run(
         for p in cascades:
             results[Path(p).name] = _cascade_metrics(Path(p), cfg.split)
         write_json(work / "metrics.json", results)
-        console = console or Console()
-        rendered = Console(record=True, width=100, file=io.StringIO())
-        rendered.print(summary_table(results))
-        (work / "summary.txt").write_text(rendered.export_text())
-        console.print(summary_table(results))
+        _write_summary(work, results, console)
         write_manifest(
             work, kind="evaluation", params=params, inputs=inputs, extra={"task": ex.meta()["task"], "metrics": results}
+        )
+        return output.commit()
+
+
+def _run_lm(cfg: EvaluateConfig, models: list[Path], data, out: Path, *, data_cfg: DataConfig, device: str, console) -> Path:
+    dev_ = resolve_device(device)
+    table, task = load_prompts(data, data_cfg)
+    rows = [r for r in table.to_pylist() if r["split"] == cfg.split]
+    if not rows:
+        raise DistilError(f"{data} has no prompts in split '{cfg.split}'; set evaluate.split")
+    params = {"evaluate": to_dict(cfg), "data": to_dict(data_cfg)}
+    inputs = {"data": str(data), **{str(p): artifact_hash(Path(p)) for p in models}}
+    output = Output(out, fingerprint("evaluate", params, inputs))
+    with output as work:
+        results = {Path(p).name: lm_metrics(Path(p), rows, task, cfg, dev_) for p in models}
+        write_json(work / "metrics.json", results)
+        _write_summary(work, results, console)
+        write_manifest(
+            work, kind="evaluation", params=params, inputs=inputs, extra={"task": {"name": str(data)}, "metrics": results}
         )
         return output.commit()

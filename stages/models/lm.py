@@ -90,7 +90,9 @@ def build_lm(family: str, size: LMSize, tokenizer, seed: int = 0):
 def load_lm(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """(model, tokenizer) from a local directory or, for online users, a hub name."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress bars, not one per weight file
     path = Path(name_or_path)
     if path.exists():
         if not path.is_dir() or not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):

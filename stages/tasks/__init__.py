@@ -107,3 +107,40 @@ def source_identity(source: str | Path) -> str:
     if str(source) in BUILTIN and not Path(source).exists():
         return f"builtin:{source}"
     return artifact_hash(Path(source))
+
+
+def is_prompt_source(source: str | Path, data: DataConfig) -> bool:
+    """Language-model data: a reasoning task name, JSON lines, or a table with a prompt column."""
+    from stages.tasks.reasoning import TASKS
+
+    if str(source) in TASKS:
+        return True
+    path = Path(source)
+    if path.suffix.lower() in (".jsonl", ".json"):
+        return True
+    if path.is_file() and path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return data.prompt_column in pq.read_schema(path).names
+        except (pa.ArrowInvalid, OSError):
+            return False
+    if path.is_file() and path.suffix.lower() == ".csv":
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return data.prompt_column in fh.readline().strip().split(",")
+    return False
+
+
+def load_prompts(source: str | Path, data: DataConfig):
+    """(PROMPTS table, the ReasoningTask or None for user data)."""
+    from stages.tasks.reasoning import TASKS, ReasoningTask, load_prompt_table
+
+    if str(source) in TASKS:
+        if len(data.sizes) != 3 or min(data.sizes) < 1:
+            raise DistilError(f"data.sizes must be three positive split sizes (train, dev, test), got {data.sizes}")
+        task = ReasoningTask(str(source), tuple(data.sizes), data.split_seed)
+        table = task.table()
+    else:
+        task = None
+        table = load_prompt_table(Path(source), data.prompt_column, data.answer_column)
+    return _limit(table, data.limit), task

@@ -1,0 +1,160 @@
+"""Language-model training shared by the LM methods: sequence encoding with the prompt
+masked out of the loss, padding, and an epoch loop through accelerate (device placement,
+bf16 mixed precision on GPU, gradient accumulation) with best/last checkpoint selection
+on dev loss and per-epoch resumable checkpoints (safetensors + JSON, never pickle).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.artifacts import load_state, load_tensors, save_state, save_tensors
+from stages.config import DistillConfig
+from stages.errors import DistilError
+
+IGNORE = -100
+
+
+def encode(tokenizer, prompt: str, completion: str, max_len: int) -> tuple[list[int], list[int]]:
+    """(input ids, labels) for prompt + " " + completion + eos; labels are IGNORE on the
+    prompt, so the loss counts only the completion. Raises if the prompt cannot fit."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c = tokenizer(" " + completion.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(p) + 1 >= max_len:
+        raise DistilError(
+            f"a prompt is {len(p)} tokens, longer than the context of {max_len}; raise lm.context or shorten the prompts"
+        )
+    c = c[: max_len - len(p)]
+    return p + c, [IGNORE] * len(p) + c
+
+
+def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over completion tokens (logits[t] predicts labels[t+1])."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE
+    )
+
+
+def fit_lm(
+    model,
+    train: list[tuple[list[int], list[int]]],
+    dev: list[tuple[list[int], list[int]]],
+    cfg: DistillConfig,
+    work: Path,
+    *,
+    pad_id: int,
+    device: torch.device,
+    loss_fn: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    bar=None,
+    live=None,
+) -> dict[str, Any]:
+    """Train ``model`` in place (ending with its selected weights); return a summary."""
+    from accelerate import Accelerator
+
+    precision = cfg.lm.precision
+    if precision not in ("auto", "fp32", "bf16"):
+        raise DistilError(f"lm.precision must be auto, fp32 or bf16, got '{precision}'")
+    mixed = "bf16" if (precision == "bf16" or (precision == "auto" and device.type == "cuda")) else "no"
+    acc = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed, gradient_accumulation_steps=cfg.grad_accum)
+    loss_fn = loss_fn or (
+        lambda m, b: token_ce(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * -(-len(train) // (cfg.batch_size * cfg.grad_accum))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * max(0.0, 1 - s / max(steps, 1))
+    )
+    model, opt = acc.prepare(model, opt)
+    progress = {"epoch": 0, "best_loss": float("inf"), "best_epoch": -1, "history": [], "seconds": 0.0}
+    ckpt = work / "checkpoint"
+    if (ckpt / "state.json").exists():
+        saved = load_state(ckpt / "state")
+        acc.unwrap_model(model).load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        progress = saved["progress"]
+        torch.set_rng_state(saved["rng"])
+    ckpt.mkdir(parents=True, exist_ok=True)
+    task = bar.add_task(f"{cfg.method} (lm)", total=cfg.epochs, completed=progress["epoch"], info="") if bar else None
+    for epoch in range(progress["epoch"], cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)).tolist()
+        total, count = 0.0, 0
+        for i in range(0, len(order), cfg.batch_size):
+            batch = {k: v.to(acc.device) for k, v in collate([train[j] for j in order[i : i + cfg.batch_size]], pad_id).items()}
+            with acc.accumulate(model):
+                loss = loss_fn(model, batch)
+                acc.backward(loss)
+                opt.step()
+                if acc.sync_gradients:
+                    sched.step()
+                opt.zero_grad(set_to_none=True)
+            total += float(loss.detach())
+            count += 1
+        dev_loss = evaluate_loss(model, dev, cfg.batch_size, pad_id, acc.device)
+        progress["seconds"] += time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "train_loss": total / max(count, 1), "dev_loss": dev_loss}
+        progress["history"].append(row)
+        if live is not None:
+            live.log_metric("train_loss", row["train_loss"])
+            live.log_metric("dev_loss", dev_loss)
+            live.next_step()
+        if cfg.checkpoint == "last" or dev_loss < progress["best_loss"]:
+            progress.update(best_loss=dev_loss, best_epoch=epoch + 1)
+            save_tensors(ckpt / "best.safetensors", acc.unwrap_model(model).state_dict())
+        progress["epoch"] = epoch + 1
+        save_state(ckpt / "state", {
+            "model": acc.unwrap_model(model).state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "progress": progress, "rng": torch.get_rng_state(),
+        })  # fmt: skip
+        if task is not None:
+            bar.update(task, advance=1, info=f"loss {row['train_loss']:.3f}  dev loss {dev_loss:.3f}")
+    model = acc.unwrap_model(model)
+    model.load_state_dict(load_tensors(ckpt / "best.safetensors"), strict=False)
+    return {"best_epoch": progress["best_epoch"], "dev_loss": progress["best_loss"], "train_seconds": progress["seconds"],
+            "history": progress["history"]}  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate_loss(model, rows, batch_size: int, pad_id: int, device) -> float:
+    model.eval()
+    total, tokens = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        b = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        n = int((b["labels"][:, 1:] != IGNORE).sum())
+        total += float(token_ce(logits, b["labels"])) * n
+        tokens += n
+    return total / max(tokens, 1)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int, device) -> list[str]:
+    """Greedy completions (left-padded batches, KV cache), decoded without the prompt."""
+    model.eval()
+    tokenizer.padding_side = "left"
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+        out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return out
