@@ -73,6 +73,30 @@ CASCADE_DECISIONS = pa.schema(
 )
 """One row per query routed by a cascade."""
 
+LM_TEACHER_DATA = pa.schema(
+    [
+        pa.field("id", pa.int64(), nullable=False),
+        pa.field("prompt_id", pa.int64(), nullable=False),
+        pa.field("sample", pa.int32(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("item", pa.int64()),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("gold", pa.string()),
+        pa.field("completion", pa.string(), nullable=False),
+        pa.field("answer", pa.string()),
+        pa.field("parse", pa.string(), nullable=False),
+        pa.field("score", pa.float32()),
+        pa.field("seq_logprob", pa.float32(), nullable=False),
+        pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("topk_logprobs", pa.list_(pa.float16()), nullable=False),
+    ]
+)
+"""LM teacher samples: per generated token the top-k teacher token ids and log-probs,
+flattened row-major (``len(token_ids) * k`` values; k is in the manifest), never full
+vocabularies. ``answer`` is null when none could be parsed, with ``parse`` saying why."""
+
 DECISIONS = "decisions"
 """A cascade's output keeps its decisions table in this subdirectory, beside its JSON and
 CSV files, so plain Parquet readers open ``<cascade>/decisions`` directly."""

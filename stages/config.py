@@ -114,6 +114,12 @@ class GenerateTeacherDataConfig:
     batch_size: int = _f(256, "rows per teacher forward pass")
     shard_rows: int = _f(512, "rows per Parquet part; a killed run resumes at the last complete part")
     splits: list[str] = _f(["train", "dev", "test"], "splits to run the teacher on")
+    samples: int = _f(1, "LMs: completions sampled per prompt")
+    temperature: float = _f(1.0, "LMs: sampling temperature (0 = greedy)")
+    top_p: float = _f(1.0, "LMs: nucleus sampling mass")
+    max_new_tokens: int = _f(16, "LMs: completion length limit")
+    top_k: int = _f(20, "LMs: teacher log-probs stored per generated token (0 = none)")
+    shard_prompts: int = _f(64, "LMs: prompts per Parquet part; a killed run resumes at the last complete part")
     seed: int = _f(0, "seed")
 
 

@@ -1,8 +1,11 @@
 """`distil distill` for language models: the data is a reasoning task or a prompt table.
 
-``LM_METHODS`` lists what the LM track trains today: ``sft``, next-token cross-entropy
-on the completion (gold answers, or later selected teacher completions), which also
-trains an LM teacher from scratch. The student is written with ``save_pretrained`` with
+``LM_METHODS`` lists what the LM track trains: ``sft``, next-token cross-entropy on the
+completion (gold answers, which also trains an LM teacher from scratch, or teacher
+completions), and the token-level divergences of section 1 against the top-k teacher
+log-probs stored by ``generate-teacher-data`` (FIRST's "concentrated knowledge"): the
+sparse path of ``stages.losses`` reads k ids and log-probs per token plus one "other"
+bucket, never a full-vocabulary distribution. The student is written with ``save_pretrained`` with
 its tokenizer and loads in plain transformers.
 """
 
@@ -11,18 +14,44 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import torch
 
-from stages.artifacts import Output, fingerprint, write_json, write_manifest
+from stages.artifacts import Output, fingerprint, read_manifest, write_json, write_manifest
 from stages.config import DataConfig, DistillConfig, to_dict
 from stages.errors import DistilError
-from stages.lm_training import encode, fit_lm
+from stages.lm_training import IGNORE, encode, encode_tokens, fit_lm, token_ce
+from stages.losses import DIVERGENCES
 from stages.models import resolve_device
-from stages.models.lm import LMSize, build_lm, load_lm, train_tokenizer
+from stages.models.lm import LMSize, build_lm, check_same_tokenizer, load_lm, train_tokenizer
 from stages.progress import progress_bar
 from stages.tasks import load_prompts, source_identity
 
-LM_METHODS = {"sft": "next-token cross-entropy on completions (gold answers or selected teacher completions)"}
+LM_METHODS = {
+    "sft": "next-token cross-entropy on completions (gold answers, or teacher completions from teacher data)",
+    "kd": "token-level T^2 KL(p_t || p_s) against the stored top-k teacher log-probs, mixed with CE",
+    "reverse-kl": "token-level reverse KL against the stored top-k teacher log-probs",
+    "jsd": "token-level generalised JSD (beta) against the stored top-k teacher log-probs",
+    "skew-kl": "token-level skew KL (DistiLLM) against the stored top-k teacher log-probs",
+    "tvd": "token-level total variation against the stored top-k teacher log-probs",
+}
+
+
+def _target(row: dict) -> str:
+    """What sft learns to produce: a teacher's completion, else the gold answer."""
+    return row["completion"] if "completion" in row else row["answer"]
+
+
+def load_lm_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return None, AutoTokenizer.from_pretrained(path)
+    except OSError:
+        raise DistilError(
+            f"the teacher data names teacher {path}, whose tokenizer cannot be loaded; keep the teacher directory"
+        ) from None
 
 
 def run_lm(
@@ -38,30 +67,72 @@ def run_lm(
     if cfg.method not in LM_METHODS:
         raise DistilError(f"method '{cfg.method}' is not available for language models yet; LM methods: {', '.join(LM_METHODS)}")
     if teachers:
-        raise DistilError("sft learns from completions in the data, not from a live teacher; drop --teacher")
+        raise DistilError("LM methods learn from teacher data on disk, not from a live --teacher; drop --teacher")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.grad_accum < 1:
         raise DistilError("epochs, batch_size, grad_accum and lr must be positive")
     dev_ = resolve_device(device)
-    table, _ = load_prompts(data, data_cfg)
-    rows = [r for r in table.to_pylist() if r["answer"] is not None and str(r["answer"]).strip()]
+    manifest = read_manifest(Path(data)) if Path(data).is_dir() else {}
+    teacher_data = manifest.get("kind") == "lm_teacher_data"
+    token_level = cfg.method != "sft"
+    if token_level and not teacher_data:
+        raise DistilError(
+            f"method '{cfg.method}' needs LM teacher data with top-k log-probs; run `distil generate-teacher-data` first"
+        )
+    if teacher_data:
+        rows = pq.read_table(Path(data)).to_pylist()
+        if token_level and not manifest.get("top_k"):
+            raise DistilError(f"{data} stores no top-k log-probs (top_k = 0); regenerate it with generate_teacher_data.top_k > 0")
+        rows = [r for r in rows if r["completion"].strip() or r["token_ids"]]
+    else:
+        table, _ = load_prompts(data, data_cfg)
+        rows = [r for r in table.to_pylist() if r["answer"] is not None and str(r["answer"]).strip()]
     train = [r for r in rows if r["split"] == "train"]
     dev = [r for r in rows if r["split"] == "dev"]
     if not train or not dev:
-        raise DistilError(f"{data} needs answered prompts in both the train and dev splits for sft")
+        raise DistilError(f"{data} needs answered prompts in both the train and dev splits for {cfg.method}")
     lm = cfg.lm
+    teacher_tok = None
+    if teacher_data and token_level:
+        _, teacher_tok = load_lm_tokenizer(manifest["model"]["path"])
     if lm.init:
         model, tokenizer = load_lm(lm.init, dev_)
     else:
-        tokenizer = train_tokenizer((r["prompt"] + " " + r["answer"] for r in train), lm.vocab_size)
+        tokenizer = teacher_tok or train_tokenizer((r["prompt"] + " " + _target(r) for r in train), lm.vocab_size)
         size = LMSize(lm.hidden, lm.layers, lm.heads, lm.kv_heads, lm.intermediate, lm.context)
         model = build_lm(lm.family, size, tokenizer, seed=cfg.seed).to(dev_)
+    if teacher_tok is not None:
+        check_same_tokenizer(teacher_tok, tokenizer, cfg.method)
     max_len = min(
         lm.context, getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", lm.context)
     )
-    pairs = {
-        name: [encode(tokenizer, r["prompt"], r["answer"], max_len) for r in split]
-        for name, split in (("train", train), ("dev", dev))
-    }
+    k = manifest.get("top_k", 0)
+
+    def rows_for(split):
+        if not token_level:
+            return [encode(tokenizer, r["prompt"], _target(r), max_len) for r in split]
+        out = []
+        for r in split:
+            ids, labels = encode_tokens(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"], r["token_ids"], max_len)
+            n = len(r["token_ids"])
+            out.append(
+                (ids, labels, np.asarray(r["topk_ids"]).reshape(n, k), np.asarray(r["topk_logprobs"], np.float32).reshape(n, k))
+            )
+        return out
+
+    pairs = {"train": rows_for(train), "dev": rows_for(dev)}
+    loss_fn = None
+    if token_level:
+        divergence = DIVERGENCES[cfg.method]
+        hyper = {"temperature": cfg.temperature}
+        hyper.update({"jsd": {"beta": cfg.beta}, "skew-kl": {"skew": cfg.skew, "reverse": cfg.reverse_skew}}.get(cfg.method, {}))
+
+        def loss_fn(m, b):
+            logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            mask = b["labels"][:, 1:] != IGNORE  # logits[t] predicts token t + 1; the teacher's top-k sits at t
+            distil = divergence(logits[:, :-1], (b["t_ids"][:, :-1], b["t_logprobs"][:, :-1]), mask=mask, **hyper)
+            if cfg.alpha >= 1:
+                return distil
+            return cfg.alpha * distil + (1 - cfg.alpha) * token_ce(logits, b["labels"])
 
     params = {"distill": to_dict(cfg), "data": to_dict(data_cfg)}
     inputs = {"data": source_identity(data) if Path(data).exists() else f"task:{data}"}

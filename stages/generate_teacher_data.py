@@ -19,10 +19,11 @@ import torch
 from stages.artifacts import CLASSIFIER_TEACHER_DATA, Output, TableWriter, fingerprint, list_column_to_numpy, write_manifest
 from stages.config import DataConfig, GenerateTeacherDataConfig, to_dict
 from stages.errors import DistilError
+from stages.generate_teacher_data_lm import run_lm
 from stages.models import resolve_device
 from stages.models.classifiers import check_compatible, identity, load_classifier, predict_logits
 from stages.progress import progress_bar
-from stages.tasks import load_examples, source_identity
+from stages.tasks import is_prompt_source, load_examples, source_identity
 
 
 def run(
@@ -35,6 +36,8 @@ def run(
     device: str = "auto",
     progress: bool = True,
 ) -> Path:
+    if is_prompt_source(data, data_cfg):
+        return run_lm(cfg, teacher, data, out, data_cfg=data_cfg, device=device, progress=progress)
     if cfg.shard_rows < 1 or cfg.batch_size < 1:
         raise DistilError("shard_rows and batch_size must be positive")
     model, config = load_classifier(teacher, resolve_device(device))

@@ -33,16 +33,41 @@ def encode(tokenizer, prompt: str, completion: str, max_len: int) -> tuple[list[
     return p + c, [IGNORE] * len(p) + c
 
 
-def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in rows)
+def encode_tokens(prompt_ids: list[int], completion_ids: list[int], max_len: int) -> tuple[list[int], list[int]]:
+    """``encode`` for a completion already in token ids (teacher samples)."""
+    if len(prompt_ids) + 1 >= max_len:
+        raise DistilError(f"a prompt is {len(prompt_ids)} tokens, longer than the context of {max_len}; raise lm.context")
+    c = completion_ids[: max_len - len(prompt_ids)]
+    return prompt_ids + c, [IGNORE] * len(prompt_ids) + c
+
+
+def collate(rows: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch. Rows of (ids, labels) or (ids, labels, topk_ids, topk_logprobs),
+    the latter [n_completion, k] arrays aligned with the completion tokens: they become
+    ``t_ids`` / ``t_logprobs`` [B, T, k] at the positions that predict each token."""
+    width = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (x, y) in enumerate(rows):
+    sparse = len(rows[0]) == 4
+    if sparse:
+        k = rows[0][2].shape[1]
+        t_ids = torch.zeros((len(rows), width, k), dtype=torch.long)
+        t_lp = torch.full((len(rows), width, k), -1e4, dtype=torch.float32)
+    for i, r in enumerate(rows):
+        x, y = r[0], r[1]
         ids[i, : len(x)] = torch.tensor(x)
         labels[i, : len(y)] = torch.tensor(y)
         mask[i, : len(x)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if sparse:
+            start = next(j for j, v in enumerate(y) if v != IGNORE) - 1  # the position predicting the first completion token
+            n = min(len(r[2]), len(x) - 1 - start)
+            t_ids[i, start : start + n] = torch.as_tensor(r[2][:n], dtype=torch.long)
+            t_lp[i, start : start + n] = torch.as_tensor(r[3][:n], dtype=torch.float32)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if sparse:
+        batch.update(t_ids=t_ids, t_logprobs=t_lp)
+    return batch
 
 
 def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -138,7 +163,7 @@ def evaluate_loss(model, rows, batch_size: int, pad_id: int, device) -> float:
     model.eval()
     total, tokens = 0.0, 0
     for i in range(0, len(rows), batch_size):
-        b = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
+        b = {k: v.to(device) for k, v in collate([r[:2] for r in rows[i : i + batch_size]], pad_id).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         n = int((b["labels"][:, 1:] != IGNORE).sum())
         total += float(token_ce(logits, b["labels"])) * n

@@ -43,7 +43,7 @@ def test_lm_bad_input(cli, tmp_path):
     cli.fails(
         "distill",
         "--method",
-        "kd",
+        "pskd",
         "--data",
         "basic_arithmetic",
         "--out",
@@ -61,3 +61,77 @@ def test_lm_bad_input(cli, tmp_path):
     prompts.write_text('{"prompt": "2+2?", "answer": "4"}\n')
     cli.fails("distill", "--method", "sft", "--data", prompts, "--out", tmp_path / "o", *LM, match="train and dev splits")
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+GEN = ["--set", "data.sizes=[120,20,20]", "--set", "samples=2", "--set", "temperature=1.0", "--set", "top_k=8",
+       "--set", "max_new_tokens=6", "--set", "shard_prompts=32", "-q"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lm_teacher_data(lm_dir, tmp_path_factory):
+    from conftest import Cli, write_params
+
+    root = tmp_path_factory.mktemp("lmtd")
+    Cli(write_params(root)).ok(
+        "generate-teacher-data", "--teacher", lm_dir, "--data", "basic_arithmetic", "--out", root / "td", *GEN
+    )
+    return root / "td"
+
+
+def test_lm_teacher_data_stores_top_k_per_generated_token(lm_teacher_data):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(lm_teacher_data)
+    manifest = json.loads((lm_teacher_data / "_manifest.json").read_text())
+    prompts = 160 - 0  # every split, 120 + 20 + 20 prompts (minus train items equal to held-out ones)
+    assert table.num_rows == 2 * len(set(table.column("prompt_id").to_pylist())) and table.num_rows <= 2 * prompts
+    for row in table.slice(0, 20).to_pylist():
+        n = len(row["token_ids"])
+        assert 1 <= n <= 6 and len(row["topk_ids"]) == len(row["topk_logprobs"]) == n * 8
+        lp = row["topk_logprobs"]
+        assert all(lp[i * 8] >= lp[i * 8 + 7] for i in range(n))  # sorted, most likely first
+        assert row["seq_logprob"] <= 0 and (row["answer"] is None) == (row["parse"] != "ok")
+    assert manifest["top_k"] == 8 and manifest["tokens_generated"] > 0 and 0 < manifest["bytes_per_token"] < 200
+
+
+def test_lm_teacher_data_resumes_without_duplicates(lm_dir, lm_teacher_data, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+    from conftest import Cli, write_params
+
+    from stages.artifacts import TableWriter
+
+    real, calls = TableWriter.write, {"n": 0}
+
+    def dying(self, table):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real(self, table)
+
+    monkeypatch.setattr(TableWriter, "write", dying)
+    c = Cli(write_params(tmp_path))
+    result = c("generate-teacher-data", "--teacher", lm_dir, "--data", "basic_arithmetic", "--out", tmp_path / "td", *GEN)
+    assert result.exit_code == 130 and (tmp_path / "td.partial").exists()
+    monkeypatch.setattr(TableWriter, "write", real)
+    c.ok("generate-teacher-data", "--teacher", lm_dir, "--data", "basic_arithmetic", "--out", tmp_path / "td", *GEN)
+    resumed, ref = pq.read_table(tmp_path / "td"), pq.read_table(lm_teacher_data)
+    assert resumed.column("id").to_pylist() == ref.column("id").to_pylist()
+    assert resumed.column("completion").to_pylist() == ref.column("completion").to_pylist()
+
+
+@pytest.mark.parametrize("method", ["kd", "jsd", "sft"])
+def test_token_level_methods_train_from_stored_top_k(cli, lm_teacher_data, tmp_path, method):
+    cli.ok("distill", "--method", method, "--data", lm_teacher_data, "--out", tmp_path / "s", "--set", "epochs=2", *LM)
+    history = json.loads((tmp_path / "s" / "training.json").read_text())["history"]
+    assert len(history) == 2 and all(h["train_loss"] == h["train_loss"] for h in history)  # finite, no NaN
+    AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+
+
+def test_token_level_methods_refuse_a_different_tokenizer(cli, lm_teacher_data, lm_dir, tmp_path):
+    cli.ok("distill", "--method", "sft", "--data", "basic_arithmetic", "--out", tmp_path / "other", "--set", "epochs=1", *LM,
+           "--set", "lm.vocab_size=300")  # fmt: skip
+    cli.fails("distill", "--method", "kd", "--data", lm_teacher_data, "--out", tmp_path / "s", "--set", f"lm.init={tmp_path / 'other'}",
+              *LM, match="tokenizer")  # fmt: skip
+    cli.fails(
+        "distill", "--method", "kd", "--data", "basic_arithmetic", "--out", tmp_path / "s", *LM, match="needs LM teacher data"
+    )

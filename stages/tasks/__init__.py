@@ -118,6 +118,10 @@ def is_prompt_source(source: str | Path, data: DataConfig) -> bool:
     path = Path(source)
     if path.suffix.lower() in (".jsonl", ".json"):
         return True
+    if path.is_dir() and (path / MANIFEST).exists():
+        from stages.artifacts import read_manifest
+
+        return str(read_manifest(path).get("kind", "")).startswith("lm_")
     if path.is_file() and path.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
 
