@@ -97,6 +97,11 @@ LM_TEACHER_DATA = pa.schema(
 flattened row-major (``len(token_ids) * k`` values; k is in the manifest), never full
 vocabularies. ``answer`` is null when none could be parsed, with ``parse`` saying why."""
 
+LM_SELECTION = LM_TEACHER_DATA.append(pa.field("weight", pa.float32(), nullable=False)).append(
+    pa.field("reason", pa.string(), nullable=False)
+)
+"""LM teacher samples kept by a selection, with a training weight and why."""
+
 DECISIONS = "decisions"
 """A cascade's output keeps its decisions table in this subdirectory, beside its JSON and
 CSV files, so plain Parquet readers open ``<cascade>/decisions`` directly."""

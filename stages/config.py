@@ -129,6 +129,10 @@ class SelectConfig:
     threshold: float = _f(0.0, "confident: also keep rows whose teacher max-prob >= threshold (0 = keep only correct rows)")
     require_correct: bool = _f(True, "confident: keep rows the teacher classifies correctly")
     splits: list[str] = _f(["train"], "splits the selection applies to; other splits pass through unchanged")
+    min_agreement: float = _f(0.0, "LM majority: keep prompts whose majority answer has at least this share of the samples")
+    min_score: float = _f(1.0, "LM correct: keep samples whose verified score reaches this")
+    min_tokens: int = _f(1, "LM length: shortest completion kept, in tokens")
+    max_tokens: int = _f(10_000, "LM length: longest completion kept, in tokens")
     seed: int = _f(0, "seed")
 
 

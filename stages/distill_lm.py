@@ -72,7 +72,7 @@ def run_lm(
         raise DistilError("epochs, batch_size, grad_accum and lr must be positive")
     dev_ = resolve_device(device)
     manifest = read_manifest(Path(data)) if Path(data).is_dir() else {}
-    teacher_data = manifest.get("kind") == "lm_teacher_data"
+    teacher_data = manifest.get("kind") in ("lm_teacher_data", "lm_selection")
     token_level = cfg.method != "sft"
     if token_level and not teacher_data:
         raise DistilError(
@@ -129,10 +129,11 @@ def run_lm(
         def loss_fn(m, b):
             logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             mask = b["labels"][:, 1:] != IGNORE  # logits[t] predicts token t + 1; the teacher's top-k sits at t
-            distil = divergence(logits[:, :-1], (b["t_ids"][:, :-1], b["t_logprobs"][:, :-1]), mask=mask, **hyper)
+            row_w = b["w"][:, None].expand_as(mask)
+            distil = divergence(logits[:, :-1], (b["t_ids"][:, :-1], b["t_logprobs"][:, :-1]), mask=mask, weight=row_w, **hyper)
             if cfg.alpha >= 1:
                 return distil
-            return cfg.alpha * distil + (1 - cfg.alpha) * token_ce(logits, b["labels"])
+            return cfg.alpha * distil + (1 - cfg.alpha) * token_ce(logits, b["labels"], b["w"])
 
     params = {"distill": to_dict(cfg), "data": to_dict(data_cfg)}
     inputs = {"data": source_identity(data) if Path(data).exists() else f"task:{data}"}

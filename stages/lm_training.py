@@ -42,14 +42,16 @@ def encode_tokens(prompt_ids: list[int], completion_ids: list[int], max_len: int
 
 
 def collate(rows: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch. Rows of (ids, labels) or (ids, labels, topk_ids, topk_logprobs),
-    the latter [n_completion, k] arrays aligned with the completion tokens: they become
-    ``t_ids`` / ``t_logprobs`` [B, T, k] at the positions that predict each token."""
+    """Right-padded batch of rows ``(ids, labels[, topk_ids, topk_logprobs[, weight]])``.
+
+    ``topk_*`` are [n_completion, k] arrays aligned with the completion tokens (or None):
+    they become ``t_ids`` / ``t_logprobs`` [B, T, k] at the positions that predict each
+    token. ``w`` [B] holds the row weights (1 without them)."""
     width = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    sparse = len(rows[0]) == 4
+    sparse = len(rows[0]) >= 4 and rows[0][2] is not None
     if sparse:
         k = rows[0][2].shape[1]
         t_ids = torch.zeros((len(rows), width, k), dtype=torch.long)
@@ -64,17 +66,24 @@ def collate(rows: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
             n = min(len(r[2]), len(x) - 1 - start)
             t_ids[i, start : start + n] = torch.as_tensor(r[2][:n], dtype=torch.long)
             t_lp[i, start : start + n] = torch.as_tensor(r[3][:n], dtype=torch.float32)
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+             "w": torch.tensor([float(r[4]) if len(r) > 4 else 1.0 for r in rows])}  # fmt: skip
     if sparse:
         batch.update(t_ids=t_ids, t_logprobs=t_lp)
     return batch
 
 
-def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over completion tokens (logits[t] predicts labels[t+1])."""
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE
-    )
+def token_ce(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy over completion tokens (logits[t] predicts labels[t+1]),
+    averaged over tokens, each token weighted by its row's ``weight`` [B] when given."""
+    target = labels[:, 1:]
+    per = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).view(target.shape)
+    w = (target != IGNORE).float()
+    if weight is not None:
+        w = w * weight[:, None].to(w.dtype)
+    return (per * w).sum() / w.sum().clamp_min(1e-12)
 
 
 def fit_lm(

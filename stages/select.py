@@ -12,9 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from stages.artifacts import (
     CLASSIFIER_TEACHER_DATA,
+    LM_SELECTION,
+    LM_TEACHER_DATA,
     SELECTION,
     Output,
     TableWriter,
@@ -22,15 +25,19 @@ from stages.artifacts import (
     fingerprint,
     inspect_table,
     iter_batches,
+    read_manifest,
     write_manifest,
 )
 from stages.config import SelectConfig, to_dict
 from stages.errors import DistilError
 from stages.progress import progress_bar
 from stages.selectors import SELECTORS
+from stages.selectors_lm import LM_SELECTORS
 
 
 def run(cfg: SelectConfig, data: Path, out: Path, *, progress: bool = True) -> Path:
+    if Path(data).is_dir() and read_manifest(Path(data)).get("kind") == "lm_teacher_data":
+        return _run_lm(cfg, Path(data), out, progress=progress)
     if cfg.by not in SELECTORS:
         raise DistilError(f"unknown selection '{cfg.by}'; choose one of {', '.join(SELECTORS)}")
     if not 0 <= cfg.threshold <= 1:
@@ -70,4 +77,46 @@ def run(cfg: SelectConfig, data: Path, out: Path, *, progress: bool = True) -> P
             work, kind="selection", params=params, inputs=inputs, rows=writer.done_rows,
             model=manifest.get("model", {}), extra={"task": manifest.get("task", {}), "selection": stats},
         )  # fmt: skip
+        return output.commit()
+
+
+def _run_lm(cfg: SelectConfig, data: Path, out: Path, *, progress: bool) -> Path:
+    """LM teacher samples, one part at a time (parts hold whole prompts)."""
+    if cfg.by not in LM_SELECTORS:
+        raise DistilError(f"unknown selection '{cfg.by}' for LM teacher data; choose one of {', '.join(LM_SELECTORS)}")
+    files, _, total, manifest = inspect_table(data, LM_TEACHER_DATA, "LM teacher data")
+    params = {"select": to_dict(cfg)}
+    inputs = {"data": artifact_hash(data)}
+    output = Output(out, fingerprint("select", params, inputs))
+    with output as work:
+        for stale in work.glob("part-*.parquet"):
+            stale.unlink()
+        writer = TableWriter(work, LM_SELECTION)
+        kept = {"train": [0, 0]}
+        with progress_bar(progress) as bar:
+            task = bar.add_task(f"select {cfg.by}", total=total, info="")
+            for f in files:
+                table = pq.read_table(f).select(LM_TEACHER_DATA.names).cast(LM_TEACHER_DATA)
+                keep, weight, reason = LM_SELECTORS[cfg.by](table, cfg)
+                apply = np.isin(np.asarray(table.column("split").to_pylist()), cfg.splits)
+                keep = np.where(apply, keep, True)
+                weight = np.where(apply, weight, 1.0).astype(np.float32)
+                reason = np.where(apply, reason, "passthrough")
+                for s in cfg.splits:
+                    rows = np.asarray(table.column("split").to_pylist()) == s
+                    k = kept.setdefault(s, [0, 0])
+                    k[0] += int((keep & rows).sum())
+                    k[1] += int(rows.sum())
+                chosen = (
+                    table.filter(pa.array(keep))
+                    .append_column("weight", pa.array(weight[keep]))
+                    .append_column("reason", pa.array(reason[keep]))
+                )
+                writer.write(chosen)
+                bar.update(task, advance=table.num_rows)
+        if not any(k for k, _ in kept.values()):
+            raise DistilError(f"selection '{cfg.by}' kept no rows of {cfg.splits}; relax it (min_agreement, min_score, lengths)")
+        stats = {s: {"kept": k, "rows": n, "share": k / max(n, 1)} for s, (k, n) in kept.items()}
+        write_manifest(work, kind="lm_selection", params=params, inputs=inputs, rows=writer.done_rows, model=manifest.get("model", {}),
+                       extra={"task": manifest.get("task", {}), "top_k": manifest.get("top_k", 0), "selection": stats})  # fmt: skip
         return output.commit()

@@ -135,3 +135,13 @@ def test_token_level_methods_refuse_a_different_tokenizer(cli, lm_teacher_data, 
     cli.fails(
         "distill", "--method", "kd", "--data", "basic_arithmetic", "--out", tmp_path / "s", *LM, match="needs LM teacher data"
     )
+
+
+def test_select_then_distill_on_lm_samples(cli, lm_teacher_data, tmp_path):
+    import pyarrow.parquet as pq
+
+    cli.ok("select", lm_teacher_data, "--by", "majority", "--out", tmp_path / "sel", "-q")
+    sel = pq.read_table(tmp_path / "sel")
+    assert {"weight", "reason"} <= set(sel.schema.names) and sel.num_rows <= pq.read_table(lm_teacher_data).num_rows
+    cli.ok("distill", "--method", "kd", "--data", tmp_path / "sel", "--out", tmp_path / "s", "--set", "epochs=1", *LM)
+    cli.fails("select", lm_teacher_data, "--by", "confident", "--out", tmp_path / "x", match="unknown selection")
