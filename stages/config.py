@@ -154,7 +154,10 @@ class EvaluateConfig:
     many_shot: int = _f(50, "classes with more train rows than this are 'many-shot'")
     few_shot: int = _f(15, "classes with fewer train rows than this are 'few-shot' (the rest 'medium')")
     split: str = _f("test", "split to evaluate on")
-    max_new_tokens: int = _f(16, "LMs: greedy completion length when scoring answers")
+    max_new_tokens: int = _f(16, "LMs: completion length when scoring answers")
+    samples: int = _f(1, "LMs: sampled completions per prompt for maj@n / pass@n and vote-share calibration (1 = greedy only)")
+    temperature: float = _f(1.0, "LMs: sampling temperature for samples > 1")
+    top_p: float = _f(1.0, "LMs: nucleus mass for samples > 1")
     batch_size: int = _f(512, "rows per forward pass")
     seed: int = _f(0, "seed")
 

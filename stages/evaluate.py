@@ -29,6 +29,7 @@ from stages.artifacts import (
     artifact_hash,
     fingerprint,
     list_column_to_numpy,
+    read_manifest,
     read_table,
     write_json,
     write_manifest,
@@ -40,6 +41,7 @@ from stages.metrics import classification_report, expert_metrics, reliability, s
 from stages.models import resolve_device
 from stages.models.classifiers import check_compatible, identity, load_classifier, param_count
 from stages.tasks import is_prompt_source, load_examples, load_prompts, source_identity
+from stages.tasks.reasoning import TASKS
 
 
 def _time_per_row(model, table, batch_size: int, device, repeats: int = 5) -> float:
@@ -197,18 +199,49 @@ def run(
 
 def _run_lm(cfg: EvaluateConfig, models: list[Path], data, out: Path, *, data_cfg: DataConfig, device: str, console) -> Path:
     dev_ = resolve_device(device)
-    table, task = load_prompts(data, data_cfg)
-    rows = [r for r in table.to_pylist() if r["split"] == cfg.split]
+    teacher_answers = None
+    if Path(data).is_dir():  # LM teacher data: its prompts, gold answers and the teacher's majority answers
+        rows, task, teacher_answers = _teacher_data_prompts(Path(data), cfg.split)
+    else:
+        table, task = load_prompts(data, data_cfg)
+        rows = [r for r in table.to_pylist() if r["split"] == cfg.split]
     if not rows:
         raise DistilError(f"{data} has no prompts in split '{cfg.split}'; set evaluate.split")
+    if cfg.samples < 1 or cfg.max_new_tokens < 1:
+        raise DistilError("evaluate.samples and evaluate.max_new_tokens must be positive")
     params = {"evaluate": to_dict(cfg), "data": to_dict(data_cfg)}
     inputs = {"data": str(data), **{str(p): artifact_hash(Path(p)) for p in models}}
     output = Output(out, fingerprint("evaluate", params, inputs))
     with output as work:
-        results = {Path(p).name: lm_metrics(Path(p), rows, task, cfg, dev_) for p in models}
+        results = {Path(p).name: lm_metrics(Path(p), rows, task, cfg, dev_, teacher_answers) for p in models}
         write_json(work / "metrics.json", results)
         _write_summary(work, results, console)
         write_manifest(
             work, kind="evaluation", params=params, inputs=inputs, extra={"task": {"name": str(data)}, "metrics": results}
         )
         return output.commit()
+
+
+def _teacher_data_prompts(path: Path, split: str):
+    from collections import Counter
+
+    import pyarrow.parquet as pq
+
+    from stages.tasks.reasoning import ReasoningTask, normalise
+
+    manifest = read_manifest(path)
+    table = pq.read_table(path, columns=["prompt_id", "split", "item", "prompt", "gold", "answer", "task"])
+    by_prompt: dict[int, dict] = {}
+    votes: dict[int, Counter] = {}
+    for r in table.to_pylist():
+        if r["split"] != split:
+            continue
+        by_prompt.setdefault(r["prompt_id"], {"id": r["prompt_id"], "split": r["split"], "item": r["item"], "prompt": r["prompt"],
+                                              "answer": r["gold"], "task": r["task"]})  # fmt: skip
+        if r["answer"] is not None:
+            votes.setdefault(r["prompt_id"], Counter())[normalise(r["answer"])] += 1
+    d = manifest.get("params", {}).get("data", {})
+    name = manifest.get("task", {}).get("name", "")
+    task = ReasoningTask(name, tuple(d.get("sizes", (2000, 200, 200))), d.get("split_seed", 0)) if name in TASKS else None
+    teacher = {p: v.most_common(1)[0][0] for p, v in votes.items()}
+    return list(by_prompt.values()), task, teacher

@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -21,41 +20,12 @@ import torch
 from stages.artifacts import LM_TEACHER_DATA, Output, TableWriter, artifact_hash, fingerprint, write_manifest
 from stages.config import DataConfig, GenerateTeacherDataConfig, to_dict
 from stages.errors import DistilError
+from stages.lm_training import sample
 from stages.models import resolve_device
 from stages.models.lm import load_lm
 from stages.progress import progress_bar
 from stages.tasks import load_prompts
 from stages.tasks.reasoning import extract_answer, normalise
-
-
-@torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], cfg: GenerateTeacherDataConfig, device) -> list[dict]:
-    """``cfg.samples`` completions per prompt with their top-k log-probs, prompt-major."""
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    greedy = cfg.temperature <= 0
-    out = model.generate(
-        **enc, max_new_tokens=cfg.max_new_tokens, do_sample=not greedy, temperature=None if greedy else cfg.temperature,
-        top_p=None if greedy else cfg.top_p, num_return_sequences=cfg.samples, output_logits=True,
-        return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    gen = out.sequences[:, enc["input_ids"].shape[1] :]
-    logp = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)  # [B*n, T, V], untempered
-    chosen = logp.gather(-1, gen[..., None]).squeeze(-1)
-    k = min(cfg.top_k, logp.shape[-1])
-    top = logp.topk(k, dim=-1) if k else None
-    rows = []
-    for i in range(gen.shape[0]):
-        ids = gen[i].tolist()
-        n = ids.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in ids else len(ids)
-        rows.append({
-            "token_ids": ids[:n],
-            "seq_logprob": float(chosen[i, :n].sum()),
-            "topk_ids": top.indices[i, :n].flatten().int().tolist() if top is not None else [],
-            "topk_logprobs": top.values[i, :n].flatten().cpu().numpy().astype(np.float16) if top is not None else np.zeros(0, np.float16),
-            "completion": tokenizer.decode(ids[:n], skip_special_tokens=True),
-        })  # fmt: skip
-    return rows
 
 
 def run_lm(cfg: GenerateTeacherDataConfig, teacher: Path, data, out: Path, *, data_cfg: DataConfig, device: str = "auto",
@@ -84,7 +54,8 @@ def run_lm(cfg: GenerateTeacherDataConfig, teacher: Path, data, out: Path, *, da
                     continue
                 chunk = prompts[lo : lo + cfg.shard_prompts]
                 torch.manual_seed(cfg.seed * 1_000_003 + part)  # per-part seed: resumed parts sample the same
-                rows = sample(model, tokenizer, [r["prompt"] for r in chunk], cfg, dev_)
+                rows = sample(model, tokenizer, [r["prompt"] for r in chunk], samples=cfg.samples, temperature=cfg.temperature,
+                              top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, device=dev_)  # fmt: skip
                 records = []
                 for j, gen in enumerate(rows):
                     p = chunk[j // cfg.samples]

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from stages.artifacts import load_state, load_tensors, save_state, save_tensors
@@ -192,3 +193,44 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
                              eos_token_id=tokenizer.eos_token_id)  # fmt: skip
         out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return out
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], *, samples: int, temperature: float, top_p: float, max_new_tokens: int,
+           top_k: int, device) -> list[dict]:  # fmt: skip
+    """``samples`` completions per prompt (temperature 0: greedy) with, per generated token,
+    the top-k log-probs of the untempered distribution; prompt-major order."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    greedy = temperature <= 0
+    out = model.generate(
+        **enc, max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=None if greedy else temperature,
+        top_p=None if greedy else top_p, num_return_sequences=samples, output_logits=True,
+        return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    gen = out.sequences[:, enc["input_ids"].shape[1] :]
+    # raw (untempered) logits per step; reduced step by step to the chosen token's log-prob
+    # and the top-k, so no [batch, steps, vocab] tensor is ever built on top of them
+    k = min(top_k, out.logits[0].shape[-1])
+    chosen, top_ids, top_lp = [], [], []
+    for t, step in enumerate(out.logits):
+        lp = torch.log_softmax(step.float(), dim=-1)
+        chosen.append(lp.gather(-1, gen[:, t : t + 1]).squeeze(-1))
+        if k:
+            v, i = lp.topk(k, dim=-1)
+            top_ids.append(i)
+            top_lp.append(v)
+    chosen = torch.stack(chosen, dim=1)
+    top = (torch.stack(top_ids, 1), torch.stack(top_lp, 1)) if k else None
+    rows = []
+    for i in range(gen.shape[0]):
+        ids = gen[i].tolist()
+        n = ids.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in ids else len(ids)
+        rows.append({
+            "token_ids": ids[:n],
+            "seq_logprob": float(chosen[i, :n].sum()),
+            "topk_ids": top[0][i, :n].flatten().int().tolist() if top is not None else [],
+            "topk_logprobs": top[1][i, :n].flatten().cpu().numpy().astype(np.float16) if top is not None else np.zeros(0, np.float16),
+            "completion": tokenizer.decode(ids[:n], skip_special_tokens=True),
+        })  # fmt: skip
+    return rows

@@ -145,3 +145,12 @@ def test_select_then_distill_on_lm_samples(cli, lm_teacher_data, tmp_path):
     assert {"weight", "reason"} <= set(sel.schema.names) and sel.num_rows <= pq.read_table(lm_teacher_data).num_rows
     cli.ok("distill", "--method", "kd", "--data", tmp_path / "sel", "--out", tmp_path / "s", "--set", "epochs=1", *LM)
     cli.fails("select", lm_teacher_data, "--by", "confident", "--out", tmp_path / "x", match="unknown selection")
+
+
+def test_evaluate_on_teacher_data_reports_sampling_metrics(cli, lm_dir, lm_teacher_data, tmp_path):
+    cli.ok("evaluate", "--model", lm_dir, "--data", lm_teacher_data, "--out", tmp_path / "ev", "--set", "samples=3",
+           "--set", "max_new_tokens=6")  # fmt: skip
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())["m"]
+    assert {"maj@3", "pass@3", "vote_ece", "agreement_with_teacher", "tokens_per_second"} <= set(m)
+    assert m["pass@3"] >= m["maj@3"] and 0 <= m["vote_ece"] <= 1 and 0 <= m["agreement_with_teacher"] <= 1
+    assert m["rows"] == 20  # one row per test prompt, not per teacher sample
