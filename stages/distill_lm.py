@@ -22,7 +22,7 @@ from stages.artifacts import Output, fingerprint, read_manifest, write_json, wri
 from stages.config import DataConfig, DistillConfig, to_dict
 from stages.errors import DistilError
 from stages.lm_training import IGNORE, encode, encode_tokens, fit_lm, token_ce
-from stages.losses import DIVERGENCES
+from stages.losses import DIVERGENCES, divergence_hyper
 from stages.models import resolve_device
 from stages.models.lm import LMSize, build_lm, check_same_tokenizer, load_lm, train_tokenizer
 from stages.progress import progress_bar
@@ -123,8 +123,7 @@ def run_lm(
     loss_fn = None
     if token_level:
         divergence = DIVERGENCES[cfg.method]
-        hyper = {"temperature": cfg.temperature}
-        hyper.update({"jsd": {"beta": cfg.beta}, "skew-kl": {"skew": cfg.skew, "reverse": cfg.reverse_skew}}.get(cfg.method, {}))
+        hyper = divergence_hyper(cfg.method, cfg)
 
         def loss_fn(m, b):
             logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits

@@ -15,4 +15,11 @@ DIVERGENCES = {
     "tvd": tvd,
 }
 
-__all__ = ["DIVERGENCES", "cross_entropy"]
+
+def divergence_hyper(name: str, cfg) -> dict:
+    """The keyword arguments a divergence of ``DIVERGENCES`` takes from a distill config."""
+    extra = {"jsd": {"beta": cfg.beta}, "skew-kl": {"skew": cfg.skew, "reverse": cfg.reverse_skew}}.get(name, {})
+    return {"temperature": cfg.temperature, **extra}
+
+
+__all__ = ["DIVERGENCES", "cross_entropy", "divergence_hyper"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stages.losses import DIVERGENCES, cross_entropy
+from stages.losses import DIVERGENCES, cross_entropy, divergence_hyper
 from stages.losses.listwise import plackett_luce
 from stages.losses.logits import symmetric_kl
 from stages.methods.common import Trained, build, teacher_logits
@@ -21,8 +21,7 @@ def divergence(name: str):
     def train(ctx: Context) -> Trained:
         cfg = ctx.cfg
         fn = DIVERGENCES[name]
-        hyper = {"temperature": cfg.temperature}
-        hyper.update({"jsd": {"beta": cfg.beta}, "skew-kl": {"skew": cfg.skew, "reverse": cfg.reverse_skew}}.get(name, {}))
+        hyper = divergence_hyper(name, cfg)
 
         def loss(m, b):
             z = m(b["x"])
