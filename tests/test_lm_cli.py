@@ -154,3 +154,32 @@ def test_evaluate_on_teacher_data_reports_sampling_metrics(cli, lm_dir, lm_teach
     assert {"maj@3", "pass@3", "vote_ece", "agreement_with_teacher", "tokens_per_second"} <= set(m)
     assert m["pass@3"] >= m["maj@3"] and 0 <= m["vote_ece"] <= 1 and 0 <= m["agreement_with_teacher"] <= 1
     assert m["rows"] == 20  # one row per test prompt, not per teacher sample
+
+
+def test_lm_training_resumes_after_a_kill(tmp_path, monkeypatch):
+    import stages.lm_training as mod
+    from stages import distill
+    from stages.artifacts import load_tensors
+    from stages.config import DataConfig, DistillConfig, LMConfig
+
+    cfg = DistillConfig(method="sft", epochs=3, batch_size=16, lr=0.01, lm=LMConfig(hidden=32, layers=1, heads=2, vocab_size=320))
+    data_cfg = DataConfig(sizes=[60, 10, 10])
+    distill.run(cfg, "basic_arithmetic", tmp_path / "ref", data_cfg=data_cfg, progress=False)
+    real, saves = mod.save_state, {"n": 0}
+
+    def dying(path, state):
+        real(path, state)
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, "save_state", dying)
+    with pytest.raises(KeyboardInterrupt):
+        distill.run(cfg, "basic_arithmetic", tmp_path / "s", data_cfg=data_cfg, progress=False)
+    monkeypatch.setattr(mod, "save_state", real)
+    distill.run(cfg, "basic_arithmetic", tmp_path / "s", data_cfg=data_cfg, progress=False)
+    history = json.loads((tmp_path / "s" / "training.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    a, b = load_tensors(tmp_path / "s" / "model.safetensors"), load_tensors(tmp_path / "ref" / "model.safetensors")
+    for k in a:
+        assert (a[k] - b[k]).abs().max() < 1e-5, k
