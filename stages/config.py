@@ -105,6 +105,10 @@ class DistillConfig:
     expert_lambdas: list[float] = _f([], "mdcs: logit-adjustment weight per expert; [] = evenly from -0.5 to 2.5")
     consistency_weight: float = _f(1.0, "mdcs: weight of consistency self-distillation (ramped in linearly)")
     top_k: int = _f(1, "mst: teachers the gate selects per row")
+    tsd_margin: float = _f(
+        0.0, "tsd: distil a token when the teacher's top-1 probability exceeds the student's by more than this"
+    )
+    tsd_entropy: float = _f(0.01, "tsd: weight of the student-entropy penalty (keeps the student confident)")
     balance_weight: float = _f(0.01, "mst: weight of the gate's load-balancing loss")
     seed: int = _f(0, "training seed")
 

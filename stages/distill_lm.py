@@ -35,7 +35,24 @@ LM_METHODS = {
     "jsd": "token-level generalised JSD (beta) against the stored top-k teacher log-probs",
     "skew-kl": "token-level skew KL (DistiLLM) against the stored top-k teacher log-probs",
     "tvd": "token-level total variation against the stored top-k teacher log-probs",
+    "tsd": "token-selective KD: only tokens where the teacher is more confident than the student, plus an entropy penalty",
 }
+
+
+def _token_selection(logits, teacher, mask, cfg):
+    """TSD-KD's direct distillation (Explain in Your Own Words, section 3.2): keep only the
+    tokens where the teacher's top-1 probability exceeds the student's probability of that
+    token by more than ``tsd_margin`` (relative confidence), and add ``tsd_entropy`` times
+    the student's mean entropy on completion tokens, which keeps the student confident.
+    The indirect (re-ranking) half of TSD-KD needs a live teacher and is not part of this."""
+    ids, logp = teacher
+    s_logp = torch.log_softmax(logits.float(), dim=-1)
+    t_top = logp[..., 0].exp()  # stored top-k is sorted: index 0 is the teacher's top-1
+    s_on_top = s_logp.gather(-1, ids[..., :1]).squeeze(-1).exp()
+    selected = mask & (t_top - s_on_top.detach() > cfg.tsd_margin)
+    entropy = -(s_logp.exp() * s_logp).sum(-1)
+    penalty = cfg.tsd_entropy * (entropy * mask).sum() / mask.sum().clamp_min(1)
+    return selected, penalty
 
 
 def _target(row: dict) -> str:
@@ -122,14 +139,18 @@ def run_lm(
     pairs = {"train": rows_for(train), "dev": rows_for(dev)}
     loss_fn = None
     if token_level:
-        divergence = DIVERGENCES[cfg.method]
-        hyper = divergence_hyper(cfg.method, cfg)
+        divergence = DIVERGENCES["kd" if cfg.method == "tsd" else cfg.method]
+        hyper = divergence_hyper("kd" if cfg.method == "tsd" else cfg.method, cfg)
 
         def loss_fn(m, b):
             logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             mask = b["labels"][:, 1:] != IGNORE  # logits[t] predicts token t + 1; the teacher's top-k sits at t
+            teacher = (b["t_ids"][:, :-1], b["t_logprobs"][:, :-1])
+            extra = 0.0
+            if cfg.method == "tsd":
+                mask, extra = _token_selection(logits[:, :-1], teacher, mask, cfg)
             row_w = b["w"][:, None].expand_as(mask)
-            distil = divergence(logits[:, :-1], (b["t_ids"][:, :-1], b["t_logprobs"][:, :-1]), mask=mask, weight=row_w, **hyper)
+            distil = divergence(logits[:, :-1], teacher, mask=mask, weight=row_w, **hyper) + extra
             if cfg.alpha >= 1:
                 return distil
             return cfg.alpha * distil + (1 - cfg.alpha) * token_ce(logits, b["labels"], b["w"])

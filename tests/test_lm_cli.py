@@ -119,7 +119,7 @@ def test_lm_teacher_data_resumes_without_duplicates(lm_dir, lm_teacher_data, tmp
     assert resumed.column("completion").to_pylist() == ref.column("completion").to_pylist()
 
 
-@pytest.mark.parametrize("method", ["kd", "jsd", "sft"])
+@pytest.mark.parametrize("method", ["kd", "jsd", "tsd", "sft"])
 def test_token_level_methods_train_from_stored_top_k(cli, lm_teacher_data, tmp_path, method):
     cli.ok("distill", "--method", method, "--data", lm_teacher_data, "--out", tmp_path / "s", "--set", "epochs=2", *LM)
     history = json.loads((tmp_path / "s" / "training.json").read_text())["history"]
@@ -183,3 +183,20 @@ def test_lm_training_resumes_after_a_kill(tmp_path, monkeypatch):
     a, b = load_tensors(tmp_path / "s" / "model.safetensors"), load_tensors(tmp_path / "ref" / "model.safetensors")
     for k in a:
         assert (a[k] - b[k]).abs().max() < 1e-5, k
+
+
+def test_token_selection_keeps_tokens_where_the_teacher_is_more_confident():
+    import torch
+
+    from stages.config import DistillConfig
+    from stages.distill_lm import _token_selection
+
+    # two positions over a 3-token vocabulary; the teacher's top-1 is token 0 with p = 0.9 at both
+    ids = torch.tensor([[[0, 1], [0, 1]]])
+    logp = torch.log(torch.tensor([[[0.9, 0.05], [0.9, 0.05]]]))
+    student = torch.log(torch.tensor([[[0.2, 0.4, 0.4], [0.95, 0.03, 0.02]]]))  # unsure at 0, surer than the teacher at 1
+    mask = torch.tensor([[True, True]])
+    selected, penalty = _token_selection(student, (ids, logp), mask, DistillConfig(tsd_margin=0.0, tsd_entropy=1.0))
+    assert selected.tolist() == [[True, False]]
+    entropies = [-(p * p.log()).sum() for p in student.exp()[0]]
+    assert float(penalty) == pytest.approx(float(sum(entropies) / 2), rel=1e-5)
