@@ -71,6 +71,7 @@ class LMConfig:
     vocab_size: int = _f(512, "BPE vocabulary trained on the task text when building from a config")
     init: str = _f("", "start from this model directory or hub name instead of a config")
     precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
+    max_new_tokens: int = _f(16, "on-policy: length of the completions the student samples")
 
 
 @dataclass
@@ -105,6 +106,7 @@ class DistillConfig:
     expert_lambdas: list[float] = _f([], "mdcs: logit-adjustment weight per expert; [] = evenly from -0.5 to 2.5")
     consistency_weight: float = _f(1.0, "mdcs: weight of consistency self-distillation (ramped in linearly)")
     top_k: int = _f(1, "mst: teachers the gate selects per row")
+    lmbda: float = _f(0.5, "on-policy: share of batches whose completions the student samples itself (GKD's lambda)")
     tsd_margin: float = _f(
         0.0, "tsd: distil a token when the teacher's top-1 probability exceeds the student's by more than this"
     )

@@ -21,7 +21,7 @@ import torch
 from stages.artifacts import Output, fingerprint, read_manifest, write_json, write_manifest
 from stages.config import DataConfig, DistillConfig, to_dict
 from stages.errors import DistilError
-from stages.lm_training import IGNORE, encode, encode_tokens, fit_lm, token_ce
+from stages.lm_training import IGNORE, collate, encode, encode_tokens, fit_lm, token_ce
 from stages.losses import DIVERGENCES, divergence_hyper
 from stages.models import resolve_device
 from stages.models.lm import LMSize, build_lm, check_same_tokenizer, load_lm, train_tokenizer
@@ -35,8 +35,59 @@ LM_METHODS = {
     "jsd": "token-level generalised JSD (beta) against the stored top-k teacher log-probs",
     "skew-kl": "token-level skew KL (DistiLLM) against the stored top-k teacher log-probs",
     "tvd": "token-level total variation against the stored top-k teacher log-probs",
+    "on-policy": "GKD: the student samples completions (share lmbda of batches), a live --teacher scores every token",
     "tsd": "token-selective KD: only tokens where the teacher is more confident than the student, plus an entropy penalty",
 }
+
+
+def on_policy_loss(cfg: DistillConfig, teacher, tokenizer, max_len: int):
+    """Generalised knowledge distillation (Agarwal et al., "On-Policy Distillation of
+    Language Models", ICLR 2024, algorithm 1; the on-policy distillation survey): with
+    probability ``lmbda`` a batch's completions are sampled from the student itself,
+    otherwise they are the data's; the live teacher scores every completion token and the
+    student minimises the chosen divergence (``jsd`` with ``beta``) on those tokens. Training
+    on its own samples is what keeps a student from exploiting a fixed teacher dataset
+    ("On Teacher Hacking")."""
+    divergence, hyper = DIVERGENCES["jsd"], divergence_hyper("jsd", cfg)
+    rng = torch.Generator().manual_seed(cfg.seed)
+
+    def loss(m, b):
+        ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
+        if torch.rand(1, generator=rng).item() < cfg.lmbda:
+            ids, mask, labels = _student_samples(m, tokenizer, ids, labels, max_len, cfg.lm.max_new_tokens)
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids, attention_mask=mask).logits.float()
+        logits = m(input_ids=ids, attention_mask=mask).logits
+        keep = labels[:, 1:] != IGNORE
+        return divergence(logits[:, :-1], t_logits[:, :-1], mask=keep, weight=b["w"][:, None].expand_as(keep), **hyper)
+
+    return loss
+
+
+@torch.no_grad()
+def _student_samples(model, tokenizer, ids, labels, max_len, max_new):
+    """Replace each row's completion by one the student samples (temperature 1)."""
+    prompts = []
+    for row, lab in zip(ids.tolist(), labels.tolist(), strict=True):
+        prompts.append(row[: next(i for i, v in enumerate(lab) if v != IGNORE)])
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    left = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=ids.device)
+    attn = (
+        torch.arange(width, device=ids.device)[None, :]
+        >= torch.tensor([width - len(p) for p in prompts], device=ids.device)[:, None]
+    ).long()
+    was = model.training
+    model.eval()
+    gen = model.generate(input_ids=left, attention_mask=attn, do_sample=True, temperature=1.0, max_new_tokens=max(1, min(max_new, max_len - width)),
+                         pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)[:, width:]  # fmt: skip
+    model.train(was)
+    rows = []
+    for p, g in zip(prompts, gen.tolist(), strict=True):
+        g = g[: g.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in g else g
+        rows.append((p + g, [IGNORE] * len(p) + g))
+    batch = collate(rows, pad)
+    return batch["input_ids"].to(ids.device), batch["attention_mask"].to(ids.device), batch["labels"].to(ids.device)
 
 
 def _token_selection(logits, teacher, mask, cfg):
@@ -83,14 +134,19 @@ def run_lm(
 ) -> Path:
     if cfg.method not in LM_METHODS:
         raise DistilError(f"method '{cfg.method}' is not available for language models yet; LM methods: {', '.join(LM_METHODS)}")
-    if teachers:
-        raise DistilError("LM methods learn from teacher data on disk, not from a live --teacher; drop --teacher")
+    on_policy = cfg.method == "on-policy"
+    if on_policy and len(teachers) != 1:
+        raise DistilError("on-policy needs exactly one live teacher; pass --teacher DIR")
+    if teachers and not on_policy:
+        raise DistilError(f"method '{cfg.method}' learns from teacher data on disk, not from a live --teacher; drop --teacher")
+    if not 0 <= cfg.lmbda <= 1:
+        raise DistilError(f"lmbda must be in [0, 1], got {cfg.lmbda}")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.grad_accum < 1:
         raise DistilError("epochs, batch_size, grad_accum and lr must be positive")
     dev_ = resolve_device(device)
     manifest = read_manifest(Path(data)) if Path(data).is_dir() else {}
     teacher_data = manifest.get("kind") in ("lm_teacher_data", "lm_selection")
-    token_level = cfg.method != "sft"
+    token_level = cfg.method not in ("sft", "on-policy")
     if token_level and not teacher_data:
         raise DistilError(
             f"method '{cfg.method}' needs LM teacher data with top-k log-probs; run `distil generate-teacher-data` first"
@@ -108,9 +164,11 @@ def run_lm(
     if not train or not dev:
         raise DistilError(f"{data} needs answered prompts in both the train and dev splits for {cfg.method}")
     lm = cfg.lm
-    teacher_tok = None
+    teacher_tok = live = None
     if teacher_data and token_level:
         _, teacher_tok = load_lm_tokenizer(manifest["model"]["path"])
+    if on_policy:
+        live, teacher_tok = load_lm(teachers[0], dev_)
     if lm.init:
         model, tokenizer = load_lm(lm.init, dev_)
     else:
@@ -137,7 +195,7 @@ def run_lm(
         return out
 
     pairs = {"train": rows_for(train), "dev": rows_for(dev)}
-    loss_fn = None
+    loss_fn = on_policy_loss(cfg, live, tokenizer, max_len) if on_policy else None
     if token_level:
         divergence = DIVERGENCES["kd" if cfg.method == "tsd" else cfg.method]
         hyper = divergence_hyper("kd" if cfg.method == "tsd" else cfg.method, cfg)

@@ -200,3 +200,38 @@ def test_token_selection_keeps_tokens_where_the_teacher_is_more_confident():
     assert selected.tolist() == [[True, False]]
     entropies = [-(p * p.log()).sum() for p in student.exp()[0]]
     assert float(penalty) == pytest.approx(float(sum(entropies) / 2), rel=1e-5)
+
+
+def test_on_policy_trains_against_a_live_teacher(cli, lm_dir, tmp_path):
+    cli.ok("distill", "--method", "on-policy", "--teacher", lm_dir, "--data", "basic_arithmetic", "--out", tmp_path / "s",
+           "--set", "epochs=1", "--set", "lmbda=1.0", "--set", "lm.max_new_tokens=4", *LM)  # fmt: skip
+    assert json.loads((tmp_path / "s" / "training.json").read_text())["method"] == "on-policy"
+    AutoTokenizer.from_pretrained(tmp_path / "s")
+    cli.fails(
+        "distill",
+        "--method",
+        "on-policy",
+        "--data",
+        "basic_arithmetic",
+        "--out",
+        tmp_path / "x",
+        *LM,
+        match="exactly one live teacher",
+    )
+
+
+def test_student_samples_keep_the_prompt_and_mask_it():
+    import torch
+
+    from stages.distill_lm import _student_samples
+    from stages.lm_training import IGNORE
+    from stages.models.lm import LMSize, build_lm, train_tokenizer
+
+    tok = train_tokenizer(["Question: 1 + 1\\nAnswer: 2"] * 20, vocab_size=300)
+    model = build_lm("llama", LMSize(hidden=16, layers=1, heads=2, context=32), tok)
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 9, tok.pad_token_id]])
+    labels = torch.tensor([[IGNORE, IGNORE, 7, 8], [IGNORE, 6, 9, IGNORE]])
+    new_ids, mask, new_labels = _student_samples(model, tok, ids, labels, 32, 3)
+    assert new_ids[0, :2].tolist() == [5, 6] and new_ids[1, :1].tolist() == [5]
+    assert (new_labels[0, :2] == IGNORE).all() and new_labels[1, 0] == IGNORE
+    assert int((new_labels[0] != IGNORE).sum()) <= 3 and mask.shape == new_ids.shape
