@@ -24,7 +24,7 @@ from stages.errors import DistilError
 from stages.lm_training import IGNORE, collate, encode, encode_tokens, fit_lm, token_ce
 from stages.losses import DIVERGENCES, divergence_hyper
 from stages.models import resolve_device
-from stages.models.lm import LMSize, build_lm, check_same_tokenizer, load_lm, train_tokenizer
+from stages.models.lm import LMSize, build_lm, check_same_tokenizer, load_lm, load_tokenizer, train_tokenizer
 from stages.progress import progress_bar
 from stages.tasks import load_prompts, source_identity
 
@@ -111,17 +111,6 @@ def _target(row: dict) -> str:
     return row["completion"] if "completion" in row else row["answer"]
 
 
-def load_lm_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return None, AutoTokenizer.from_pretrained(path)
-    except OSError:
-        raise DistilError(
-            f"the teacher data names teacher {path}, whose tokenizer cannot be loaded; keep the teacher directory"
-        ) from None
-
-
 def run_lm(
     cfg: DistillConfig,
     data: str | Path,
@@ -166,7 +155,7 @@ def run_lm(
     lm = cfg.lm
     teacher_tok = live = None
     if teacher_data and token_level:
-        _, teacher_tok = load_lm_tokenizer(manifest["model"]["path"])
+        teacher_tok = load_tokenizer(manifest["model"]["path"])
     if on_policy:
         live, teacher_tok = load_lm(teachers[0], dev_)
     if lm.init:

