@@ -45,7 +45,7 @@ def test_load_lm_errors_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DistilError, match="no model weights"):
         load_lm(tmp_path / "empty")
-    with pytest.raises(DistilError, match="neither a directory nor a hub name"):
+    with pytest.raises(DistilError, match="neither a directory, a shipped model"):
         load_lm("not-a-model")
 
 
