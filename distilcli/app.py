@@ -37,6 +37,7 @@ from stages.config import CascadeConfig, DistillConfig, EvaluateConfig, Generate
 from stages.distill_lm import LM_METHODS
 from stages.methods import METHODS
 from stages.selectors import SELECTORS
+from stages.selectors_lm import LM_SELECTORS
 
 app = typer.Typer(
     name="distil",
@@ -86,18 +87,23 @@ def generate_teacher_data(
 
 
 def select(
-    data: Annotated[Path, typer.Argument(help="Teacher data from generate-teacher-data.")],
+    data: Annotated[Path, typer.Argument(help="Teacher data from generate-teacher-data (or, for --by uncertain, prompts).")],
     out: OutOpt,
-    by: Annotated[Optional[str], typer.Option("--by", help="Strategy: " + ", ".join(SELECTORS) + ".")] = None,
-    params: ParamsOpt = PARAMS, section: SectionOpt = None, set_: SetOpt = None, seed: SeedOpt = None, quiet: QuietOpt = False,
+    by: Annotated[Optional[str], typer.Option("--by", help="Strategy: " + ", ".join([*SELECTORS, *LM_SELECTORS, "uncertain"]) + ".")] = None,
+    student: Annotated[Optional[Path], typer.Option("--student", help="--by uncertain: the LM student whose consistency is measured.")] = None,
+    params: ParamsOpt = PARAMS, section: SectionOpt = None, set_: SetOpt = None, seed: SeedOpt = None,
+    device: DeviceOpt = "auto", quiet: QuietOpt = False,
 ) -> None:  # fmt: skip
     """Filter and weight teacher data into a new table with `weight` and `reason` columns.
 
     Example: `distil select data/teacher --by confident --set threshold=0.9 --out data/selected`
     """
     with handled():
-        cfg, _ = config(SelectConfig, params, section or "select", set_, by=by, seed=seed)
-        done(select_stage.run(cfg, data, out, progress=not quiet), "selection")
+        cfg, p = config(SelectConfig, params, section or "select", set_, by=by, seed=seed)
+        path = select_stage.run(
+            cfg, data, out, student=student, data_cfg=data_config(p, None, None), device=device, progress=not quiet
+        )
+        done(path, "selection")
 
 
 def distill(

@@ -138,6 +138,9 @@ class SelectConfig:
     min_agreement: float = _f(0.0, "LM majority: keep prompts whose majority answer has at least this share of the samples")
     min_score: float = _f(1.0, "LM correct: keep samples whose verified score reaches this")
     min_tokens: int = _f(1, "LM length: shortest completion kept, in tokens")
+    uncertain_samples: int = _f(4, "LM uncertain: completions the student samples per prompt")
+    uncertain_share: float = _f(0.25, "LM uncertain: share of prompts kept, the student's least consistent first")
+    max_new_tokens: int = _f(16, "LM uncertain: length of the student's samples")
     max_tokens: int = _f(10_000, "LM length: longest completion kept, in tokens")
     seed: int = _f(0, "seed")
 

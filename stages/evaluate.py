@@ -41,7 +41,6 @@ from stages.metrics import classification_report, expert_metrics, reliability, s
 from stages.models import resolve_device
 from stages.models.classifiers import check_compatible, identity, load_classifier, param_count
 from stages.tasks import is_prompt_source, load_examples, load_prompts, source_identity
-from stages.tasks.reasoning import TASKS
 
 
 def _time_per_row(model, table, batch_size: int, device, repeats: int = 5) -> float:
@@ -227,7 +226,7 @@ def _teacher_data_prompts(path: Path, split: str):
 
     import pyarrow.parquet as pq
 
-    from stages.tasks.reasoning import ReasoningTask, normalise
+    from stages.tasks.reasoning import normalise, task_from_manifest
 
     manifest = read_manifest(path)
     table = pq.read_table(path, columns=["prompt_id", "split", "item", "prompt", "gold", "answer", "task"])
@@ -240,8 +239,6 @@ def _teacher_data_prompts(path: Path, split: str):
                                               "answer": r["gold"], "task": r["task"]})  # fmt: skip
         if r["answer"] is not None:
             votes.setdefault(r["prompt_id"], Counter())[normalise(r["answer"])] += 1
-    d = manifest.get("params", {}).get("data", {})
-    name = manifest.get("task", {}).get("name", "")
-    task = ReasoningTask(name, tuple(d.get("sizes", (2000, 200, 200))), d.get("split_seed", 0)) if name in TASKS else None
+    task = task_from_manifest(manifest)
     teacher = {p: v.most_common(1)[0][0] for p, v in votes.items()}
     return list(by_prompt.values()), task, teacher

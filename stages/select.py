@@ -8,11 +8,13 @@ new table with the same columns plus ``weight`` and ``reason``. Only rows of
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from stages.artifacts import (
     CLASSIFIER_TEACHER_DATA,
@@ -28,14 +30,22 @@ from stages.artifacts import (
     read_manifest,
     write_manifest,
 )
-from stages.config import SelectConfig, to_dict
+from stages.config import DataConfig, SelectConfig, to_dict
 from stages.errors import DistilError
 from stages.progress import progress_bar
 from stages.selectors import SELECTORS
 from stages.selectors_lm import LM_SELECTORS
 
 
-def run(cfg: SelectConfig, data: Path, out: Path, *, progress: bool = True) -> Path:
+def run(cfg: SelectConfig, data, out: Path, *, student: Path | None = None, data_cfg: DataConfig | None = None,
+        device: str = "auto", progress: bool = True) -> Path:  # fmt: skip
+    if cfg.by == "uncertain":
+        return _run_uncertain(
+            cfg, data, out, student=student, data_cfg=data_cfg or DataConfig(), device=device, progress=progress
+        )
+    if student is not None:
+        raise DistilError(f"--student is used by --by uncertain only, not '{cfg.by}'")
+    data = Path(data)
     if Path(data).is_dir() and read_manifest(Path(data)).get("kind") == "lm_teacher_data":
         return _run_lm(cfg, Path(data), out, progress=progress)
     if cfg.by not in SELECTORS:
@@ -119,4 +129,61 @@ def _run_lm(cfg: SelectConfig, data: Path, out: Path, *, progress: bool) -> Path
         stats = {s: {"kept": k, "rows": n, "share": k / max(n, 1)} for s, (k, n) in kept.items()}
         write_manifest(work, kind="lm_selection", params=params, inputs=inputs, rows=writer.done_rows, model=manifest.get("model", {}),
                        extra={"task": manifest.get("task", {}), "top_k": manifest.get("top_k", 0), "selection": stats})  # fmt: skip
+        return output.commit()
+
+
+def _run_uncertain(
+    cfg: SelectConfig, data, out: Path, *, student: Path | None, data_cfg: DataConfig, device: str, progress: bool
+) -> Path:
+    """Test-time self-improvement's selection (Self-Improving LLM Agents at Test-Time,
+    TT-D): the student samples ``uncertain_samples`` answers per prompt; the prompts where
+    it agrees with itself least are the ones worth asking the teacher about. Writes a prompt
+    table (``kind: lm_prompts``) that ``generate-teacher-data`` takes as ``--data``."""
+    from stages.lm_training import sample
+    from stages.models import resolve_device
+    from stages.models.lm import lm_identity, load_lm
+    from stages.tasks import load_prompts
+    from stages.tasks.reasoning import PROMPTS, extract_answer, normalise
+
+    if student is None:
+        raise DistilError("--by uncertain measures a student's consistency: pass --student DIR")
+    if cfg.uncertain_samples < 2 or not 0 < cfg.uncertain_share <= 1:
+        raise DistilError("uncertain_samples must be >= 2 and uncertain_share in (0, 1]")
+    dev_ = resolve_device(device)
+    model, tokenizer = load_lm(student, dev_)
+    table, _ = load_prompts(data, data_cfg)
+    rows = [r for r in table.to_pylist() if r["split"] in cfg.splits]
+    if not rows:
+        raise DistilError(f"{data} has no prompts in splits {cfg.splits}")
+    params = {"select": to_dict(cfg), "data": to_dict(data_cfg)}
+    inputs = {"data": str(data), "student": lm_identity(student)["sha256"]}
+    output = Output(out, fingerprint("select", params, inputs))
+    with output as work:
+        n = cfg.uncertain_samples
+        agreement = []
+        torch.manual_seed(cfg.seed)
+        with progress_bar(progress) as bar:
+            job = bar.add_task("student self-consistency", total=len(rows), info="prompts")
+            for i in range(0, len(rows), 16):
+                chunk = rows[i : i + 16]
+                gens = sample(model, tokenizer, [r["prompt"] for r in chunk], samples=n, temperature=1.0, top_p=1.0,
+                              max_new_tokens=cfg.max_new_tokens, top_k=0, device=dev_)  # fmt: skip
+                for j in range(len(chunk)):
+                    answers = [extract_answer(g["completion"])[0] for g in gens[j * n : (j + 1) * n]]
+                    votes = Counter(normalise(a) for a in answers if a is not None)
+                    agreement.append(votes.most_common(1)[0][1] / n if votes else 0.0)
+                bar.update(job, advance=len(chunk))
+        keep_n = max(1, round(cfg.uncertain_share * len(rows)))
+        order = sorted(range(len(rows)), key=lambda i: (agreement[i], i))[:keep_n]
+        kept = [rows[i] for i in sorted(order)]
+        chosen = pa.Table.from_pylist(kept, schema=PROMPTS)
+        chosen = chosen.append_column("weight", pa.array([1 - agreement[i] for i in sorted(order)], pa.float32()))
+        chosen = chosen.append_column("reason", pa.array([f"student agreement {agreement[i]:.2f}" for i in sorted(order)]))
+        TableWriter(work, chosen.schema).write(chosen)
+        manifest = read_manifest(Path(data)) if Path(data).is_dir() else {}
+        write_manifest(work, kind="lm_prompts", params=manifest.get("params", params) | {"select": to_dict(cfg)}, inputs=inputs,
+                       rows=chosen.num_rows, model=lm_identity(student),
+                       extra={"task": {"name": manifest.get("task", {}).get("name", str(data))},
+                              "selection": {"kept": chosen.num_rows, "rows": len(rows),
+                                            "mean_agreement_kept": float(np.mean([agreement[i] for i in order]))}})  # fmt: skip
         return output.commit()

@@ -257,3 +257,34 @@ def test_smollm2_generates_teacher_data_through_the_same_path(cli, tmp_path):
     cli.ok("distill", "--method", "kd", "--data", tmp_path / "td", "--out", tmp_path / "s", "--set", "epochs=1",
            "--set", "lm.hidden=16", "--set", "lm.layers=1", "--set", "lm.heads=2", "-q")  # fmt: skip
     assert len(AutoTokenizer.from_pretrained(tmp_path / "s")) == 49152
+
+
+def test_uncertain_picks_the_prompts_the_student_agrees_on_least(cli, lm_dir, tmp_path):
+    import pyarrow.parquet as pq
+
+    cli.ok("select", "basic_arithmetic", "--by", "uncertain", "--student", lm_dir, "--out", tmp_path / "u",
+           "--set", "data.sizes=[40,10,10]", "--set", "uncertain_share=0.5", "--set", "max_new_tokens=4", "-q")  # fmt: skip
+    chosen = pq.read_table(tmp_path / "u")
+    manifest = json.loads((tmp_path / "u" / "_manifest.json").read_text())
+    assert chosen.num_rows == round(0.5 * manifest["selection"]["rows"])
+    weights = chosen.column("weight").to_pylist()
+    assert all(0 <= w <= 1 for w in weights) and all(
+        r.startswith("student agreement") for r in chosen.column("reason").to_pylist()
+    )
+    # the chosen prompts feed the teacher, keeping their task's scorer
+    cli.ok(
+        "generate-teacher-data",
+        "--teacher",
+        lm_dir,
+        "--data",
+        tmp_path / "u",
+        "--out",
+        tmp_path / "td",
+        "--set",
+        "max_new_tokens=4",
+        "-q",
+    )
+    td = pq.read_table(tmp_path / "td")
+    assert td.num_rows == chosen.num_rows and set(td.column("task").to_pylist()) == {"basic_arithmetic"}
+    assert all(s is not None for s in td.column("score").to_pylist())
+    cli.fails("select", "basic_arithmetic", "--by", "uncertain", "--out", tmp_path / "x", match="pass --student")

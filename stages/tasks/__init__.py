@@ -139,6 +139,16 @@ def load_prompts(source: str | Path, data: DataConfig):
     """(PROMPTS table, the ReasoningTask or None for user data)."""
     from stages.tasks.reasoning import TASKS, ReasoningTask, load_prompt_table
 
+    path = Path(source)
+    if path.is_dir() and (path / MANIFEST).exists():  # a distil prompt table (e.g. from select --by uncertain)
+        from stages.tasks.reasoning import PROMPTS, task_from_manifest
+
+        table, manifest = read_table(path, PROMPTS, "prompt table")
+        if manifest.get("kind") != "lm_prompts":
+            raise DistilError(
+                f"{path} is {manifest.get('kind')}, not a prompt table; pass a task, a prompt file or select's output"
+            )
+        return _limit(table.select(PROMPTS.names), data.limit), task_from_manifest(manifest)
     if str(source) in TASKS:
         if len(data.sizes) != 3 or min(data.sizes) < 1:
             raise DistilError(f"data.sizes must be three positive split sizes (train, dev, test), got {data.sizes}")

@@ -135,3 +135,12 @@ def load_prompt_table(path: Path, prompt_column: str = "prompt", answer_column: 
         {"id": list(range(n)), "split": splits, "task": [path.stem] * n, "prompt": prompts, "answer": answers, "item": [-1] * n},
         schema=PROMPTS,
     )
+
+
+def task_from_manifest(manifest: dict) -> ReasoningTask | None:
+    """The reasoning task an LM artifact was made from (None for user prompt tables)."""
+    data = manifest.get("params", {}).get("data", {})
+    name = manifest.get("task", {}).get("name", "")
+    if name not in TASKS:
+        return None
+    return ReasoningTask(name, tuple(data.get("sizes", (2000, 200, 200))), data.get("split_seed", 0))
