@@ -21,7 +21,7 @@ import torch
 from stages.artifacts import Output, fingerprint, read_manifest, write_json, write_manifest
 from stages.config import DataConfig, DistillConfig, to_dict
 from stages.errors import DistilError
-from stages.lm_training import IGNORE, collate, encode, encode_tokens, fit_lm, token_ce
+from stages.lm_training import IGNORE, RowSource, collate, encode, encode_tokens, fit_lm, token_ce
 from stages.losses import DIVERGENCES, divergence_hyper
 from stages.models import resolve_device
 from stages.models.lm import LMSize, build_lm, check_same_tokenizer, load_lm, load_tokenizer, train_tokenizer
@@ -141,16 +141,30 @@ def run_lm(
             f"method '{cfg.method}' needs LM teacher data with top-k log-probs; run `distil generate-teacher-data` first"
         )
     if teacher_data:
-        rows = pq.read_table(Path(data)).to_pylist()
         if token_level and not manifest.get("top_k"):
             raise DistilError(f"{data} stores no top-k log-probs (top_k = 0); regenerate it with generate_teacher_data.top_k > 0")
-        rows = [r for r in rows if r["completion"].strip() or r["token_ids"]]
+        files = sorted(Path(data).glob("part-*.parquet"))
+
+        def part_loader(f, split):
+            def load():
+                return [
+                    r for r in pq.read_table(f).to_pylist() if r["split"] == split and (r["token_ids"] or r["completion"].strip())
+                ]
+
+            return load
+
+        def count(f, split):
+            return sum(s == split for s in pq.read_table(f, columns=["split"]).column(0).to_pylist())
+
+        sources = {
+            split: ([part_loader(f, split) for f in files], [count(f, split) for f in files]) for split in ("train", "dev")
+        }
     else:
         table, _ = load_prompts(data, data_cfg)
         rows = [r for r in table.to_pylist() if r["answer"] is not None and str(r["answer"]).strip()]
-    train = [r for r in rows if r["split"] == "train"]
-    dev = [r for r in rows if r["split"] == "dev"]
-    if not train or not dev:
+        sources = {split: ([lambda s=split: [r for r in rows if r["split"] == s]], [sum(r["split"] == split for r in rows)])
+                   for split in ("train", "dev")}  # fmt: skip
+    if not sum(sources["train"][1]) or not sum(sources["dev"][1]):
         raise DistilError(f"{data} needs answered prompts in both the train and dev splits for {cfg.method}")
     lm = cfg.lm
     teacher_tok = live = None
@@ -161,7 +175,8 @@ def run_lm(
     if lm.init:
         model, tokenizer = load_lm(lm.init, dev_)
     else:
-        tokenizer = teacher_tok or train_tokenizer((r["prompt"] + " " + _target(r) for r in train), lm.vocab_size)
+        texts = (r["prompt"] + " " + _target(r) for load in sources["train"][0] for r in load())
+        tokenizer = teacher_tok or train_tokenizer(texts, lm.vocab_size)
         size = LMSize(lm.hidden, lm.layers, lm.heads, lm.kv_heads, lm.intermediate, lm.context)
         model = build_lm(lm.family, size, tokenizer, seed=cfg.seed).to(dev_)
     if teacher_tok is not None:
@@ -171,19 +186,15 @@ def run_lm(
     )
     k = manifest.get("top_k", 0)
 
-    def rows_for(split):
+    def encode_row(r: dict) -> tuple:
+        w = r.get("weight", 1.0)
         if not token_level:
-            return [encode(tokenizer, r["prompt"], _target(r), max_len) for r in split]
-        out = []
-        for r in split:
-            ids, labels = encode_tokens(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"], r["token_ids"], max_len)
-            n = len(r["token_ids"])
-            out.append(
-                (ids, labels, np.asarray(r["topk_ids"]).reshape(n, k), np.asarray(r["topk_logprobs"], np.float32).reshape(n, k))
-            )
-        return out
+            return (*encode(tokenizer, r["prompt"], _target(r), max_len), None, None, w)
+        ids, labels = encode_tokens(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"], r["token_ids"], max_len)
+        n = len(r["token_ids"])
+        return ids, labels, np.asarray(r["topk_ids"]).reshape(n, k), np.asarray(r["topk_logprobs"], np.float32).reshape(n, k), w
 
-    pairs = {"train": rows_for(train), "dev": rows_for(dev)}
+    pairs = {split: RowSource(*sources[split], encode_row) for split in ("train", "dev")}
     loss_fn = on_policy_loss(cfg, live, tokenizer, max_len) if on_policy else None
     if token_level:
         divergence = DIVERGENCES["kd" if cfg.method == "tsd" else cfg.method]
@@ -214,9 +225,8 @@ def run_lm(
             progress_bar(progress) as bar,
         ):
             torch.manual_seed(cfg.seed)
-            summary = fit_lm(
-                model, pairs["train"], pairs["dev"], cfg, work, pad_id=tokenizer.pad_token_id, device=dev_, bar=bar, live=live
-            )
+            summary = fit_lm(model, pairs["train"], pairs["dev"], cfg, work, pad_id=tokenizer.pad_token_id, device=dev_,
+                             loss_fn=loss_fn, bar=bar, live=live)  # fmt: skip
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -225,7 +235,7 @@ def run_lm(
         summary = {
             "method": cfg.method,
             "params": sum(p.numel() for p in model.parameters()),
-            "train_rows": len(train),
+            "train_rows": len(pairs["train"]),
             **summary,
         }
         write_json(work / "training.json", summary)

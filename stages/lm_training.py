@@ -74,6 +74,44 @@ def collate(rows: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+class RowSource:
+    """The encoded rows of one split, read part by part so memory holds one part at a time.
+
+    ``parts`` are callables returning raw rows (dicts); ``encode_row`` turns a raw row into
+    the tuple ``collate`` takes. An epoch visits the parts in a seeded order and shuffles
+    rows within each part: deterministic for resuming, bounded in memory."""
+
+    def __init__(self, parts: list, counts: list[int], encode_row):
+        self.parts, self.counts, self.encode_row = parts, counts, encode_row
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    def raw(self):
+        for load in self.parts:
+            yield from load()
+
+    def epoch(self, seed: int | None = None):
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        order = torch.randperm(len(self.parts), generator=g).tolist() if g is not None else range(len(self.parts))
+        for p in order:
+            rows = [self.encode_row(r) for r in self.parts[p]()]
+            idx = torch.randperm(len(rows), generator=g).tolist() if g is not None else range(len(rows))
+            for i in idx:
+                yield rows[i]
+
+
+def batches(rows, size: int):
+    batch = []
+    for r in rows:
+        batch.append(r)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def token_ce(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token cross-entropy over completion tokens (logits[t] predicts labels[t+1]),
     averaged over tokens, each token weighted by its row's ``weight`` [B] when given."""
@@ -89,8 +127,8 @@ def token_ce(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | 
 
 def fit_lm(
     model,
-    train: list[tuple[list[int], list[int]]],
-    dev: list[tuple[list[int], list[int]]],
+    train: RowSource,
+    dev: RowSource,
     cfg: DistillConfig,
     work: Path,
     *,
@@ -131,10 +169,9 @@ def fit_lm(
     for epoch in range(progress["epoch"], cfg.epochs):
         t0 = time.perf_counter()
         model.train()
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)).tolist()
         total, count = 0.0, 0
-        for i in range(0, len(order), cfg.batch_size):
-            batch = {k: v.to(acc.device) for k, v in collate([train[j] for j in order[i : i + cfg.batch_size]], pad_id).items()}
+        for rows in batches(train.epoch(cfg.seed * 100_003 + epoch), cfg.batch_size):
+            batch = {k: v.to(acc.device) for k, v in collate(rows, pad_id).items()}
             with acc.accumulate(model):
                 loss = loss_fn(model, batch)
                 acc.backward(loss)
@@ -169,11 +206,11 @@ def fit_lm(
 
 
 @torch.no_grad()
-def evaluate_loss(model, rows, batch_size: int, pad_id: int, device) -> float:
+def evaluate_loss(model, rows: RowSource, batch_size: int, pad_id: int, device) -> float:
     model.eval()
     total, tokens = 0.0, 0
-    for i in range(0, len(rows), batch_size):
-        b = {k: v.to(device) for k, v in collate([r[:2] for r in rows[i : i + batch_size]], pad_id).items()}
+    for chunk in batches(rows.epoch(), batch_size):
+        b = {k: v.to(device) for k, v in collate([r[:2] for r in chunk], pad_id).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         n = int((b["labels"][:, 1:] != IGNORE).sum())
         total += float(token_ce(logits, b["labels"])) * n

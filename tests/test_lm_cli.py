@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 LM = ["--set", "data.sizes=[120,20,20]", "--set", "lm.hidden=32", "--set", "lm.layers=1", "--set", "lm.heads=2",
@@ -288,3 +289,30 @@ def test_uncertain_picks_the_prompts_the_student_agrees_on_least(cli, lm_dir, tm
     assert td.num_rows == chosen.num_rows and set(td.column("task").to_pylist()) == {"basic_arithmetic"}
     assert all(s is not None for s in td.column("score").to_pylist())
     cli.fails("select", "basic_arithmetic", "--by", "uncertain", "--out", tmp_path / "x", match="pass --student")
+
+
+@pytest.mark.parametrize("method", ["sft", "kd", "tsd"])
+def test_each_lm_method_trains_with_its_own_loss(lm_teacher_data, tmp_path, monkeypatch, method):
+    """The loss that reaches the training loop is the method's: the divergence against the
+    stored top-k for kd / tsd (its value on a batch differs from plain next-token CE)."""
+    import stages.distill_lm as mod
+    from stages.config import DataConfig, DistillConfig, LMConfig
+    from stages.lm_training import collate, token_ce
+
+    seen = {}
+
+    def capture(model, train, dev, cfg, work, *, pad_id, device, loss_fn=None, bar=None, live=None):
+        seen["loss_fn"], seen["batch"], seen["model"] = loss_fn, collate(list(train.epoch(0))[:4], pad_id), model
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, "fit_lm", capture)
+    cfg = DistillConfig(method=method, alpha=1.0, lm=LMConfig(hidden=16, layers=1, heads=2))
+    with pytest.raises(KeyboardInterrupt):
+        mod.run_lm(cfg, lm_teacher_data, tmp_path / "s", data_cfg=DataConfig(), progress=False)
+    if method == "sft":
+        assert seen["loss_fn"] is None  # fit_lm's default: next-token CE
+        return
+    b, m = seen["batch"], seen["model"]
+    ce = token_ce(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+    value = seen["loss_fn"](m, b)
+    assert torch.isfinite(value) and abs(float(value) - float(ce)) > 1e-4
