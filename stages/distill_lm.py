@@ -24,7 +24,7 @@ from stages.errors import DistilError
 from stages.lm_training import IGNORE, RowSource, collate, encode, encode_tokens, fit_lm, token_ce
 from stages.losses import DIVERGENCES, divergence_hyper
 from stages.models import resolve_device
-from stages.models.lm import LMSize, build_lm, check_same_tokenizer, load_lm, load_tokenizer, train_tokenizer
+from stages.models.lm import LMSize, build_lm, check_same_tokenizer, lm_identity, load_lm, load_tokenizer, train_tokenizer
 from stages.progress import progress_bar
 from stages.tasks import load_prompts, source_identity
 
@@ -214,7 +214,8 @@ def run_lm(
             return cfg.alpha * distil + (1 - cfg.alpha) * token_ce(logits, b["labels"], b["w"])
 
     params = {"distill": to_dict(cfg), "data": to_dict(data_cfg)}
-    inputs = {"data": source_identity(data) if Path(data).exists() else f"task:{data}"}
+    inputs = {"data": source_identity(data) if Path(data).exists() else f"task:{data}",
+              "teacher": lm_identity(teachers[0])["sha256"] if on_policy else ""}  # fmt: skip
     output = Output(out, fingerprint("distill", params, inputs))
     with output as work:
         from dvclive import Live

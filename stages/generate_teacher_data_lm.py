@@ -24,7 +24,7 @@ from stages.lm_training import sample
 from stages.models import resolve_device
 from stages.models.lm import lm_identity, load_lm
 from stages.progress import progress_bar
-from stages.tasks import load_prompts
+from stages.tasks import load_prompts, source_identity
 from stages.tasks.reasoning import extract_answer, normalise
 
 
@@ -41,7 +41,7 @@ def run_lm(cfg: GenerateTeacherDataConfig, teacher: Path, data, out: Path, *, da
     if not prompts:
         raise DistilError(f"{data} has no prompts in splits {cfg.splits}")
     params = {"generate_teacher_data": to_dict(cfg), "data": to_dict(data_cfg)}
-    inputs = {"teacher": lm_identity(teacher)["sha256"], "data": str(data)}
+    inputs = {"teacher": lm_identity(teacher)["sha256"], "data": source_identity(data) if Path(data).exists() else f"task:{data}"}
     output = Output(out, fingerprint("generate_teacher_data", params, inputs))
     with output as work:
         writer = TableWriter(work, LM_TEACHER_DATA)

@@ -315,4 +315,4 @@ def test_each_lm_method_trains_with_its_own_loss(lm_teacher_data, tmp_path, monk
     b, m = seen["batch"], seen["model"]
     ce = token_ce(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
     value = seen["loss_fn"](m, b).detach()
-    assert torch.isfinite(value) and abs(float(value) - float(ce)) > 1e-4
+    assert torch.isfinite(value) and abs(float(value) - float(ce.detach())) > 1e-4
