@@ -49,3 +49,20 @@ def test_unknown_task_and_user_tables(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"question": "x"}\n')
     with pytest.raises(DistilError, match="no prompt column"):
         load_prompt_table(tmp_path / "bad.jsonl")
+
+
+def test_hub_style_datasets_load_through_datasets(tmp_path):
+    from stages.config import DataConfig
+    from stages.tasks import is_prompt_source, load_prompts
+
+    d = tmp_path / "ds"
+    d.mkdir()
+    (d / "train.jsonl").write_text('{"question": "1+1?", "gold": "2"}\n{"question": "2+2?", "gold": "4"}\n')
+    (d / "validation.jsonl").write_text('{"question": "3+3?", "gold": "6"}\n')
+    cfg = DataConfig(prompt_column="question", answer_column="gold")
+    assert is_prompt_source(f"hf:{d}", cfg)
+    table, task = load_prompts(f"hf:{d}", cfg)
+    assert task is None and table.column("split").to_pylist() == ["train", "train", "dev"]
+    assert table.column("answer").to_pylist() == ["2", "4", "6"]
+    with pytest.raises(DistilError, match="cannot load dataset"):
+        load_prompts(f"hf:{tmp_path / 'missing'}", cfg)

@@ -113,7 +113,7 @@ def is_prompt_source(source: str | Path, data: DataConfig) -> bool:
     """Language-model data: a reasoning task name, JSON lines, or a table with a prompt column."""
     from stages.tasks.reasoning import TASKS
 
-    if str(source) in TASKS:
+    if str(source) in TASKS or str(source).startswith("hf:"):
         return True
     path = Path(source)
     if path.suffix.lower() in (".jsonl", ".json"):
@@ -139,6 +139,10 @@ def load_prompts(source: str | Path, data: DataConfig):
     """(PROMPTS table, the ReasoningTask or None for user data)."""
     from stages.tasks.reasoning import TASKS, ReasoningTask, load_prompt_table
 
+    if str(source).startswith("hf:"):
+        from stages.tasks.reasoning import load_hub_prompts
+
+        return _limit(load_hub_prompts(str(source)[3:], data.prompt_column, data.answer_column), data.limit), None
     path = Path(source)
     if path.is_dir() and (path / MANIFEST).exists():  # a distil prompt table (e.g. from select --by uncertain)
         from stages.tasks.reasoning import PROMPTS, task_from_manifest

@@ -144,3 +144,34 @@ def task_from_manifest(manifest: dict) -> ReasoningTask | None:
     if name not in TASKS:
         return None
     return ReasoningTask(name, tuple(data.get("sizes", (2000, 200, 200))), data.get("split_seed", 0))
+
+
+def load_hub_prompts(name: str, prompt_column: str = "prompt", answer_column: str = "answer") -> pa.Table:
+    """Prompts through ``datasets.load_dataset``: a hub name (online users) or a local
+    directory of data files. Splits train / validation (or dev) / test map to ours."""
+    try:
+        import datasets
+    except ImportError:
+        raise DistilError("hf: data needs the datasets package: pip install 'distil[hub]'") from None
+    try:
+        loaded = datasets.load_dataset(name)
+    except Exception as exc:  # datasets raises many types for a missing or offline dataset
+        raise DistilError(
+            f"cannot load dataset '{name}' ({str(exc).splitlines()[0][:140]}); offline, pass a local directory"
+        ) from None
+    names = {"train": "train", "validation": "dev", "dev": "dev", "test": "test"}
+    rows: list[dict] = []
+    for split, ds in loaded.items():
+        if split not in names:
+            continue
+        if prompt_column not in ds.column_names:
+            raise DistilError(
+                f"dataset '{name}' split {split} has no column '{prompt_column}' (columns: {', '.join(ds.column_names)})"
+            )
+        for r in ds:
+            answer = r.get(answer_column)
+            rows.append({"id": len(rows), "split": names[split], "task": Path(name).name, "prompt": str(r[prompt_column]),
+                         "answer": None if answer is None else str(answer), "item": -1})  # fmt: skip
+    if not rows:
+        raise DistilError(f"dataset '{name}' has no train, validation or test split")
+    return pa.Table.from_pylist(rows, schema=PROMPTS)
