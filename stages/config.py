@@ -39,6 +39,7 @@ class DataConfig:
     test_frac: float = _f(0.2, "share of rows in the test split")
     limit: int = _f(0, "keep at most this many rows per split (0 = all); for quick runs and tests")
     sizes: list[int] = _f([2000, 200, 200], "reasoning tasks: items in the train, dev and test splits")
+    task_options: dict = _f({}, "reasoning tasks: options of the reasoning-gym generator (e.g. {max_terms: 3, max_digits: 1})")
     prompt_column: str = _f("prompt", "LM prompt tables: the prompt column")
     answer_column: str = _f("answer", "LM prompt tables: the gold answer column (optional in the table)")
     long_tail: float = _f(
@@ -212,6 +213,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin is list and isinstance(value, list):
         inner = hint.__args__[0]
         return [_coerce(v, inner, where) for v in value]
+    if hint is dict and isinstance(value, dict):
+        return value
     if origin is list and isinstance(value, str):
         return [v for v in value.split(",") if v]
     raise DistilError(f"params '{where}' must be {getattr(hint, '__name__', hint)}, got {value!r}")

@@ -66,3 +66,14 @@ def test_hub_style_datasets_load_through_datasets(tmp_path):
     assert table.column("answer").to_pylist() == ["2", "4", "6"]
     with pytest.raises(DistilError, match="cannot load dataset"):
         load_prompts(f"hf:{tmp_path / 'missing'}", cfg)
+
+
+def test_generator_options_shape_the_items():
+    task = ReasoningTask(
+        "chain_sum", sizes=(20, 5, 5), options=(("max_digits", 1), ("max_terms", 2), ("min_digits", 1), ("min_terms", 2))
+    )
+    for row in task.table().to_pylist():
+        numbers = [t for t in row["prompt"].replace("=", " ").split() if t.lstrip("-").isdigit()]
+        assert len(numbers) == 2 and all(len(n.lstrip("-")) == 1 for n in numbers)
+    with pytest.raises(DistilError, match="rejects options"):
+        ReasoningTask("chain_sum", sizes=(5, 5, 5), options=(("no_such_option", 1),)).table()

@@ -156,7 +156,7 @@ def load_prompts(source: str | Path, data: DataConfig):
     if str(source) in TASKS:
         if len(data.sizes) != 3 or min(data.sizes) < 1:
             raise DistilError(f"data.sizes must be three positive split sizes (train, dev, test), got {data.sizes}")
-        task = ReasoningTask(str(source), tuple(data.sizes), data.split_seed)
+        task = ReasoningTask(str(source), tuple(data.sizes), data.split_seed, tuple(sorted(data.task_options.items())))
         table = task.table()
     else:
         task = None

@@ -52,10 +52,15 @@ def extract_answer(completion: str) -> tuple[str | None, str]:
 
 
 @lru_cache(maxsize=32)
-def _dataset(task: str, size: int, seed: int):
+def _dataset(task: str, size: int, seed: int, options: tuple = ()):
     import reasoning_gym
 
-    return reasoning_gym.create_dataset(task, size=size, seed=seed)
+    try:
+        return reasoning_gym.create_dataset(task, size=size, seed=seed, **dict(options))
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise DistilError(
+            f"reasoning-gym rejects options {dict(options)} for '{task}' ({exc}); check data.task_options"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,8 @@ class ReasoningTask:
     name: str
     sizes: tuple[int, int, int] = (2000, 200, 200)
     seed: int = 0
+    options: tuple = ()
+    """Generator options as sorted (key, value) pairs (hashable, so datasets are cached)."""
 
     def __post_init__(self):
         if self.name not in TASKS:
@@ -70,7 +77,7 @@ class ReasoningTask:
 
     def _split_dataset(self, split: str):
         s = SPLITS.index(split)
-        return _dataset(self.name, self.sizes[s], self.seed * 3 + s)
+        return _dataset(self.name, self.sizes[s], self.seed * 3 + s, self.options)
 
     def table(self) -> pa.Table:
         held_out = {str(x["question"]) for split in ("dev", "test") for x in self._split_dataset(split)}
@@ -143,7 +150,8 @@ def task_from_manifest(manifest: dict) -> ReasoningTask | None:
     name = manifest.get("task", {}).get("name", "")
     if name not in TASKS:
         return None
-    return ReasoningTask(name, tuple(data.get("sizes", (2000, 200, 200))), data.get("split_seed", 0))
+    options = tuple(sorted((data.get("task_options") or {}).items()))
+    return ReasoningTask(name, tuple(data.get("sizes", (2000, 200, 200))), data.get("split_seed", 0), options)
 
 
 def load_hub_prompts(name: str, prompt_column: str = "prompt", answer_column: str = "answer") -> pa.Table:
