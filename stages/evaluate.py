@@ -40,7 +40,7 @@ from stages.evaluate_lm import lm_metrics
 from stages.metrics import classification_report, expert_metrics, reliability, shot_accuracy, softmax
 from stages.models import resolve_device
 from stages.models.classifiers import check_compatible, identity, load_classifier, param_count
-from stages.tasks import is_prompt_source, load_examples, load_prompts, source_identity
+from stages.tasks import is_prompt_source, load_examples, prompts_in_splits, source_identity
 
 
 def _time_per_row(model, table, batch_size: int, device, repeats: int = 5) -> float:
@@ -202,8 +202,7 @@ def _run_lm(cfg: EvaluateConfig, models: list[Path], data, out: Path, *, data_cf
     if Path(data).is_dir():  # LM teacher data: its prompts, gold answers and the teacher's majority answers
         rows, task, teacher_answers = _teacher_data_prompts(Path(data), cfg.split)
     else:
-        table, task = load_prompts(data, data_cfg)
-        rows = [r for r in table.to_pylist() if r["split"] == cfg.split]
+        rows, task = prompts_in_splits(data, data_cfg, [cfg.split])
     if not rows:
         raise DistilError(f"{data} has no prompts in split '{cfg.split}'; set evaluate.split")
     if cfg.samples < 1 or cfg.max_new_tokens < 1:

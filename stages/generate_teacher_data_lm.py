@@ -24,7 +24,7 @@ from stages.lm_training import sample
 from stages.models import resolve_device
 from stages.models.lm import lm_identity, load_lm
 from stages.progress import progress_bar
-from stages.tasks import load_prompts, source_identity
+from stages.tasks import prompts_in_splits, source_identity
 from stages.tasks.reasoning import extract_answer, normalise
 
 
@@ -36,10 +36,7 @@ def run_lm(cfg: GenerateTeacherDataConfig, teacher: Path, data, out: Path, *, da
         raise DistilError("several samples per prompt need temperature > 0 (greedy decoding repeats itself)")
     dev_ = resolve_device(device)
     model, tokenizer = load_lm(teacher, dev_)
-    table, task = load_prompts(data, data_cfg)
-    prompts = [r for r in table.to_pylist() if r["split"] in cfg.splits]
-    if not prompts:
-        raise DistilError(f"{data} has no prompts in splits {cfg.splits}")
+    prompts, task = prompts_in_splits(data, data_cfg, cfg.splits)
     params = {"generate_teacher_data": to_dict(cfg), "data": to_dict(data_cfg)}
     inputs = {"teacher": lm_identity(teacher)["sha256"], "data": source_identity(data) if Path(data).exists() else f"task:{data}"}
     output = Output(out, fingerprint("generate_teacher_data", params, inputs))

@@ -142,7 +142,7 @@ def _run_uncertain(
     from stages.lm_training import sample
     from stages.models import resolve_device
     from stages.models.lm import lm_identity, load_lm
-    from stages.tasks import load_prompts
+    from stages.tasks import prompts_in_splits
     from stages.tasks.reasoning import PROMPTS, extract_answer, normalise
 
     if student is None:
@@ -151,10 +151,7 @@ def _run_uncertain(
         raise DistilError("uncertain_samples must be >= 2 and uncertain_share in (0, 1]")
     dev_ = resolve_device(device)
     model, tokenizer = load_lm(student, dev_)
-    table, _ = load_prompts(data, data_cfg)
-    rows = [r for r in table.to_pylist() if r["split"] in cfg.splits]
-    if not rows:
-        raise DistilError(f"{data} has no prompts in splits {cfg.splits}")
+    rows, _ = prompts_in_splits(data, data_cfg, cfg.splits)
     params = {"select": to_dict(cfg), "data": to_dict(data_cfg)}
     inputs = {"data": str(data), "student": lm_identity(student)["sha256"]}
     output = Output(out, fingerprint("select", params, inputs))

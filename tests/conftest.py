@@ -5,6 +5,7 @@ Everything runs on CPU, offline, inside tmp_path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -91,3 +92,23 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     c.ok("generate-teacher-data", "--teacher", paths["teacher"], "--data", "digits", "--out", paths["tdata"], "-q")
     c.ok("select", paths["tdata"], "--out", paths["selected"], "-q")
     return paths
+
+
+@contextlib.contextmanager
+def dies_on_call(owner, name: str, n: int, exc: type[BaseException] = KeyboardInterrupt, *, after: bool = True):
+    """Within the block, the n-th call of ``owner.name`` raises ``exc`` (after doing its work,
+    or instead of it with ``after=False``): a stage killed at a chosen point."""
+    real, calls = getattr(owner, name), {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n and not after:
+            raise exc
+        out = real(*args, **kwargs)
+        if calls["n"] == n and after:
+            raise exc
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(owner, name, dying)
+        yield

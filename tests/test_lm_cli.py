@@ -95,25 +95,16 @@ def test_lm_teacher_data_stores_top_k_per_generated_token(lm_teacher_data):
     assert manifest["top_k"] == 8 and manifest["tokens_generated"] > 0 and 0 < manifest["bytes_per_token"] < 200
 
 
-def test_lm_teacher_data_resumes_without_duplicates(lm_dir, lm_teacher_data, tmp_path, monkeypatch):
+def test_lm_teacher_data_resumes_without_duplicates(lm_dir, lm_teacher_data, tmp_path):
     import pyarrow.parquet as pq
-    from conftest import Cli, write_params
+    from conftest import Cli, dies_on_call, write_params
 
     from stages.artifacts import TableWriter
 
-    real, calls = TableWriter.write, {"n": 0}
-
-    def dying(self, table):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        real(self, table)
-
-    monkeypatch.setattr(TableWriter, "write", dying)
     c = Cli(write_params(tmp_path))
-    result = c("generate-teacher-data", "--teacher", lm_dir, "--data", "basic_arithmetic", "--out", tmp_path / "td", *GEN)
+    with dies_on_call(TableWriter, "write", 3, after=False):
+        result = c("generate-teacher-data", "--teacher", lm_dir, "--data", "basic_arithmetic", "--out", tmp_path / "td", *GEN)
     assert result.exit_code == 130 and (tmp_path / "td.partial").exists()
-    monkeypatch.setattr(TableWriter, "write", real)
     c.ok("generate-teacher-data", "--teacher", lm_dir, "--data", "basic_arithmetic", "--out", tmp_path / "td", *GEN)
     resumed, ref = pq.read_table(tmp_path / "td"), pq.read_table(lm_teacher_data)
     assert resumed.column("id").to_pylist() == ref.column("id").to_pylist()
@@ -157,7 +148,9 @@ def test_evaluate_on_teacher_data_reports_sampling_metrics(cli, lm_dir, lm_teach
     assert m["rows"] == 20  # one row per test prompt, not per teacher sample
 
 
-def test_lm_training_resumes_after_a_kill(tmp_path, monkeypatch):
+def test_lm_training_resumes_after_a_kill(tmp_path):
+    from conftest import dies_on_call
+
     import stages.lm_training as mod
     from stages import distill
     from stages.artifacts import load_tensors
@@ -166,18 +159,8 @@ def test_lm_training_resumes_after_a_kill(tmp_path, monkeypatch):
     cfg = DistillConfig(method="sft", epochs=3, batch_size=16, lr=0.01, lm=LMConfig(hidden=32, layers=1, heads=2, vocab_size=320))
     data_cfg = DataConfig(sizes=[60, 10, 10])
     distill.run(cfg, "basic_arithmetic", tmp_path / "ref", data_cfg=data_cfg, progress=False)
-    real, saves = mod.save_state, {"n": 0}
-
-    def dying(path, state):
-        real(path, state)
-        saves["n"] += 1
-        if saves["n"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(mod, "save_state", dying)
-    with pytest.raises(KeyboardInterrupt):
+    with dies_on_call(mod, "save_state", 2), pytest.raises(KeyboardInterrupt):
         distill.run(cfg, "basic_arithmetic", tmp_path / "s", data_cfg=data_cfg, progress=False)
-    monkeypatch.setattr(mod, "save_state", real)
     distill.run(cfg, "basic_arithmetic", tmp_path / "s", data_cfg=data_cfg, progress=False)
     history = json.loads((tmp_path / "s" / "training.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import dies_on_call
 
 from stages import distill, generate_teacher_data
 from stages.artifacts import TableWriter, load_tensors
@@ -14,24 +15,13 @@ class Killed(Exception):
     pass
 
 
-def test_teacher_data_resumes_after_a_kill(tiny_run, tmp_path, monkeypatch):
+def test_teacher_data_resumes_after_a_kill(tiny_run, tmp_path):
     cfg = GenerateTeacherDataConfig(shard_rows=20)
     data_cfg = DataConfig(dev_frac=0.2, test_frac=0.2, limit=60)
-    real_write = TableWriter.write
-    calls = {"n": 0}
-
-    def dying_write(self, table):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise Killed
-        real_write(self, table)
-
-    monkeypatch.setattr(TableWriter, "write", dying_write)
-    with pytest.raises(Killed):
+    with dies_on_call(TableWriter, "write", 4, Killed, after=False), pytest.raises(Killed):
         generate_teacher_data.run(cfg, tiny_run["teacher"], "digits", tmp_path / "td", data_cfg=data_cfg, progress=False)
     assert not (tmp_path / "td").exists()
     assert len(list((tmp_path / "td.partial").glob("part-*.parquet"))) == 3
-    monkeypatch.setattr(TableWriter, "write", real_write)
     generate_teacher_data.run(cfg, tiny_run["teacher"], "digits", tmp_path / "td", data_cfg=data_cfg, progress=False)
     generate_teacher_data.run(cfg, tiny_run["teacher"], "digits", tmp_path / "ref", data_cfg=data_cfg, progress=False)
     resumed, ref = pq.read_table(tmp_path / "td"), pq.read_table(tmp_path / "ref")
@@ -40,27 +30,16 @@ def test_teacher_data_resumes_after_a_kill(tiny_run, tmp_path, monkeypatch):
     assert resumed.equals(ref)
 
 
-def test_distill_resumes_from_its_last_checkpoint_and_matches_an_uninterrupted_run(tiny_run, tmp_path, monkeypatch):
+def test_distill_resumes_from_its_last_checkpoint_and_matches_an_uninterrupted_run(tiny_run, tmp_path):
     cfg = DistillConfig(method="kd", model=ModelConfig(arch="mlp", width=8, depth=1), epochs=4, batch_size=16)
     data_cfg = DataConfig(dev_frac=0.2, test_frac=0.2, limit=60)
     distill.run(cfg, tiny_run["selected"], tmp_path / "ref", data_cfg=data_cfg, progress=False)
 
     import stages.training as mod
 
-    real_save = mod.save_state
-    saves = {"n": 0}
-
-    def dying_save(path, state):
-        real_save(path, state)
-        saves["n"] += 1
-        if saves["n"] == 2:
-            raise Killed
-
-    monkeypatch.setattr(mod, "save_state", dying_save)
-    with pytest.raises(Killed):
+    with dies_on_call(mod, "save_state", 2, Killed), pytest.raises(Killed):
         distill.run(cfg, tiny_run["selected"], tmp_path / "s", data_cfg=data_cfg, progress=False)
     assert not (tmp_path / "s").exists() and (tmp_path / "s.partial" / "checkpoint").exists()
-    monkeypatch.setattr(mod, "save_state", real_save)
     distill.run(cfg, tiny_run["selected"], tmp_path / "s", data_cfg=data_cfg, progress=False)
 
     import json
@@ -75,7 +54,7 @@ def test_distill_resumes_from_its_last_checkpoint_and_matches_an_uninterrupted_r
 
 
 @pytest.mark.parametrize("kill_at", [2, 5])
-def test_multi_round_method_resumes_finished_rounds_and_the_open_one(tiny_run, tmp_path, monkeypatch, kill_at):
+def test_multi_round_method_resumes_finished_rounds_and_the_open_one(tiny_run, tmp_path, kill_at):
     """self-distill trains one model per round; a kill in round 2 keeps round 1 and resumes round 2."""
     cfg = DistillConfig(method="self-distill", model=ModelConfig(arch="mlp", width=8, depth=1), epochs=3, batch_size=16,
                         generations=2, gt_weight=0.5)  # fmt: skip
@@ -84,18 +63,8 @@ def test_multi_round_method_resumes_finished_rounds_and_the_open_one(tiny_run, t
 
     import stages.training as mod
 
-    real_save, saves = mod.save_state, {"n": 0}
-
-    def dying_save(path, state):
-        real_save(path, state)
-        saves["n"] += 1
-        if saves["n"] == kill_at:
-            raise Killed
-
-    monkeypatch.setattr(mod, "save_state", dying_save)
-    with pytest.raises(Killed):
+    with dies_on_call(mod, "save_state", kill_at, Killed), pytest.raises(Killed):
         distill.run(cfg, tiny_run["selected"], tmp_path / "s", data_cfg=data_cfg, progress=False)
-    monkeypatch.setattr(mod, "save_state", real_save)
     distill.run(cfg, tiny_run["selected"], tmp_path / "s", data_cfg=data_cfg, progress=False)
     for rel in ("model.safetensors", "generations/g1/model.safetensors"):
         a, b = load_tensors(tmp_path / "s" / rel), load_tensors(tmp_path / "ref" / rel)

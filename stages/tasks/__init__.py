@@ -162,3 +162,12 @@ def load_prompts(source: str | Path, data: DataConfig):
         task = None
         table = load_prompt_table(Path(source), data.prompt_column, data.answer_column)
     return _limit(table, data.limit), task
+
+
+def prompts_in_splits(source: str | Path, data: DataConfig, splits: list[str]):
+    """(prompt rows of ``splits`` as dicts, the ReasoningTask or None); none is an error."""
+    table, task = load_prompts(source, data)
+    rows = [r for r in table.to_pylist() if r["split"] in splits]
+    if not rows:
+        raise DistilError(f"{source} has no prompts in splits {splits}")
+    return rows, task
