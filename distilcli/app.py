@@ -6,10 +6,12 @@ Each command is an adapter: parse options, load its params section, call
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
 
 from distilcli.options import (
     DataOpt,
@@ -155,7 +157,7 @@ def evaluate(
     model: Annotated[Optional[list[Path]], typer.Option("--model", help="Model directory (repeatable).")] = None,
     cascade_dir: Annotated[Optional[list[Path]], typer.Option("--cascade", help="Cascade output directory (repeatable).")] = None,
     params: ParamsOpt = PARAMS, section: SectionOpt = None, set_: SetOpt = None, seed: SeedOpt = None,
-    device: DeviceOpt = "auto", features: FeaturesOpt = None, label: LabelOpt = None,
+    device: DeviceOpt = "auto", features: FeaturesOpt = None, label: LabelOpt = None, quiet: QuietOpt = False,
 ) -> None:  # fmt: skip
     """Accuracy, calibration, agreement and cost of models and cascades; DVC metrics and plots.
 
@@ -164,7 +166,8 @@ def evaluate(
     with handled():
         cfg, p = config(EvaluateConfig, params, section or "evaluate", set_, seed=seed)
         path = evaluate_stage.run(cfg, model or [], data, out, data_cfg=data_config(p, features, label),
-                                  cascades=cascade_dir or [], device=device)  # fmt: skip
+                                  cascades=cascade_dir or [], device=device,
+                                  console=Console(file=io.StringIO()) if quiet else None)  # fmt: skip
         done(path, "evaluation")
 
 

@@ -32,7 +32,7 @@ FeaturesOpt = Annotated[
     Optional[str], typer.Option("--features", help="User tables: comma-separated feature columns, or one list column.")
 ]
 LabelOpt = Annotated[Optional[str], typer.Option("--label", help="User tables: the label column.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary table on the terminal.")]
 
 
 def config(cls: type, params_path: Path, section: str, sets: list[str] | None, **cli: Any) -> tuple[Any, dict[str, Any]]:

@@ -39,6 +39,9 @@ class DataConfig:
     test_frac: float = _f(0.2, "share of rows in the test split")
     limit: int = _f(0, "keep at most this many rows per split (0 = all); for quick runs and tests")
     sizes: list[int] = _f([2000, 200, 200], "reasoning tasks: items in the train, dev and test splits")
+    unlabeled: int = _f(
+        0, "reasoning tasks: extra train prompts with the gold answer withheld (a transfer set only a teacher labels)"
+    )
     task_options: dict = _f({}, "reasoning tasks: options of the reasoning-gym generator (e.g. {max_terms: 3, max_digits: 1})")
     prompt_column: str = _f("prompt", "LM prompt tables: the prompt column")
     answer_column: str = _f("answer", "LM prompt tables: the gold answer column (optional in the table)")
@@ -85,6 +88,7 @@ class DistillConfig:
     batch_size: int = _f(64, "rows per optimiser step")
     lr: float = _f(3e-3, "AdamW learning rate")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "LMs: clip the gradient norm to this before each step (0 = no clipping)")
     temperature: float = _f(2.0, "softmax temperature of the distillation term")
     alpha: float = _f(0.5, "weight of the distillation term; (1-alpha) goes to CE on gold labels")
     beta: float = _f(0.5, "jsd interpolation: 0 = forward KL, 1 = reverse KL")

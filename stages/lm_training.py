@@ -175,6 +175,8 @@ def fit_lm(
             with acc.accumulate(model):
                 loss = loss_fn(model, batch)
                 acc.backward(loss)
+                if acc.sync_gradients and cfg.max_grad_norm > 0:
+                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 opt.step()
                 if acc.sync_gradients:
                     sched.step()

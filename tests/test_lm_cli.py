@@ -299,3 +299,22 @@ def test_each_lm_method_trains_with_its_own_loss(lm_teacher_data, tmp_path, monk
     ce = token_ce(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
     value = seen["loss_fn"](m, b).detach()
     assert torch.isfinite(value) and abs(float(value) - float(ce.detach())) > 1e-4
+
+
+def test_a_teacher_labels_unlabeled_prompts_that_gold_training_never_sees(cli, lm_dir, tmp_path):
+    import pyarrow.parquet as pq
+
+    from stages.tasks.reasoning import ReasoningTask
+
+    sizes = ["--set", "data.sizes=[120,20,20]", "--set", "data.unlabeled=60", "--set", "data.limit=0"]
+    cli.ok("generate-teacher-data", "--teacher", lm_dir, "--data", "basic_arithmetic", "--out", tmp_path / "td",
+           *GEN, *sizes, "--set", "splits=[train]")  # fmt: skip
+    rows = pq.read_table(tmp_path / "td").to_pylist()
+    unlabeled = [r for r in rows if r["item"] >= 120]
+    assert unlabeled and all(r["gold"] is None and r["split"] == "train" for r in unlabeled)
+    assert all(r["score"] is not None for r in unlabeled)  # the task's verifier still scores them
+    cli.ok("distill", "--method", "sft", "--data", "basic_arithmetic", "--out", tmp_path / "g", "--set", "epochs=1", *LM, *sizes)
+    gold_train = [r for r in ReasoningTask("basic_arithmetic", (120, 20, 20)).table().to_pylist() if r["split"] == "train"]
+    assert json.loads((tmp_path / "g" / "training.json").read_text())["train_rows"] == len(gold_train)
+    shown = cli.ok("evaluate", "--model", lm_dir, "--data", "basic_arithmetic", "--out", tmp_path / "ev", *sizes, "-q")
+    assert "accuracy" not in shown.output and (tmp_path / "ev" / "summary.txt").exists()

@@ -77,3 +77,16 @@ def test_generator_options_shape_the_items():
         assert len(numbers) == 2 and all(len(n.lstrip("-")) == 1 for n in numbers)
     with pytest.raises(DistilError, match="rejects options"):
         ReasoningTask("chain_sum", sizes=(5, 5, 5), options=(("no_such_option", 1),)).table()
+
+
+def test_unlabeled_prompts_extend_train_without_gold_but_stay_verifiable():
+    base = ReasoningTask("basic_arithmetic", sizes=(30, 10, 10), seed=0).table().to_pylist()
+    task = ReasoningTask("basic_arithmetic", sizes=(30, 10, 10), seed=0, unlabeled=50)
+    rows = task.table().to_pylist()
+    labelled = [r for r in rows if r["answer"] is not None]
+    assert [(r["prompt"], r["answer"]) for r in labelled] == [(r["prompt"], r["answer"]) for r in base]
+    extra = [r for r in rows if r["answer"] is None]
+    assert len(extra) > 30 and all(r["split"] == "train" and r["item"] >= 30 for r in extra)
+    gold = ReasoningTask("basic_arithmetic", sizes=(80, 10, 10), seed=0).table().to_pylist()
+    by_item = {r["item"]: r["answer"] for r in gold if r["split"] == "train"}
+    assert all(task.score(by_item[r["item"]], "train", r["item"]) == 1.0 for r in extra[:5])

@@ -156,7 +156,10 @@ def load_prompts(source: str | Path, data: DataConfig):
     if str(source) in TASKS:
         if len(data.sizes) != 3 or min(data.sizes) < 1:
             raise DistilError(f"data.sizes must be three positive split sizes (train, dev, test), got {data.sizes}")
-        task = ReasoningTask(str(source), tuple(data.sizes), data.split_seed, tuple(sorted(data.task_options.items())))
+        if data.unlabeled < 0:
+            raise DistilError(f"data.unlabeled must be 0 or more extra train prompts, got {data.unlabeled}")
+        options = tuple(sorted(data.task_options.items()))
+        task = ReasoningTask(str(source), tuple(data.sizes), data.split_seed, options, data.unlabeled)
         table = task.table()
     else:
         task = None

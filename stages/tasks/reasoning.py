@@ -70,6 +70,9 @@ class ReasoningTask:
     seed: int = 0
     options: tuple = ()
     """Generator options as sorted (key, value) pairs (hashable, so datasets are cached)."""
+    unlabeled: int = 0
+    """Train items after the first ``sizes[0]`` whose gold answer is withheld: prompts a
+    teacher can label (and the task's verifier can still score) but gold-only training never sees."""
 
     def __post_init__(self):
         if self.name not in TASKS:
@@ -77,7 +80,8 @@ class ReasoningTask:
 
     def _split_dataset(self, split: str):
         s = SPLITS.index(split)
-        return _dataset(self.name, self.sizes[s], self.seed * 3 + s, self.options)
+        extra = self.unlabeled if split == "train" else 0
+        return _dataset(self.name, self.sizes[s] + extra, self.seed * 3 + s, self.options)
 
     def table(self) -> pa.Table:
         held_out = {str(x["question"]) for split in ("dev", "test") for x in self._split_dataset(split)}
@@ -90,7 +94,8 @@ class ReasoningTask:
                 rows["split"].append(split)
                 rows["task"].append(self.name)
                 rows["prompt"].append(prompt_for(str(x["question"])))
-                rows["answer"].append(str(x["answer"]))
+                labelled = split != "train" or i < self.sizes[0]
+                rows["answer"].append(str(x["answer"]) if labelled else None)
                 rows["item"].append(i)
         return pa.table(rows, schema=PROMPTS)
 
@@ -151,7 +156,8 @@ def task_from_manifest(manifest: dict) -> ReasoningTask | None:
     if name not in TASKS:
         return None
     options = tuple(sorted((data.get("task_options") or {}).items()))
-    return ReasoningTask(name, tuple(data.get("sizes", (2000, 200, 200))), data.get("split_seed", 0), options)
+    sizes = tuple(data.get("sizes", (2000, 200, 200)))
+    return ReasoningTask(name, sizes, data.get("split_seed", 0), options, int(data.get("unlabeled", 0)))
 
 
 def load_hub_prompts(name: str, prompt_column: str = "prompt", answer_column: str = "answer") -> pa.Table:
