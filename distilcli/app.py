@@ -91,7 +91,7 @@ def generate_teacher_data(
 def select(
     data: Annotated[Path, typer.Argument(help="Teacher data from generate-teacher-data (or, for --by uncertain, prompts).")],
     out: OutOpt,
-    by: Annotated[Optional[str], typer.Option("--by", help="Strategy: " + ", ".join([*SELECTORS, *LM_SELECTORS, "uncertain"]) + ".")] = None,
+    by: Annotated[Optional[str], typer.Option("--by", help="Strategy: " + ", ".join([*SELECTORS, *LM_SELECTORS, "uncertain"]) + "; LM filters chain with + (majority+dedup).")] = None,
     student: Annotated[Optional[Path], typer.Option("--student", help="--by uncertain: the LM student whose consistency is measured.")] = None,
     params: ParamsOpt = PARAMS, section: SectionOpt = None, set_: SetOpt = None, seed: SeedOpt = None,
     device: DeviceOpt = "auto", quiet: QuietOpt = False,

@@ -34,7 +34,7 @@ from stages.config import DataConfig, SelectConfig, to_dict
 from stages.errors import DistilError
 from stages.progress import progress_bar
 from stages.selectors import SELECTORS
-from stages.selectors_lm import LM_SELECTORS
+from stages.selectors_lm import LM_SELECTORS, chained
 
 
 def run(cfg: SelectConfig, data, out: Path, *, student: Path | None = None, data_cfg: DataConfig | None = None,
@@ -92,8 +92,11 @@ def run(cfg: SelectConfig, data, out: Path, *, student: Path | None = None, data
 
 def _run_lm(cfg: SelectConfig, data: Path, out: Path, *, progress: bool) -> Path:
     """LM teacher samples, one part at a time (parts hold whole prompts)."""
-    if cfg.by not in LM_SELECTORS:
-        raise DistilError(f"unknown selection '{cfg.by}' for LM teacher data; choose one of {', '.join(LM_SELECTORS)}")
+    names = cfg.by.split("+")
+    if not all(n in LM_SELECTORS for n in names):
+        raise DistilError(
+            f"unknown selection '{cfg.by}' for LM teacher data; choose one of {', '.join(LM_SELECTORS)} (or chain them: majority+dedup)"
+        )
     files, _, total, manifest = inspect_table(data, LM_TEACHER_DATA, "LM teacher data")
     params = {"select": to_dict(cfg)}
     inputs = {"data": artifact_hash(data)}
@@ -107,7 +110,7 @@ def _run_lm(cfg: SelectConfig, data: Path, out: Path, *, progress: bool) -> Path
             task = bar.add_task(f"select {cfg.by}", total=total, info="")
             for f in files:
                 table = pq.read_table(f).select(LM_TEACHER_DATA.names).cast(LM_TEACHER_DATA)
-                keep, weight, reason = LM_SELECTORS[cfg.by](table, cfg)
+                keep, weight, reason = chained(names, table, cfg)
                 apply = np.isin(np.asarray(table.column("split").to_pylist()), cfg.splits)
                 keep = np.where(apply, keep, True)
                 weight = np.where(apply, weight, 1.0).astype(np.float32)

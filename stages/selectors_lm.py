@@ -1,7 +1,8 @@
 """Selection strategies for LM teacher samples.
 
 Each maps one part of teacher data (all samples of its prompts: parts are written
-prompt-major) to (keep mask, weight, reason) per row. ``LM_SELECTORS`` is the table.
+prompt-major) to (keep mask, weight, reason) per row. ``LM_SELECTORS`` is the table;
+``chained`` applies several in turn (``--by majority+dedup``).
 """
 
 from __future__ import annotations
@@ -82,3 +83,17 @@ def length(table: pa.Table, cfg: SelectConfig):
 
 
 LM_SELECTORS = {"majority": majority, "correct": correct, "quality": quality, "dedup": dedup, "length": length}
+
+
+def chained(names: list[str], table: pa.Table, cfg: SelectConfig):
+    """Each selector in turn on the rows the previous ones kept: a row survives all of them,
+    its weight is the product of theirs, and its reason is that of the last one to judge it."""
+    keep = np.ones(table.num_rows, bool)
+    weight = np.ones(table.num_rows, np.float32)
+    reason = np.full(table.num_rows, "", dtype=object)
+    for name in names:
+        rows = np.flatnonzero(keep)
+        k, w, r = LM_SELECTORS[name](table.take(pa.array(rows)), cfg)
+        keep[rows], reason[rows] = k, r
+        weight[rows] *= np.asarray(w, np.float32)
+    return keep, weight, reason.astype(str)

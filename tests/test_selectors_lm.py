@@ -44,3 +44,13 @@ def test_correct_dedup_length_quality():
     assert LM_SELECTORS["length"](t, SelectConfig(min_tokens=2, max_tokens=3))[0].tolist() == [False, True, False, False]
     keep, weight, _ = LM_SELECTORS["quality"](t, SelectConfig())
     assert keep.tolist() == [True, False, True, False] and weight[0] > 0 and weight[1] == 0
+
+
+def test_chained_selectors_keep_one_copy_of_the_majority_answer():
+    from stages.selectors_lm import chained
+
+    t = part(["4", "4", "5", "4", "7", "7"], [1, 1, 0, 1, 0, 0], [0, 0, 0, 0, 1, 1])
+    keep, weight, reason = chained(["majority", "dedup"], t, SelectConfig())
+    assert keep.tolist() == [True, False, False, False, True, False]
+    assert weight[0] == pytest.approx(0.75) and weight[4] == pytest.approx(1.0)
+    assert reason[1] == "duplicate" and reason[2].startswith("minority")
