@@ -35,6 +35,7 @@ from stages import distill as distill_stage
 from stages import evaluate as evaluate_stage
 from stages import generate_teacher_data as gtd_stage
 from stages import select as select_stage
+from stages.cascade_lm import LM_POLICIES
 from stages.config import CascadeConfig, DistillConfig, EvaluateConfig, GenerateTeacherDataConfig, SelectConfig
 from stages.distill_lm import LM_METHODS
 from stages.methods import METHODS
@@ -135,19 +136,23 @@ def cascade(
     teacher: Annotated[Path, typer.Option("--teacher", "-t", help="Teacher model directory.")],
     data: DataOpt,
     out: OutOpt,
-    policy: Annotated[Optional[str], typer.Option("--policy", help="confidence or views.")] = None,
+    policy: Annotated[Optional[str], typer.Option("--policy", help="Classifiers: " + ", ".join(cascade_stage.POLICIES) + ". Language models: " + ", ".join(LM_POLICIES) + ". Default auto: confidence / icd-sc-cascade.")] = None,
     policy_file: Annotated[Optional[Path], typer.Option("--policy-file", help="Use this calibrated policy instead of calibrating on dev.")] = None,
+    model: Annotated[Optional[list[Path]], typer.Option("--model", help="weighted-vote: another LM whose samples vote (repeatable; costs name it model1, model2, ...).")] = None,
+    online: Annotated[Optional[bool], typer.Option("--online", help="LMs: the teacher's answers to deferred queries join the demonstration bank.")] = None,
     params: ParamsOpt = PARAMS, section: SectionOpt = None, set_: SetOpt = None, seed: SeedOpt = None,
-    device: DeviceOpt = "auto", features: FeaturesOpt = None, label: LabelOpt = None,
+    device: DeviceOpt = "auto", features: FeaturesOpt = None, label: LabelOpt = None, quiet: QuietOpt = False,
 ) -> None:  # fmt: skip
     """Student answers when confident, the teacher answers the rest; threshold calibrated on dev.
 
     Example: `distil cascade --student models/student --teacher models/teacher --data data/teacher --out cascade`
+
+    Language models (`--data` is LM teacher data): in-context distillation from the teacher data's train split, self-consistency cascades, costs in tokens.
     """
     with handled():
-        cfg, p = config(CascadeConfig, params, section or "cascade", set_, policy=policy, seed=seed)
+        cfg, p = config(CascadeConfig, params, section or "cascade", set_, policy=policy, seed=seed, online=online)
         path = cascade_stage.run(cfg, student, teacher, data, out, data_cfg=data_config(p, features, label),
-                                 policy_file=policy_file, device=device)  # fmt: skip
+                                 policy_file=policy_file, device=device, models=model or [], progress=not quiet)  # fmt: skip
         done(path, "cascade decisions")
 
 
@@ -178,7 +183,13 @@ distill.__doc__ = (
     + "\n\nLanguage-model methods (reasoning tasks such as `basic_arithmetic`, prompt tables):\n\n"
     + _list(LM_METHODS)
 )
-cascade.__doc__ = (cascade.__doc__ or "") + "\n\nPolicies:\n\n" + _list(cascade_stage.POLICIES)
+cascade.__doc__ = (
+    (cascade.__doc__ or "")
+    + "\n\nClassifier policies:\n\n"
+    + _list(cascade_stage.POLICIES)
+    + "\n\nLanguage-model policies:\n\n"
+    + _list(LM_POLICIES)
+)
 
 # The command list: one place to see every subcommand.
 app.command("generate-teacher-data")(generate_teacher_data)

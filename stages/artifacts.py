@@ -102,6 +102,50 @@ LM_SELECTION = LM_TEACHER_DATA.append(pa.field("weight", pa.float32(), nullable=
 )
 """LM teacher samples kept by a selection, with a training weight and why."""
 
+LM_CASCADE_DECISIONS = pa.schema(
+    [
+        pa.field("id", pa.int64()),
+        pa.field("split", pa.string()),
+        pa.field("item", pa.int64()),
+        pa.field("gold", pa.string()),
+        pa.field("route", pa.string()),
+        pa.field("answers", pa.list_(pa.string())),
+        pa.field("agreement", pa.float32()),
+        pa.field("samples_used", pa.int32()),
+        pa.field("demos_used", pa.list_(pa.int64())),
+        pa.field("student_prompt_tokens", pa.int64()),
+        pa.field("student_completion_tokens", pa.int64()),
+        pa.field("teacher_prompt_tokens", pa.int64()),
+        pa.field("teacher_completion_tokens", pa.int64()),
+        pa.field("voter_prompt_tokens", pa.int64()),
+        pa.field("voter_completion_tokens", pa.int64()),
+        pa.field("cost", pa.float64()),
+        pa.field("seconds", pa.float64()),
+        pa.field("student_answer", pa.string()),
+        pa.field("answer", pa.string()),
+        pa.field("score", pa.float32()),
+        pa.field("correct", pa.bool_()),
+    ]
+)
+"""One row per test query routed by a language-model cascade: the student's sampled
+answers (null where unparsable), its majority share (``agreement``), the bank ids of the
+demonstrations in its prompt, tokens per model (``voter_*``: the extra weighted-vote
+models), cost in the run's unit, and the final answer with its score (null without gold)."""
+
+ICD_BANK = pa.schema(
+    [
+        pa.field("bank_id", pa.int64(), nullable=False),
+        pa.field("prompt_id", pa.int64(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("answer", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+    ]
+)
+"""The demonstration bank of an LM cascade: ``text`` is what goes into a student prompt;
+``source`` is ``teacher_data`` or ``online`` (a deferred query the teacher answered)."""
+
 DECISIONS = "decisions"
 """A cascade's output keeps its decisions table in this subdirectory, beside its JSON and
 CSV files, so plain Parquet readers open ``<cascade>/decisions`` directly."""

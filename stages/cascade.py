@@ -15,11 +15,15 @@ cost), ``policy.json``, ``metrics.json`` and ``calibration.csv`` (the dev curve 
 accuracy against teacher rate). ``--policy-file`` reuses a calibrated policy instead of
 calibrating. The teacher runs only on deferred test rows; cost per row is measured as
 wall time and as FLOPs.
+
+Language models (LM teacher data, or an LM student) take the ``stages.cascade_lm`` path:
+in-context distillation and self-consistency cascades, costed in tokens.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import time
@@ -40,12 +44,14 @@ from stages.artifacts import (
     write_json,
     write_manifest,
 )
+from stages.cascade_cost import is_lm_model
+from stages.cascade_lm import run_lm
 from stages.config import CascadeConfig, DataConfig, to_dict
 from stages.errors import DistilError
 from stages.metrics import softmax
 from stages.models import resolve_device
 from stages.models.classifiers import check_compatible, count_flops, identity, load_classifier, predict_logits
-from stages.tasks import load_examples, source_identity
+from stages.tasks import is_prompt_source, load_examples, source_identity
 from stages.tasks.augment import augment
 
 POLICIES = {
@@ -136,7 +142,17 @@ def run(
     data_cfg: DataConfig,
     policy_file: Path | None = None,
     device: str = "auto",
+    models: list[Path] | tuple = (),
+    progress: bool = True,
 ) -> Path:
+    """Route the test split between student and teacher; language models (LM teacher data,
+    or an LM student) go to ``cascade_lm.run_lm``, which also takes ``models`` and ``progress``."""
+    if is_prompt_source(data, data_cfg) or is_lm_model(student):
+        return run_lm(cfg, student, teacher, data, out, models=models, policy_file=policy_file, device=device, progress=progress)
+    if models or cfg.online:
+        raise DistilError("--model and --online apply to language-model cascades; drop them for classifiers")
+    if cfg.policy == "auto":
+        cfg = dataclasses.replace(cfg, policy="confidence")
     if cfg.policy not in POLICIES:
         raise DistilError(f"unknown policy '{cfg.policy}'; choose one of {', '.join(POLICIES)}")
     if cfg.policy == "views" and cfg.views < 2:

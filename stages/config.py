@@ -85,6 +85,9 @@ class DistillConfig:
     lm: LMConfig = field(default_factory=LMConfig, metadata={"help": "language-model student (reasoning tasks, prompt tables)"})
     grad_accum: int = _f(1, "LM: micro-batches per optimiser step")
     epochs: int = _f(30, "training epochs")
+    steps: int = _f(
+        0, "LMs: optimiser steps to train for, rounded to whole epochs (0 = use epochs); equal budgets across data sizes"
+    )
     batch_size: int = _f(64, "rows per optimiser step")
     lr: float = _f(3e-3, "AdamW learning rate")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
@@ -112,6 +115,9 @@ class DistillConfig:
     consistency_weight: float = _f(1.0, "mdcs: weight of consistency self-distillation (ramped in linearly)")
     top_k: int = _f(1, "mst: teachers the gate selects per row")
     lmbda: float = _f(0.5, "on-policy: share of batches whose completions the student samples itself (GKD's lambda)")
+    demos: int = _f(0, "LMs: put the k most similar other teacher demonstrations in each prompt (an ICD-ready student)")
+    retriever: str = _f("auto", "LMs with demos: dense, bm25 or auto (dense, else bm25); use the cascade's setting")
+    embedder: str = _f("all-minilm-l6-v2", "LMs with demos: sentence model of dense retrieval")
     tsd_margin: float = _f(
         0.0, "tsd: distil a token when the teacher's top-1 probability exceeds the student's by more than this"
     )
@@ -152,13 +158,32 @@ class SelectConfig:
 
 @dataclass
 class CascadeConfig:
-    policy: str = _f("confidence", "confidence or views")
+    policy: str = _f(
+        "auto", "classifiers: confidence or views; LMs: see `distil cascade --help`; auto = confidence / icd-sc-cascade"
+    )
     target_accuracy: float = _f(-1.0, "dev accuracy to reach; < 0 = teacher dev accuracy minus `margin`")
     margin: float = _f(0.005, "accuracy below the teacher's that the default target allows")
     confidence: float = _f(0.9, "the target must hold in this share of bootstrap resamples of dev (0 = on dev as it is)")
     views: int = _f(8, "views: augmented views per row")
     augment: str = _f("weak", "views: augmentation strength (weak or strong)")
-    batch_size: int = _f(256, "rows per forward pass")
+    batch_size: int = _f(256, "rows per forward pass (LMs: sequences per generate call, samples included)")
+    samples: int = _f(5, "LMs: student samples per query (n) of the self-consistency policies")
+    temperature: float = _f(0.7, "LMs: student sampling temperature of the self-consistency policies")
+    top_p: float = _f(1.0, "LMs: nucleus mass of the student's samples")
+    max_new_tokens: int = _f(16, "LMs: completion length of every model")
+    demos: int = _f(
+        4, "LMs: teacher demonstrations per student prompt (k) for icd policies; adaptive and weighted-vote use them when > 0"
+    )
+    retriever: str = _f("auto", "LMs: demonstration search: dense (sentence embeddings), bm25, or auto (dense, else bm25)")
+    embedder: str = _f(
+        "all-minilm-l6-v2", "LMs: sentence model of dense retrieval (the packaged one, a directory or a cached hub id)"
+    )
+    bank_verified: bool = _f(False, "LMs: keep only demonstrations whose teacher answer the task scored correct")
+    online: bool = _f(False, "LMs: the teacher's answers to deferred test queries join the bank for later queries")
+    query_batch: int = _f(32, "LMs: test queries routed per step, in order (with online the bank grows between steps)")
+    threshold: float = _f(-1.0, "LMs: use this agreement threshold instead of calibrating (-1 = calibrate on dev)")
+    budget: float = _f(0.0, "LMs: > 0 = calibrate to the most accurate threshold costing at most this share of teacher-only")
+    costs: dict = _f({}, "LMs: price per 1k tokens, {student: {input: P, output: P}, teacher: {...}}; {} = cost in FLOPs")
     seed: int = _f(0, "seed")
 
 

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -90,6 +91,24 @@ def _student_samples(model, tokenizer, ids, labels, max_len, max_new):
     return batch["input_ids"].to(ids.device), batch["attention_mask"].to(ids.device), batch["labels"].to(ids.device)
 
 
+def _with_demos(part_loader, files: list[Path], cfg: DistillConfig):
+    """``part_loader`` whose rows carry ``cfg.demos`` retrieved teacher demonstrations in
+    their prompt (the ICD-ready student of METHODS.md section 6; the bank is the train rows
+    of this teacher data, built as ``distil cascade`` builds it, so served prompts match)."""
+    from stages.icd_bank import icd_prompts
+
+    cols = ["prompt_id", "sample", "split", "prompt", "answer", "score", "token_ids"]
+    table = pa.concat_tables([pq.read_table(f, columns=cols) for f in files])
+    train = sorted((r for r in table.to_pylist() if r["split"] == "train"), key=lambda r: (r["prompt_id"], r["sample"]))
+    prompts = icd_prompts(train, table.column("prompt").to_pylist(), cfg.demos, kind=cfg.retriever, embedder=cfg.embedder)
+
+    def loader(f, split):
+        load = part_loader(f, split)
+        return lambda: [dict(r, prompt=prompts[r["prompt"]]) for r in load()]
+
+    return loader
+
+
 def _token_selection(logits, teacher, mask, cfg):
     """TSD-KD's direct distillation (Explain in Your Own Words, section 3.2): keep only the
     tokens where the teacher's top-1 probability exceeds the student's probability of that
@@ -130,8 +149,8 @@ def run_lm(
         raise DistilError(f"method '{cfg.method}' learns from teacher data on disk, not from a live --teacher; drop --teacher")
     if not 0 <= cfg.lmbda <= 1:
         raise DistilError(f"lmbda must be in [0, 1], got {cfg.lmbda}")
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.grad_accum < 1:
-        raise DistilError("epochs, batch_size, grad_accum and lr must be positive")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.grad_accum < 1 or cfg.steps < 0:
+        raise DistilError("epochs, batch_size, grad_accum and lr must be positive (and steps >= 0)")
     dev_ = resolve_device(device)
     manifest = read_manifest(Path(data)) if Path(data).is_dir() else {}
     teacher_data = manifest.get("kind") in ("lm_teacher_data", "lm_selection")
@@ -156,10 +175,14 @@ def run_lm(
         def count(f, split):
             return sum(s == split for s in pq.read_table(f, columns=["split"]).column(0).to_pylist())
 
+        if cfg.demos > 0:
+            part_loader = _with_demos(part_loader, files, cfg)
         sources = {
             split: ([part_loader(f, split) for f in files], [count(f, split) for f in files]) for split in ("train", "dev")
         }
     else:
+        if cfg.demos > 0:
+            raise DistilError("demos > 0 trains on prompts with teacher demonstrations: pass teacher data (or a selection)")
         table, _ = load_prompts(data, data_cfg)
         rows = [r for r in table.to_pylist() if r["answer"] is not None and str(r["answer"]).strip()]
         sources = {split: ([lambda s=split: [r for r in rows if r["split"] == s]], [sum(r["split"] == split for r in rows)])

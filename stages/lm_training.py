@@ -150,7 +150,9 @@ def fit_lm(
         lambda m, b: token_ce(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
     )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * -(-len(train) // (cfg.batch_size * cfg.grad_accum))
+    per_epoch = -(-len(train) // (cfg.batch_size * cfg.grad_accum))
+    epochs = max(1, round(cfg.steps / per_epoch)) if cfg.steps > 0 else cfg.epochs
+    steps = epochs * per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * max(0.0, 1 - s / max(steps, 1))
     )
@@ -165,8 +167,8 @@ def fit_lm(
         progress = saved["progress"]
         torch.set_rng_state(saved["rng"])
     ckpt.mkdir(parents=True, exist_ok=True)
-    task = bar.add_task(f"{cfg.method} (lm)", total=cfg.epochs, completed=progress["epoch"], info="") if bar else None
-    for epoch in range(progress["epoch"], cfg.epochs):
+    task = bar.add_task(f"{cfg.method} (lm)", total=epochs, completed=progress["epoch"], info="") if bar else None
+    for epoch in range(progress["epoch"], epochs):
         t0 = time.perf_counter()
         model.train()
         total, count = 0.0, 0

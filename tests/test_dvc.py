@@ -68,7 +68,9 @@ def pipeline(tmp_path_factory):
     params["teacher"]["epochs"] = 2
     params["distill"]["epochs"] = 2
     params["data"]["sizes"] = [40, 8, 8]
-    params["lm_teacher"]["epochs"] = params["lm_student"]["epochs"] = 1
+    params["data"]["unlabeled"] = 16
+    params["lm_teacher"]["epochs"] = 1
+    params["lm_student"]["steps"] = 2
     params["lm_teacher"]["lm"].update(hidden=32, layers=1, heads=2, vocab_size=320)
     params["lm_student"]["lm"].update(hidden=16, layers=1, heads=2, vocab_size=320, max_new_tokens=3)
     params["lm_generate"].update(samples=2, max_new_tokens=4)

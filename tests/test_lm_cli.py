@@ -318,3 +318,28 @@ def test_a_teacher_labels_unlabeled_prompts_that_gold_training_never_sees(cli, l
     assert json.loads((tmp_path / "g" / "training.json").read_text())["train_rows"] == len(gold_train)
     shown = cli.ok("evaluate", "--model", lm_dir, "--data", "basic_arithmetic", "--out", tmp_path / "ev", *sizes, "-q")
     assert "accuracy" not in shown.output and (tmp_path / "ev" / "summary.txt").exists()
+
+
+def test_a_step_budget_sets_the_epochs_from_the_data_size(cli, tmp_path):
+    cli.ok("distill", "--method", "sft", "--data", "basic_arithmetic", "--out", tmp_path / "m", "--set", "steps=9", *LM)
+    done = json.loads((tmp_path / "m" / "training.json").read_text())
+    per_epoch = -(-done["train_rows"] // 16)
+    assert len(done["history"]) == max(1, round(9 / per_epoch)) != 30  # not the section's epochs
+
+
+def test_an_icd_ready_student_trains_on_prompts_with_retrieved_demonstrations(cli, lm_teacher_data, tmp_path, monkeypatch):
+    import stages.distill_lm as distill_lm
+    from stages.icd_bank import SEPARATOR
+
+    seen = []
+    encode = distill_lm.encode
+    monkeypatch.setattr(
+        distill_lm, "encode", lambda tok, prompt, completion, n: seen.append(prompt) or encode(tok, prompt, completion, n)
+    )
+    cli.ok("distill", "--method", "sft", "--data", lm_teacher_data, "--out", tmp_path / "icd", "--set", "epochs=1",
+           "--set", "demos=2", "--set", "retriever=bm25", "--set", "lm.context=160", *LM)  # fmt: skip
+    assert seen and all(p.count(SEPARATOR) == 2 for p in seen)
+    own = [p.split(SEPARATOR)[-1] for p in seen]  # the question itself comes last, never among its own demos
+    assert all(o.strip() not in p.split(SEPARATOR)[i] for p, o in zip(seen, own, strict=True) for i in range(2))
+    cli.fails("distill", "--method", "sft", "--data", "basic_arithmetic", "--out", tmp_path / "g", "--set", "demos=2", *LM,
+              match="teacher data")  # fmt: skip
