@@ -239,6 +239,14 @@ def _calibrate(
     return float(thresholds[j]), curve, dev
 
 
+def summary_line(m: dict) -> str:
+    """One line for a terminal: accuracy against the teacher's, cost against teacher-only."""
+    teacher = f" (teacher alone {m['teacher_accuracy']:.3f})" if m.get("teacher_accuracy") is not None else ""
+    return (f"LM cascade {m['policy']}: accuracy {m['accuracy']:.3f}{teacher}, cost {m['cost_vs_teacher']:.2f}x teacher-only "
+            f"({m['cost_unit']}), teacher answers {m['teacher_rate']:.0%} of {m['queries']} queries, "
+            f"{m['samples_per_query']:.1f} student samples per query")  # fmt: skip
+
+
 def run_lm(cfg: CascadeConfig, student: Path, teacher: Path, data: str | Path, out: Path, *, models: list[Path] | tuple = (),
            policy_file: Path | None = None, device: str = "auto", progress: bool = True) -> Path:  # fmt: skip
     """Route the test queries of LM teacher data's task; write decisions, metrics, policy,
@@ -349,6 +357,7 @@ def run_lm(cfg: CascadeConfig, student: Path, teacher: Path, data: str | Path, o
             bank.save(work / "bank", params=params, inputs=inputs)
         write_json(work / "policy.json", fixed)
         write_json(work / "metrics.json", metrics)
+        (work / "summary.txt").write_text(summary_line(metrics) + "\n")
         write_curve(work / "calibration.csv", curve)
         write_manifest(decisions, kind="lm_cascade_decisions", params=params, inputs=inputs, rows=n, model=ids)
         write_manifest(work, kind="lm_cascade", params=params, inputs=inputs, rows=n, model=ids,

@@ -71,12 +71,13 @@ def pipeline(tmp_path_factory):
     params["data"]["unlabeled"] = 16
     params["lm_teacher"]["epochs"] = 1
     params["lm_student"]["steps"] = 2
+    params["lm_cascade"].update(samples=2, max_new_tokens=4)
     params["lm_teacher"]["lm"].update(hidden=32, layers=1, heads=2, vocab_size=320)
     params["lm_student"]["lm"].update(hidden=16, layers=1, heads=2, vocab_size=320, max_new_tokens=3)
     params["lm_generate"].update(samples=2, max_new_tokens=4)
     params["lm_evaluate"]["max_new_tokens"] = 4
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    (repo / ".gitignore").write_text("/models/\n/data/\n/cascade/\n/metrics/\n/metrics_lm/\n*.partial/\n")
+    (repo / ".gitignore").write_text("/models/\n/data/\n/cascade/\n/cascade_lm/\n/metrics/\n/metrics_lm/\n*.partial/\n")
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -103,6 +104,9 @@ def test_dvc_repro_metrics_and_plots(pipeline):
     assert set(metrics) == {"teacher", "student", "student_ce", "cascade"}
     lm = json.loads((repo / "metrics_lm" / "metrics.json").read_text())
     assert set(lm) == {"lm_teacher", "lm_sft_gold", "lm_sft_teacher", "lm_kd", "lm_on_policy"}
+    cascade = json.loads((repo / "cascade_lm" / "metrics.json").read_text())
+    assert cascade["policy"] == "sc-cascade" and cascade["queries"] == 8 and 0 <= cascade["teacher_rate"] <= 1
+    assert (repo / "cascade_lm" / "summary.txt").read_text().startswith("LM cascade sc-cascade: accuracy")
     shown = json.loads(run(sys.executable, "-m", "dvc", "metrics", "show", "--json"))
     assert "metrics/metrics.json" in json.dumps(shown)
     run(sys.executable, "-m", "dvc", "metrics", "diff")
