@@ -261,3 +261,22 @@ def write_curve(path: Path, curve: list[dict]) -> None:
         writer = csv.DictWriter(fh, fieldnames=CURVE_COLUMNS)
         writer.writeheader()
         writer.writerows(curve)
+
+
+def write_outcome_plots(work: Path, records: list[dict]) -> None:
+    """agreement.csv (the student's accuracy at each agreement level of its votes, test) and
+    samples_used.csv (how many queries used each number of student samples)."""
+    by_agreement: dict[float, list[float]] = {}
+    used: dict[int, int] = {}
+    for r in records:
+        if r["agreement"] is not None and r["_s"] is not None:
+            by_agreement.setdefault(round(float(r["agreement"]), 4), []).append(float(r["_s"] >= 1.0))
+        used[int(r["samples_used"])] = used.get(int(r["samples_used"]), 0) + 1
+    with open(work / "agreement.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["agreement", "student_accuracy", "queries"])
+        writer.writerows([a, sum(v) / len(v), len(v)] for a, v in sorted(by_agreement.items()))
+    with open(work / "samples_used.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["samples_used", "queries"])
+        writer.writerows(sorted(used.items()))

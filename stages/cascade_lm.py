@@ -252,7 +252,7 @@ def run_lm(cfg: CascadeConfig, student: Path, teacher: Path, data: str | Path, o
     """Route the test queries of LM teacher data's task; write decisions, metrics, policy,
     calibration curve and the demonstration bank to ``out`` (see the module docstring)."""
     from stages.artifacts import LM_CASCADE_DECISIONS, Output, TableWriter, artifact_hash, fingerprint, write_json, write_manifest
-    from stages.cascade_cost import break_even, load_model, pricers, summarise, write_curve
+    from stages.cascade_cost import break_even, load_model, pricers, summarise, write_curve, write_outcome_plots
     from stages.config import to_dict
     from stages.icd_bank import Bank, build_tokens, demo, demonstrations, read_teacher_data, scorer, task_queries
     from stages.models import resolve_device
@@ -359,6 +359,7 @@ def run_lm(cfg: CascadeConfig, student: Path, teacher: Path, data: str | Path, o
         write_json(work / "metrics.json", metrics)
         (work / "summary.txt").write_text(summary_line(metrics) + "\n")
         write_curve(work / "calibration.csv", curve)
+        write_outcome_plots(work, records)
         write_manifest(decisions, kind="lm_cascade_decisions", params=params, inputs=inputs, rows=n, model=ids)
         write_manifest(work, kind="lm_cascade", params=params, inputs=inputs, rows=n, model=ids,
                        extra={"task": manifest.get("task", {}), "metrics": metrics})  # fmt: skip

@@ -183,6 +183,11 @@ def test_every_policy_writes_a_coherent_decisions_table(lm, tmp_path, policy):
         assert all(r["voter_completion_tokens"] > 0 and len(r["answers"]) == 2 * n for r in rows)
     manifest = json.loads((tmp_path / "c" / "_manifest.json").read_text())
     assert manifest["kind"] == "lm_cascade" and manifest["rows"] == 20
+    used = list(csv.DictReader(open(tmp_path / "c" / "samples_used.csv")))
+    assert sum(int(u["queries"]) for u in used) == 20
+    assert {int(u["samples_used"]) for u in used} == {r["samples_used"] for r in rows}
+    levels = list(csv.DictReader(open(tmp_path / "c" / "agreement.csv")))
+    assert sum(int(a["queries"]) for a in levels) <= 20 and all(0 <= float(a["student_accuracy"]) <= 1 for a in levels)
     assert (tmp_path / "c" / "bank" / "rows").exists() == (demos > 0)
 
 
