@@ -91,6 +91,16 @@ def _student_samples(model, tokenizer, ids, labels, max_len, max_new):
     return batch["input_ids"].to(ids.device), batch["attention_mask"].to(ids.device), batch["labels"].to(ids.device)
 
 
+def _teacher_tokenizer_if_any(manifest: dict):
+    """A student learning from teacher samples splits text the teacher's way when it can:
+    the tokens it learns are the teacher's own (and token-level methods stay open to it). If
+    the teacher is gone, sft trains its own tokenizer on the data instead."""
+    try:
+        return load_tokenizer(manifest.get("model", {}).get("path", ""))
+    except DistilError:
+        return None
+
+
 def _with_demos(part_loader, files: list[Path], cfg: DistillConfig):
     """``part_loader`` whose rows carry ``cfg.demos`` retrieved teacher demonstrations in
     their prompt (the ICD-ready student of METHODS.md section 6; the bank is the train rows
@@ -193,6 +203,8 @@ def run_lm(
     teacher_tok = live = None
     if teacher_data and token_level:
         teacher_tok = load_tokenizer(manifest["model"]["path"])
+    elif teacher_data and not lm.init:
+        teacher_tok = _teacher_tokenizer_if_any(manifest)
     if on_policy:
         live, teacher_tok = load_lm(teachers[0], dev_)
     if lm.init:

@@ -137,6 +137,10 @@ def test_select_then_distill_on_lm_samples(cli, lm_teacher_data, tmp_path):
     assert {"weight", "reason"} <= set(sel.schema.names) and sel.num_rows <= pq.read_table(lm_teacher_data).num_rows
     cli.ok("distill", "--method", "kd", "--data", tmp_path / "sel", "--out", tmp_path / "s", "--set", "epochs=1", *LM)
     cli.fails("select", lm_teacher_data, "--by", "confident", "--out", tmp_path / "x", match="unknown selection")
+    # sft on teacher samples splits text the teacher's way: same tokenizer, token for token
+    cli.ok("distill", "--method", "sft", "--data", tmp_path / "sel", "--out", tmp_path / "sft", "--set", "epochs=1", *LM)
+    teacher_dir = json.loads((lm_teacher_data / "_manifest.json").read_text())["model"]["path"]
+    assert AutoTokenizer.from_pretrained(tmp_path / "sft").get_vocab() == AutoTokenizer.from_pretrained(teacher_dir).get_vocab()
 
 
 def test_evaluate_on_teacher_data_reports_sampling_metrics(cli, lm_dir, lm_teacher_data, tmp_path):
