@@ -96,7 +96,8 @@ def main() -> int:
         "icd_beats_student": icd["accuracy"] > st["accuracy"],
         "icd_sc_cascade_within_1pt_of_teacher": mean["icd-sc-cascade"]["accuracy"] >= mean["teacher"]["accuracy"] - 0.01,
         "icd_sc_cascade_cost_at_most_a_third": mean["icd-sc-cascade"]["cost_vs_teacher"] <= 1 / 3,
-        "adaptive_samples_saving": sc["samples_per_query"] / max(ad["samples_per_query"], 1e-9),
+        # None when adaptive drew no samples at all (its calibration deferred every query)
+        "adaptive_samples_saving": sc["samples_per_query"] / ad["samples_per_query"] if ad["samples_per_query"] > 0 else None,
         "adaptive_accuracy_gap_points": 100 * (sc["accuracy"] - ad["accuracy"]),
         "seconds": time.perf_counter() - t0,
     }  # fmt: skip
