@@ -81,7 +81,7 @@ def main() -> int:
                 for col in COLUMNS:
                     rows.setdefault(policy, {}).setdefault(col, []).append(float(m[col] or 0.0))
     mean = {p: {c: statistics.fmean(v) for c, v in cols.items()} for p, cols in rows.items()}
-    lines = [f"| policy | accuracy | cost vs teacher-only | teacher rate | student samples / query |  (mean over {len(seeds)} seeds)",
+    lines = [f"| policy (mean over {len(seeds)} seeds) | accuracy | cost vs teacher-only | teacher rate | student samples / query |",
              "|---|---|---|---|---|"]  # fmt: skip
     for p, m in mean.items():
         lines.append(
