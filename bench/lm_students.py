@@ -13,6 +13,7 @@ accuracies, means, standard deviations and the claims as booleans.
 
     python -m bench lm_students                  # 3 seeds, about 15 minutes on 2 cores
     BENCH_SEEDS=1 BENCH_METHODS=kd python -m bench lm_students
+    BENCH_PARAMS=other.yaml python -m bench lm_students   # another params file
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def _table(acc: dict[str, list[float]], seeds: int) -> str:
 
 
 def main() -> int:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = yaml.safe_load(Path(os.environ.get("BENCH_PARAMS", ROOT / "params.yaml")).read_text())
     seeds = range(int(os.environ.get("BENCH_SEEDS", "3")))
     methods = _students()
     t0 = time.perf_counter()

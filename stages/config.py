@@ -65,12 +65,17 @@ class ModelConfig:
 class LMConfig:
     """A language-model student or teacher (used when the data is a reasoning task or a prompt table)."""
 
-    family: str = _f("llama", "gpt2, llama or qwen2 (built from this config unless `init` is set)")
+    family: str = _f(
+        "llama", "gpt2, llama, qwen2, or the MoE families mixtral, qwen2_moe, olmoe (built from this config unless `init` is set)"
+    )
     hidden: int = _f(64, "hidden size")
     layers: int = _f(2, "transformer layers")
     heads: int = _f(4, "attention heads")
     kv_heads: int = _f(0, "key/value heads (0 = heads)")
-    intermediate: int = _f(0, "MLP width (0 = 4 x hidden)")
+    intermediate: int = _f(0, "MLP width (0 = 4 x hidden); for MoE families the width of each expert")
+    experts: int = _f(4, "MoE families: routed experts per layer")
+    experts_per_token: int = _f(2, "MoE families: experts each token is routed to (router top-k)")
+    router_aux_loss: float = _f(0.01, "MoE families: weight of the router load-balancing loss in training")
     context: int = _f(128, "maximum sequence length in tokens (prompt + completion)")
     vocab_size: int = _f(512, "BPE vocabulary trained on the task text when building from a config")
     init: str = _f("", "start from this model directory or hub name instead of a config")

@@ -212,7 +212,8 @@ def run_lm(
     else:
         texts = (r["prompt"] + " " + _target(r) for load in sources["train"][0] for r in load())
         tokenizer = teacher_tok or train_tokenizer(texts, lm.vocab_size)
-        size = LMSize(lm.hidden, lm.layers, lm.heads, lm.kv_heads, lm.intermediate, lm.context)
+        size = LMSize(lm.hidden, lm.layers, lm.heads, lm.kv_heads, lm.intermediate, lm.context, lm.experts,
+                      lm.experts_per_token, lm.router_aux_loss)  # fmt: skip
         model = build_lm(lm.family, size, tokenizer, seed=cfg.seed).to(dev_)
     if teacher_tok is not None:
         check_same_tokenizer(teacher_tok, tokenizer, cfg.method)

@@ -125,6 +125,38 @@ def token_ce(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | 
     return (per * w).sum() / w.sum().clamp_min(1e-12)
 
 
+class RouterAuxLoss:
+    """The load-balancing loss of an MoE model's routers (Switch Transformer eq. 4, as
+    transformers computes it from ``output_router_logits``), weighted by the config's
+    ``router_aux_loss_coef`` and added to the training loss of the forward pass that made
+    it. A no-op for dense models. Only grad-enabled training forwards count, so sampling
+    and dev-loss passes do not leak into the loss."""
+
+    def __init__(self, model):
+        from stages.models.lm import is_moe
+
+        self.model, self.value, self.handle = model, None, None
+        if is_moe(model):
+            model.config.output_router_logits = True
+            self.coef = float(getattr(model.config, "router_aux_loss_coef", 0.0))
+            self.handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        if module.training and torch.is_grad_enabled() and getattr(output, "aux_loss", None) is not None:
+            self.value = output.aux_loss
+
+    def add_to(self, loss: torch.Tensor) -> torch.Tensor:
+        if self.value is None:
+            return loss
+        loss, self.value = loss + self.coef * self.value.to(loss.device), None
+        return loss
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.model.config.output_router_logits = False  # saved configs decode without router outputs
+
+
 def fit_lm(
     model,
     train: RowSource,
@@ -156,6 +188,7 @@ def fit_lm(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * max(0.0, 1 - s / max(steps, 1))
     )
+    aux = RouterAuxLoss(model)
     model, opt = acc.prepare(model, opt)
     progress = {"epoch": 0, "best_loss": float("inf"), "best_epoch": -1, "history": [], "seconds": 0.0}
     ckpt = work / "checkpoint"
@@ -175,7 +208,7 @@ def fit_lm(
         for rows in batches(train.epoch(cfg.seed * 100_003 + epoch), cfg.batch_size):
             batch = {k: v.to(acc.device) for k, v in collate(rows, pad_id).items()}
             with acc.accumulate(model):
-                loss = loss_fn(model, batch)
+                loss = aux.add_to(loss_fn(model, batch))
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm > 0:
                     acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -204,6 +237,7 @@ def fit_lm(
         if task is not None:
             bar.update(task, advance=1, info=f"loss {row['train_loss']:.3f}  dev loss {dev_loss:.3f}")
     model = acc.unwrap_model(model)
+    aux.close()
     model.load_state_dict(load_tensors(ckpt / "best.safetensors"), strict=False)
     return {"best_epoch": progress["best_epoch"], "dev_loss": progress["best_loss"], "train_seconds": progress["seconds"],
             "history": progress["history"]}  # fmt: skip

@@ -15,7 +15,10 @@ import torch
 
 from stages.errors import DistilError
 
-FAMILIES = ("gpt2", "llama", "qwen2")
+DENSE = ("gpt2", "llama", "qwen2")
+MOE = ("mixtral", "qwen2_moe", "olmoe")
+"""Mixture-of-experts families: transformers' own sparse MoE classes (a top-k router per layer)."""
+FAMILIES = DENSE + MOE
 SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 
 
@@ -29,6 +32,12 @@ class LMSize:
     intermediate: int = 0
     """0 = 4 x hidden."""
     context: int = 256
+    experts: int = 4
+    """MoE families: routed experts per layer."""
+    experts_per_token: int = 2
+    """MoE families: experts each token is routed to (the router's top-k)."""
+    router_aux_loss: float = 0.01
+    """MoE families: weight of the router's load-balancing loss while training."""
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out: Path | None = None):
@@ -72,12 +81,53 @@ def lm_config(family: str, size: LMSize, tokenizer):
     if family == "gpt2":
         return GPT2Config(vocab_size=vocab, n_embd=size.hidden, n_layer=size.layers, n_head=size.heads, n_inner=inter,
                           n_positions=size.context, **ids)  # fmt: skip
+    if family in MOE:
+        return _moe_config(family, size, vocab, inter, ids)
     cls = LlamaConfig if family == "llama" else Qwen2Config
     return cls(
         vocab_size=vocab, hidden_size=size.hidden, num_hidden_layers=size.layers, num_attention_heads=size.heads,
         num_key_value_heads=size.kv_heads or size.heads, intermediate_size=inter, max_position_embeddings=size.context,
         tie_word_embeddings=True, **ids,
     )  # fmt: skip
+
+
+def _moe_config(family: str, size: LMSize, vocab: int, inter: int, ids: dict):
+    """Each expert is an MLP of width ``inter``; a token's active MLP parameters are
+    ``experts_per_token`` of them (Qwen2-MoE adds one always-on shared expert)."""
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig
+
+    if not 1 <= size.experts_per_token <= size.experts:
+        raise DistilError(
+            f"lm.experts_per_token must be between 1 and lm.experts ({size.experts}), got {size.experts_per_token}"
+        )
+    common = dict(
+        vocab_size=vocab, hidden_size=size.hidden, num_hidden_layers=size.layers, num_attention_heads=size.heads,
+        num_key_value_heads=size.kv_heads or size.heads, max_position_embeddings=size.context,
+        num_experts_per_tok=size.experts_per_token, router_aux_loss_coef=size.router_aux_loss,
+        output_router_logits=False, tie_word_embeddings=True, **ids,
+    )  # fmt: skip
+    if family == "mixtral":
+        return MixtralConfig(intermediate_size=inter, num_local_experts=size.experts, **common)
+    if family == "olmoe":
+        return OlmoeConfig(intermediate_size=inter, num_experts=size.experts, **common)
+    return Qwen2MoeConfig(moe_intermediate_size=inter, shared_expert_intermediate_size=inter, num_experts=size.experts,
+                          decoder_sparse_step=1, mlp_only_layers=[], intermediate_size=inter, **common)  # fmt: skip
+
+
+def is_moe(model) -> bool:
+    """Whether ``model`` routes tokens to experts (has a top-k router module)."""
+    return any(_is_router(m) for m in model.modules())
+
+
+def _is_router(module) -> bool:
+    return type(module).__name__.endswith("TopKRouter") or (
+        hasattr(module, "top_k") and hasattr(module, "num_experts") and hasattr(module, "weight")
+    )
+
+
+def routers(model) -> list:
+    """The router module of every MoE layer, in layer order."""
+    return [m for m in model.modules() if _is_router(m)]
 
 
 def build_lm(family: str, size: LMSize, tokenizer, seed: int = 0):
