@@ -15,6 +15,7 @@ from rich.console import Console
 
 from distilcli.options import (
     DataOpt,
+    DecodeOpt,
     DeviceOpt,
     FeaturesOpt,
     LabelOpt,
@@ -73,18 +74,21 @@ def _list(table: dict[str, str]) -> str:
 
 
 def generate_teacher_data(
-    teacher: Annotated[Path, typer.Option("--teacher", "-t", help="Trained teacher model directory.")],
+    teacher: Annotated[list[Path], typer.Option("--teacher", "-t", help="Trained teacher model directory; LMs: repeat it for several teachers (rows carry a `teacher` index; for --method mst).")],
     data: DataOpt,
     out: OutOpt,
+    decode: DecodeOpt = None,
     params: ParamsOpt = PARAMS, section: SectionOpt = None, set_: SetOpt = None, seed: SeedOpt = None,
     device: DeviceOpt = "auto", features: FeaturesOpt = None, label: LabelOpt = None, quiet: QuietOpt = False,
 ) -> None:  # fmt: skip
     """Run a teacher over a table and store its logits with the gold labels and splits.
 
     Example: `distil generate-teacher-data --teacher models/teacher --data digits --out data/teacher`
+
+    Several LM teachers (for `distill --method mst`): `distil generate-teacher-data -t models/chain_sum -t models/basic_arithmetic --data chain_sum+basic_arithmetic --out data/mst`
     """
     with handled():
-        cfg, p = config(GenerateTeacherDataConfig, params, section or "generate_teacher_data", set_, seed=seed)
+        cfg, p = config(GenerateTeacherDataConfig, params, section or "generate_teacher_data", set_, seed=seed, decode=decode)
         path = gtd_stage.run(cfg, teacher, data, out, data_cfg=data_config(p, features, label), device=device, progress=not quiet)
         done(path, "teacher data")
 
@@ -161,6 +165,7 @@ def evaluate(
     out: OutOpt,
     model: Annotated[Optional[list[Path]], typer.Option("--model", help="Model directory (repeatable).")] = None,
     cascade_dir: Annotated[Optional[list[Path]], typer.Option("--cascade", help="Cascade output directory (repeatable).")] = None,
+    decode: DecodeOpt = None,
     params: ParamsOpt = PARAMS, section: SectionOpt = None, set_: SetOpt = None, seed: SeedOpt = None,
     device: DeviceOpt = "auto", features: FeaturesOpt = None, label: LabelOpt = None, quiet: QuietOpt = False,
 ) -> None:  # fmt: skip
@@ -169,7 +174,7 @@ def evaluate(
     Example: `distil evaluate --model models/teacher --model models/student --data data/teacher --out metrics`
     """
     with handled():
-        cfg, p = config(EvaluateConfig, params, section or "evaluate", set_, seed=seed)
+        cfg, p = config(EvaluateConfig, params, section or "evaluate", set_, seed=seed, decode=decode)
         path = evaluate_stage.run(cfg, model or [], data, out, data_cfg=data_config(p, features, label),
                                   cascades=cascade_dir or [], device=device,
                                   console=Console(file=io.StringIO()) if quiet else None)  # fmt: skip

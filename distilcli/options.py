@@ -33,6 +33,14 @@ FeaturesOpt = Annotated[
 ]
 LabelOpt = Annotated[Optional[str], typer.Option("--label", help="User tables: the label column.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary table on the terminal.")]
+DecodeOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--decode",
+        help="LMs: greedy (the model's own choice) or scmoe (self-contrast of a mixture-of-experts model; "
+        "tune with --set scmoe_beta/scmoe_alpha/scmoe_weak_rank).",
+    ),
+]
 
 
 def config(cls: type, params_path: Path, section: str, sets: list[str] | None, **cli: Any) -> tuple[Any, dict[str, Any]]:

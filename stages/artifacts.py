@@ -40,6 +40,28 @@ MANIFEST = "_manifest.json"  # leading "_": pyarrow / Spark-style readers skip i
 
 # ---- schemas as code -------------------------------------------------------------------
 
+OPTIONAL = b"distil.optional"
+"""Field metadata key of a column added to a schema after files were written without it."""
+
+
+def optional_field(name: str, type_: pa.DataType, why: str) -> pa.Field:
+    """A nullable column that older files may lack: validation lets it be missing and
+    ``with_optional`` reads it as nulls, so tables written before it existed stay valid."""
+    return pa.field(name, type_, nullable=True, metadata={OPTIONAL: why.encode()})
+
+
+def is_optional(field: pa.Field) -> bool:
+    return field.metadata is not None and OPTIONAL in field.metadata
+
+
+def with_optional(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with a null column for every optional field of ``schema`` it lacks."""
+    for f in schema:
+        if is_optional(f) and f.name not in table.schema.names:
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    return table
+
+
 EXAMPLES = pa.schema(
     [
         pa.field("id", pa.int64(), nullable=False),
@@ -78,6 +100,7 @@ LM_TEACHER_DATA = pa.schema(
         pa.field("id", pa.int64(), nullable=False),
         pa.field("prompt_id", pa.int64(), nullable=False),
         pa.field("sample", pa.int32(), nullable=False),
+        optional_field("teacher", pa.int32(), "index into the manifest's teachers; null (files before it) = 0"),
         pa.field("split", pa.string(), nullable=False),
         pa.field("task", pa.string(), nullable=False),
         pa.field("item", pa.int64()),
@@ -91,11 +114,17 @@ LM_TEACHER_DATA = pa.schema(
         pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
         pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
         pa.field("topk_logprobs", pa.list_(pa.float16()), nullable=False),
+        optional_field("expert_ids", pa.list_(pa.uint8()), "MoE teachers: routed experts per generated token; empty/null = none"),
+        optional_field("expert_weights", pa.list_(pa.float16()), "MoE teachers: router weights of expert_ids"),
     ]
 )
 """LM teacher samples: per generated token the top-k teacher token ids and log-probs,
 flattened row-major (``len(token_ids) * k`` values; k is in the manifest), never full
-vocabularies. ``answer`` is null when none could be parsed, with ``parse`` saying why."""
+vocabularies. ``answer`` is null when none could be parsed, with ``parse`` saying why.
+MoE teachers also store their routing per generated token (``stages.routing``: the input
+position that predicted the token): ``expert_ids`` / ``expert_weights`` flattened token,
+then layer, then rank (``len(token_ids) * layers * experts_per_token`` values, shape in the
+manifest's ``routing``); empty for dense teachers, null in files written before them."""
 
 LM_SELECTION = LM_TEACHER_DATA.append(pa.field("weight", pa.float32(), nullable=False)).append(
     pa.field("reason", pa.string(), nullable=False)
@@ -430,6 +459,8 @@ def read_any_table(path: Path) -> pa.Table:
 def check_schema(table_or_schema: pa.Table | pa.Schema, required: pa.Schema, where: str) -> None:
     schema = table_or_schema.schema if isinstance(table_or_schema, pa.Table) else table_or_schema
     for field in required:
+        if field.name not in schema.names and is_optional(field):
+            continue
         if field.name not in schema.names:
             raise DistilError(
                 f"{where} has no column '{field.name}' (columns: {', '.join(schema.names)}); "
@@ -473,6 +504,7 @@ def read_table(path: Path, required: pa.Schema, what: str) -> tuple[pa.Table, di
     files, schema, _, manifest = inspect_table(path, required, what)
     extra = [n for n in schema.names if n not in required.names]
     table = pa.concat_tables([pq.read_table(f, memory_map=True) for f in files], promote_options="default")
+    table = with_optional(table, required)
     cast_schema = pa.schema([*required, *(table.schema.field(n) for n in extra)])
     return table.select(cast_schema.names).cast(cast_schema), manifest
 

@@ -42,7 +42,11 @@ class DataConfig:
     unlabeled: int = _f(
         0, "reasoning tasks: extra train prompts with the gold answer withheld (a transfer set only a teacher labels)"
     )
-    task_options: dict = _f({}, "reasoning tasks: options of the reasoning-gym generator (e.g. {max_terms: 3, max_digits: 1})")
+    task_options: dict = _f(
+        {},
+        "reasoning tasks: options of the reasoning-gym generator (e.g. {max_terms: 3, max_digits: 1}); "
+        "for a mixture (chain_sum+basic_arithmetic) keyed by task: {chain_sum: {...}, basic_arithmetic: {...}}",
+    )
     prompt_column: str = _f("prompt", "LM prompt tables: the prompt column")
     answer_column: str = _f("answer", "LM prompt tables: the gold answer column (optional in the table)")
     long_tail: float = _f(
@@ -78,6 +82,10 @@ class LMConfig:
     router_aux_loss: float = _f(0.01, "MoE families: weight of the router load-balancing loss in training")
     context: int = _f(128, "maximum sequence length in tokens (prompt + completion)")
     vocab_size: int = _f(512, "BPE vocabulary trained on the task text when building from a config")
+    tokenizer: str = _f(
+        "", "building from a config: reuse the tokenizer of this model/tokenizer directory (or shipped name) instead of "
+        "training a BPE; specialist teachers and their student share one vocabulary this way (mst)",
+    )  # fmt: skip
     init: str = _f("", "start from this model directory or hub name instead of a config")
     precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
     max_new_tokens: int = _f(16, "on-policy: length of the completions the student samples")
@@ -119,6 +127,10 @@ class DistillConfig:
     expert_lambdas: list[float] = _f([], "mdcs: logit-adjustment weight per expert; [] = evenly from -0.5 to 2.5")
     consistency_weight: float = _f(1.0, "mdcs: weight of consistency self-distillation (ramped in linearly)")
     top_k: int = _f(1, "mst: teachers the gate selects per row")
+    gate: str = _f(
+        "confidence", "mst on LM teacher data: how a teacher is picked per prompt: confidence (its samples agree most, "
+        "label-free) or task (the teacher trained on the prompt's task)",
+    )  # fmt: skip
     lmbda: float = _f(0.5, "on-policy: share of batches whose completions the student samples itself (GKD's lambda)")
     demos: int = _f(0, "LMs: put the k most similar other teacher demonstrations in each prompt (an ICD-ready student)")
     retriever: str = _f("auto", "LMs with demos: dense, bm25 or auto (dense, else bm25); use the cascade's setting")
@@ -142,6 +154,15 @@ class GenerateTeacherDataConfig:
     max_new_tokens: int = _f(16, "LMs: completion length limit")
     top_k: int = _f(20, "LMs: teacher log-probs stored per generated token (0 = none)")
     shard_prompts: int = _f(64, "LMs: prompts per Parquet part; a killed run resumes at the last complete part")
+    routing: str = _f(
+        "auto", "LMs: store the teacher's routed experts per generated token: auto (when it is MoE), on (require it) or off"
+    )
+    decode: str = _f(
+        "greedy", "LMs: greedy (the model's own distribution) or scmoe (MoE self-contrast; stored top-k stay the model's own)"
+    )
+    scmoe_beta: float = _f(0.5, "scmoe: contrast strength b in (1+b) z_strong - b z_weak (0 = the model's own choice)")
+    scmoe_alpha: float = _f(0.1, "scmoe: keep tokens with p_strong >= alpha * max p_strong, in (0, 1]")
+    scmoe_weak_rank: int = _f(2, "scmoe: the weak pass routes each token to its rank-th expert alone (1 = the top one)")
     seed: int = _f(0, "seed")
 
 
@@ -203,6 +224,12 @@ class EvaluateConfig:
     temperature: float = _f(1.0, "LMs: sampling temperature for samples > 1")
     top_p: float = _f(1.0, "LMs: nucleus mass for samples > 1")
     batch_size: int = _f(512, "rows per forward pass")
+    routing_segment: int = _f(16, "MoE LMs: segment length m of the routing metrics SRP and SCH (tokens)")
+    routing_cache: int = _f(0, "MoE LMs: SCH cache size in experts per layer (0 = 2 x experts per token)")
+    decode: str = _f("greedy", "LMs: greedy (the model's own choice) or scmoe (MoE self-contrast decoding, also for samples > 1)")
+    scmoe_beta: float = _f(0.5, "scmoe: contrast strength b in (1+b) z_strong - b z_weak (0 = the model's own choice)")
+    scmoe_alpha: float = _f(0.1, "scmoe: keep tokens with p_strong >= alpha * max p_strong, in (0, 1]")
+    scmoe_weak_rank: int = _f(2, "scmoe: the weak pass routes each token to its rank-th expert alone (1 = the top one)")
     seed: int = _f(0, "seed")
 
 
@@ -244,6 +271,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return float(value)
     if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
+    if hint is str and isinstance(value, bool):  # YAML 1.1 reads on/off (yes/no) as booleans; text settings mean the words
+        return "on" if value else "off"
     if origin is list and isinstance(value, list):
         inner = hint.__args__[0]
         return [_coerce(v, inner, where) for v in value]

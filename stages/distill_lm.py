@@ -6,7 +6,8 @@ completions), and the token-level divergences of section 1 against the top-k tea
 log-probs stored by ``generate-teacher-data`` (FIRST's "concentrated knowledge"): the
 sparse path of ``stages.losses`` reads k ids and log-probs per token plus one "other"
 bucket, never a full-vocabulary distribution. The student is written with ``save_pretrained`` with
-its tokenizer and loads in plain transformers.
+its tokenizer and loads in plain transformers. ``mst`` is ``kd`` on the rows of the one
+teacher a gate picks per prompt, on teacher data from several teachers (``stages.mst_lm``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from stages.lm_training import IGNORE, RowSource, collate, encode, encode_tokens
 from stages.losses import DIVERGENCES, divergence_hyper
 from stages.models import resolve_device
 from stages.models.lm import LMSize, build_lm, check_same_tokenizer, lm_identity, load_lm, load_tokenizer, train_tokenizer
+from stages.models.lm_teachers import shared_tokenizer
 from stages.progress import progress_bar
 from stages.tasks import load_prompts, source_identity
 
@@ -38,6 +40,8 @@ LM_METHODS = {
     "tvd": "token-level total variation against the stored top-k teacher log-probs",
     "on-policy": "GKD: the student samples completions (share lmbda of batches), a live --teacher scores every token",
     "tsd": "token-selective KD: only tokens where the teacher is more confident than the student, plus an entropy penalty",
+    "mst": "mixture of specialised teachers: on teacher data from several teachers a gate (confidence or task) picks one "
+    "per prompt; kd on its rows",
 }
 
 
@@ -161,7 +165,10 @@ def run_lm(
         raise DistilError(f"lmbda must be in [0, 1], got {cfg.lmbda}")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.grad_accum < 1 or cfg.steps < 0:
         raise DistilError("epochs, batch_size, grad_accum and lr must be positive (and steps >= 0)")
+    if cfg.lm.tokenizer and cfg.lm.init:
+        raise DistilError("lm.tokenizer is for a model built from a config; a model from lm.init keeps its own: drop one")
     dev_ = resolve_device(device)
+    gated: dict = {}  # mst: the gate's choices, for training.json
     manifest = read_manifest(Path(data)) if Path(data).is_dir() else {}
     teacher_data = manifest.get("kind") in ("lm_teacher_data", "lm_selection")
     token_level = cfg.method not in ("sft", "on-policy")
@@ -185,6 +192,10 @@ def run_lm(
         def count(f, split):
             return sum(s == split for s in pq.read_table(f, columns=["split"]).column(0).to_pylist())
 
+        if cfg.method == "mst":  # only the rows of the teacher the gate picks for each prompt
+            from stages.mst_lm import gate_rows
+
+            part_loader, count, gated = gate_rows(part_loader, files, manifest, cfg, data)
         if cfg.demos > 0:
             part_loader = _with_demos(part_loader, files, cfg)
         sources = {
@@ -203,7 +214,7 @@ def run_lm(
     teacher_tok = live = None
     if teacher_data and token_level:
         teacher_tok = load_tokenizer(manifest["model"]["path"])
-    elif teacher_data and not lm.init:
+    elif teacher_data and not lm.init and not lm.tokenizer:
         teacher_tok = _teacher_tokenizer_if_any(manifest)
     if on_policy:
         live, teacher_tok = load_lm(teachers[0], dev_)
@@ -211,7 +222,9 @@ def run_lm(
         model, tokenizer = load_lm(lm.init, dev_)
     else:
         texts = (r["prompt"] + " " + _target(r) for load in sources["train"][0] for r in load())
-        tokenizer = teacher_tok or train_tokenizer(texts, lm.vocab_size)
+        tokenizer = (
+            (shared_tokenizer(lm.tokenizer) if lm.tokenizer else None) or teacher_tok or train_tokenizer(texts, lm.vocab_size)
+        )
         size = LMSize(lm.hidden, lm.layers, lm.heads, lm.kv_heads, lm.intermediate, lm.context, lm.experts,
                       lm.experts_per_token, lm.router_aux_loss)  # fmt: skip
         model = build_lm(lm.family, size, tokenizer, seed=cfg.seed).to(dev_)
@@ -233,8 +246,8 @@ def run_lm(
     pairs = {split: RowSource(*sources[split], encode_row) for split in ("train", "dev")}
     loss_fn = on_policy_loss(cfg, live, tokenizer, max_len) if on_policy else None
     if token_level:
-        divergence = DIVERGENCES["kd" if cfg.method == "tsd" else cfg.method]
-        hyper = divergence_hyper("kd" if cfg.method == "tsd" else cfg.method, cfg)
+        base = "kd" if cfg.method in ("tsd", "mst") else cfg.method
+        divergence, hyper = DIVERGENCES[base], divergence_hyper(base, cfg)
 
         def loss_fn(m, b):
             logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
@@ -273,6 +286,7 @@ def run_lm(
             "method": cfg.method,
             "params": sum(p.numel() for p in model.parameters()),
             "train_rows": len(pairs["train"]),
+            **gated,
             **summary,
         }
         write_json(work / "training.json", summary)

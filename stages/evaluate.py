@@ -36,10 +36,11 @@ from stages.artifacts import (
 )
 from stages.config import DataConfig, EvaluateConfig, to_dict
 from stages.errors import DistilError
-from stages.evaluate_lm import lm_metrics
+from stages.evaluate_lm import lm_metrics, write_routing
 from stages.metrics import classification_report, expert_metrics, reliability, shot_accuracy, softmax
 from stages.models import resolve_device
 from stages.models.classifiers import check_compatible, identity, load_classifier, param_count
+from stages.scmoe import check_decode
 from stages.tasks import is_prompt_source, load_examples, prompts_in_splits, source_identity
 
 
@@ -160,11 +161,14 @@ def run(
 ) -> Path:
     if not models and not cascades:
         raise DistilError("nothing to evaluate: pass at least one --model or --cascade")
+    check_decode(cfg.decode, cfg.scmoe_beta, cfg.scmoe_alpha, cfg.scmoe_weak_rank)
     if is_prompt_source(data, data_cfg):
         return _run_lm(cfg, models, data, out, data_cfg=data_cfg, device=device, console=console)
     names = [Path(p).name for p in [*models, *cascades]]
     if len(set(names)) != len(names):
         raise DistilError(f"model names must be unique (directory names {names}); rename the directories")
+    if cfg.decode != "greedy" and models:
+        raise DistilError(f"--decode {cfg.decode} needs a mixture-of-experts model; {models[0]} has no router (a classifier)")
     dev_ = resolve_device(device)
     loaded = [(Path(p), *load_classifier(p, dev_)) for p in models]
     for p in cascades:
@@ -207,11 +211,17 @@ def _run_lm(cfg: EvaluateConfig, models: list[Path], data, out: Path, *, data_cf
         raise DistilError(f"{data} has no prompts in split '{cfg.split}'; set evaluate.split")
     if cfg.samples < 1 or cfg.max_new_tokens < 1:
         raise DistilError("evaluate.samples and evaluate.max_new_tokens must be positive")
+    if cfg.routing_segment < 1 or cfg.routing_cache < 0:
+        raise DistilError("evaluate.routing_segment must be >= 1 and routing_cache >= 0 (0 = 2 x experts per token)")
     params = {"evaluate": to_dict(cfg), "data": to_dict(data_cfg)}
     inputs = {"data": str(data), **{str(p): artifact_hash(Path(p)) for p in models}}
     output = Output(out, fingerprint("evaluate", params, inputs))
     with output as work:
-        results = {Path(p).name: lm_metrics(Path(p), rows, task, cfg, dev_, teacher_answers) for p in models}
+        routing: dict[str, dict] = {Path(p).name: {} for p in models}  # MoE models: per-layer routing tables
+        results = {
+            Path(p).name: lm_metrics(Path(p), rows, task, cfg, dev_, teacher_answers, routing[Path(p).name]) for p in models
+        }
+        write_routing(work, routing)
         write_json(work / "metrics.json", results)
         _write_summary(work, results, console)
         write_manifest(

@@ -23,12 +23,13 @@ from stages.generate_teacher_data_lm import run_lm
 from stages.models import resolve_device
 from stages.models.classifiers import check_compatible, identity, load_classifier, predict_logits
 from stages.progress import progress_bar
+from stages.scmoe import check_decode
 from stages.tasks import is_prompt_source, load_examples, source_identity
 
 
 def run(
     cfg: GenerateTeacherDataConfig,
-    teacher: Path,
+    teacher: Path | list[Path],
     data: str | Path,
     out: Path,
     *,
@@ -38,8 +39,15 @@ def run(
 ) -> Path:
     if is_prompt_source(data, data_cfg):
         return run_lm(cfg, teacher, data, out, data_cfg=data_cfg, device=device, progress=progress)
+    if isinstance(teacher, (list, tuple)):  # several teachers are an LM feature (mst's teacher data)
+        if len(teacher) != 1:
+            raise DistilError(f"classifier teacher data comes from one --teacher, got {len(teacher)}; several are for LM prompts")
+        teacher = teacher[0]
     if cfg.shard_rows < 1 or cfg.batch_size < 1:
         raise DistilError("shard_rows and batch_size must be positive")
+    check_decode(cfg.decode, cfg.scmoe_beta, cfg.scmoe_alpha, cfg.scmoe_weak_rank)
+    if cfg.decode != "greedy":  # decoding options are for LM teachers; a classifier has no router
+        raise DistilError(f"--decode {cfg.decode} needs a mixture-of-experts model; {teacher} has no router (a classifier)")
     model, config = load_classifier(teacher, resolve_device(device))
     ex = load_examples(data, data_cfg)
     labels = ex.table.column("label").to_numpy()

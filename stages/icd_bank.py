@@ -172,10 +172,10 @@ def task_queries(manifest: dict) -> tuple[dict[str, list[dict]], ReasoningTask |
     """Dev and test prompts of the task the teacher data was made from, and the task."""
     from stages.config import DataConfig, from_dict
     from stages.tasks import load_prompts
-    from stages.tasks.reasoning import TASKS
+    from stages.tasks.mixture import task_names
 
     source = str(manifest.get("task", {}).get("name", ""))
-    if source not in TASKS and not source.startswith("hf:") and not Path(source).exists():
+    if not task_names(source) and not source.startswith("hf:") and not Path(source).exists():
         raise DistilError(f"the teacher data was made from prompts {source!r}, which are gone; keep them where they were")
     data_cfg = from_dict(DataConfig, manifest.get("params", {}).get("data", {}), "data (teacher data manifest)")
     table, task = load_prompts(source, data_cfg)

@@ -28,6 +28,7 @@ from stages.artifacts import (
     inspect_table,
     iter_batches,
     read_manifest,
+    with_optional,
     write_manifest,
 )
 from stages.config import DataConfig, SelectConfig, to_dict
@@ -109,7 +110,7 @@ def _run_lm(cfg: SelectConfig, data: Path, out: Path, *, progress: bool) -> Path
         with progress_bar(progress) as bar:
             task = bar.add_task(f"select {cfg.by}", total=total, info="")
             for f in files:
-                table = pq.read_table(f).select(LM_TEACHER_DATA.names).cast(LM_TEACHER_DATA)
+                table = with_optional(pq.read_table(f), LM_TEACHER_DATA).select(LM_TEACHER_DATA.names).cast(LM_TEACHER_DATA)
                 keep, weight, reason = chained(names, table, cfg)
                 apply = np.isin(np.asarray(table.column("split").to_pylist()), cfg.splits)
                 keep = np.where(apply, keep, True)
@@ -131,7 +132,8 @@ def _run_lm(cfg: SelectConfig, data: Path, out: Path, *, progress: bool) -> Path
             raise DistilError(f"selection '{cfg.by}' kept no rows of {cfg.splits}; relax it (min_agreement, min_score, lengths)")
         stats = {s: {"kept": k, "rows": n, "share": k / max(n, 1)} for s, (k, n) in kept.items()}
         write_manifest(work, kind="lm_selection", params=params, inputs=inputs, rows=writer.done_rows, model=manifest.get("model", {}),
-                       extra={"task": manifest.get("task", {}), "top_k": manifest.get("top_k", 0), "selection": stats})  # fmt: skip
+                       extra={"task": manifest.get("task", {}), "top_k": manifest.get("top_k", 0), "selection": stats,
+                              "teachers": manifest.get("teachers", [])})  # fmt: skip
         return output.commit()
 
 

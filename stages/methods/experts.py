@@ -64,6 +64,8 @@ def mst(ctx: Context) -> Trained:
     k = len(ctx.teachers)
     if k < 2:
         raise DistilError(f"mst needs at least two teachers, got {k}; pass --teacher DIR several times")
+    if cfg.gate != "confidence":  # `gate` chooses among fixed rules for LM teacher data; this gate is learned
+        raise DistilError(f"gate={cfg.gate} is for mst on LM teacher data; classifier mst learns its gate: drop it")
     if not 1 <= cfg.top_k <= k:
         raise DistilError(f"mst: top_k must be between 1 and the number of teachers ({k}), got {cfg.top_k}")
     T = cfg.temperature

@@ -130,6 +130,19 @@ def routers(model) -> list:
     return [m for m in model.modules() if _is_router(m)]
 
 
+def active_parameters(model) -> int:
+    """Parameters one token uses: all of a dense model's; for an MoE model, the routed
+    experts count ``experts_per_token / experts`` of their weights (the shared parts, the
+    routers and any always-on shared expert count in full)."""
+    total = sum(p.numel() for p in model.parameters())
+    idle = 0.0
+    for block in model.modules():
+        gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
+        if gate is not None and experts is not None and _is_router(gate):
+            idle += sum(p.numel() for p in experts.parameters()) * (1 - gate.top_k / gate.num_experts)
+    return int(round(total - idle))
+
+
 def build_lm(family: str, size: LMSize, tokenizer, seed: int = 0):
     from transformers import AutoModelForCausalLM
 

@@ -93,7 +93,9 @@ def _long_tail(table: pa.Table, data: DataConfig, num_classes: int) -> pa.Table:
 def _limit(table: pa.Table, limit: int) -> pa.Table:
     if limit <= 0:
         return table
-    splits = table.column("split").to_numpy(zero_copy_only=False)
+    splits = table.column("split").to_numpy(zero_copy_only=False).astype(str)
+    if "task" in table.schema.names:  # prompt tables: per task and split (a task mixture's sizes are per task)
+        splits = np.char.add(np.char.add(splits, "|"), table.column("task").to_numpy(zero_copy_only=False).astype(str))
     keep = np.zeros(len(splits), dtype=bool)
     for s in np.unique(splits):
         keep[np.flatnonzero(splits == s)[:limit]] = True
@@ -111,9 +113,9 @@ def source_identity(source: str | Path) -> str:
 
 def is_prompt_source(source: str | Path, data: DataConfig) -> bool:
     """Language-model data: a reasoning task name, JSON lines, or a table with a prompt column."""
-    from stages.tasks.reasoning import TASKS
+    from stages.tasks.mixture import task_names
 
-    if str(source) in TASKS or str(source).startswith("hf:"):
+    if task_names(source) or str(source).startswith("hf:"):
         return True
     path = Path(source)
     if path.suffix.lower() in (".jsonl", ".json"):
@@ -137,7 +139,8 @@ def is_prompt_source(source: str | Path, data: DataConfig) -> bool:
 
 def load_prompts(source: str | Path, data: DataConfig):
     """(PROMPTS table, the ReasoningTask or None for user data)."""
-    from stages.tasks.reasoning import TASKS, ReasoningTask, load_prompt_table
+    from stages.tasks.mixture import build_task, task_names
+    from stages.tasks.reasoning import load_prompt_table
 
     if str(source).startswith("hf:"):
         from stages.tasks.reasoning import load_hub_prompts
@@ -153,13 +156,10 @@ def load_prompts(source: str | Path, data: DataConfig):
                 f"{path} is {manifest.get('kind')}, not a prompt table; pass a task, a prompt file or select's output"
             )
         return _limit(table.select(PROMPTS.names), data.limit), task_from_manifest(manifest)
-    if str(source) in TASKS:
-        if len(data.sizes) != 3 or min(data.sizes) < 1:
-            raise DistilError(f"data.sizes must be three positive split sizes (train, dev, test), got {data.sizes}")
-        if data.unlabeled < 0:
-            raise DistilError(f"data.unlabeled must be 0 or more extra train prompts, got {data.unlabeled}")
-        options = tuple(sorted(data.task_options.items()))
-        task = ReasoningTask(str(source), tuple(data.sizes), data.split_seed, options, data.unlabeled)
+    if task_names(source):  # one reasoning task, or a mixture (chain_sum+basic_arithmetic)
+        task = build_task(
+            source, sizes=data.sizes, seed=data.split_seed, task_options=data.task_options, unlabeled=data.unlabeled
+        )
         table = task.table()
     else:
         task = None

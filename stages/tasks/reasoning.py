@@ -2,9 +2,12 @@
 answer scorers, nothing downloaded), and user prompt tables.
 
 A task owns its prompt format, answer extraction and scoring. Items are fixed by seed:
-split s of task t is ``reasoning_gym.create_dataset(t, size=n_s, seed=seed * 3 + s)``,
+split s of task t is ``reasoning_gym.create_dataset(t, size=n_s, seed=(seed * 3 + s) * SEED_STRIDE)``,
 and train items whose question also appears in dev or test are dropped, so no test
-question is ever trained on.
+question is ever trained on. reasoning-gym draws item i of seed r from ``Random(r + i)``,
+so seeds one apart give the same questions shifted by one item: the stride keeps the
+splits' seed ranges apart (chance repeats of a small question space remain, and are
+dropped from train as above).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from stages.errors import DistilError
 
 TASKS = ("basic_arithmetic", "chain_sum", "number_sorting", "gsm_symbolic")
 SPLITS = ("train", "dev", "test")
+SEED_STRIDE = 10_000_000
+"""Generator seeds of consecutive splits lie this far apart (more than any split's size)."""
 
 PROMPTS = pa.schema(
     [
@@ -81,7 +86,7 @@ class ReasoningTask:
     def _split_dataset(self, split: str):
         s = SPLITS.index(split)
         extra = self.unlabeled if split == "train" else 0
-        return _dataset(self.name, self.sizes[s] + extra, self.seed * 3 + s, self.options)
+        return _dataset(self.name, self.sizes[s] + extra, (self.seed * 3 + s) * SEED_STRIDE, self.options)
 
     def table(self) -> pa.Table:
         held_out = {str(x["question"]) for split in ("dev", "test") for x in self._split_dataset(split)}
@@ -149,15 +154,16 @@ def load_prompt_table(path: Path, prompt_column: str = "prompt", answer_column: 
     )
 
 
-def task_from_manifest(manifest: dict) -> ReasoningTask | None:
-    """The reasoning task an LM artifact was made from (None for user prompt tables)."""
+def task_from_manifest(manifest: dict):
+    """The reasoning task (or ``TaskMixture``) an LM artifact was made from (None for user prompt tables)."""
+    from stages.tasks.mixture import build_task, task_names
+
     data = manifest.get("params", {}).get("data", {})
     name = manifest.get("task", {}).get("name", "")
-    if name not in TASKS:
+    if not task_names(name):
         return None
-    options = tuple(sorted((data.get("task_options") or {}).items()))
-    sizes = tuple(data.get("sizes", (2000, 200, 200)))
-    return ReasoningTask(name, sizes, data.get("split_seed", 0), options, int(data.get("unlabeled", 0)))
+    return build_task(name, sizes=tuple(data.get("sizes", (2000, 200, 200))), seed=data.get("split_seed", 0),
+                      task_options=data.get("task_options"), unlabeled=int(data.get("unlabeled", 0)))  # fmt: skip
 
 
 def load_hub_prompts(name: str, prompt_column: str = "prompt", answer_column: str = "answer") -> pa.Table:
