@@ -97,9 +97,7 @@ def _moe_config(family: str, size: LMSize, vocab: int, inter: int, ids: dict):
     from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig
 
     if not 1 <= size.experts_per_token <= size.experts:
-        raise DistilError(
-            f"lm.experts_per_token must be between 1 and lm.experts ({size.experts}), got {size.experts_per_token}"
-        )
+        raise DistilError(f"lm.experts_per_token must be between 1 and lm.experts ({size.experts}), got {size.experts_per_token}")
     common = dict(
         vocab_size=vocab, hidden_size=size.hidden, num_hidden_layers=size.layers, num_attention_heads=size.heads,
         num_key_value_heads=size.kv_heads or size.heads, max_position_embeddings=size.context,
