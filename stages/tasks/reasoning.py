@@ -86,7 +86,8 @@ class ReasoningTask:
     def _split_dataset(self, split: str):
         s = SPLITS.index(split)
         extra = self.unlabeled if split == "train" else 0
-        return _dataset(self.name, self.sizes[s] + extra, (self.seed * 3 + s) * SEED_STRIDE, self.options)
+        options = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in self.options)  # hashable for the cache
+        return _dataset(self.name, self.sizes[s] + extra, (self.seed * 3 + s) * SEED_STRIDE, options)
 
     def table(self) -> pa.Table:
         held_out = {str(x["question"]) for split in ("dev", "test") for x in self._split_dataset(split)}

@@ -1,0 +1,145 @@
+"""Mixture-of-experts teachers and specialised teachers on a two-task reasoning mixture,
+over seeds, in one process: the accuracy claims of the MoE issue, with the settings of
+``bench/lm_moe.yaml``.
+
+Per seed, on ``chain_sum+basic_arithmetic`` (gold answers for part of the train prompts):
+
+- teachers trained with ``sft`` on gold: an MoE teacher (Mixtral classes, 4 experts of
+  width w, 2 per token) and a dense teacher with the same active parameters (one MLP of
+  width 2w), which is also the generalist; two specialists of that same size, one per task;
+- teacher data (samples with top-k log-probs, MoE routing) on every train prompt, the
+  label-free ``select`` of the settings;
+- dense students of one smaller size and one step budget: ``sft`` on gold only, ``kd`` from
+  the MoE teacher, ``kd`` from the generalist, ``mst`` from the two specialists with the
+  label-free ``confidence`` gate and with the ``task`` gate;
+- test accuracy by each task's scorer; the MoE teacher's routing metrics; its accuracy
+  with ``--decode scmoe`` against greedy decoding.
+
+Writes ``bench/results/lm_moe.{md,json}`` and prints one JSON line.
+
+    python -m bench lm_moe                     # 3 seeds
+    BENCH_SEEDS=1 python -m bench lm_moe
+    BENCH_PARAMS=other.yaml python -m bench lm_moe
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from bench.harness import emit
+from stages import distill, evaluate, generate_teacher_data, select
+from stages.config import DataConfig, DistillConfig, EvaluateConfig, GenerateTeacherDataConfig, SelectConfig, load_section
+from stages.models.lm import active_parameters, load_lm
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("chain_sum", "basic_arithmetic")
+MIX = "+".join(TASKS)
+ROUTING = ("routing_load_entropy", "routing_top1_repeat", "routing_srp", "routing_sch")
+
+
+def _teachers(params: dict, seed: int, d: Path, data: DataConfig) -> None:
+    dense = replace(load_section(DistillConfig, params, "dense_teacher"), seed=seed)
+    distill.run(dense, MIX, d / "dense", data_cfg=data, progress=False)
+    shared = replace(dense.lm, tokenizer=str(d / "dense"))  # one vocabulary: top-k ids comparable across teachers
+    moe = replace(load_section(DistillConfig, params, "moe_teacher"), seed=seed)
+    distill.run(replace(moe, lm=replace(moe.lm, tokenizer=str(d / "dense"))), MIX, d / "moe", data_cfg=data, progress=False)
+    for task in TASKS:
+        distill.run(replace(dense, lm=shared), task, d / f"spec-{task}", data_cfg=data, progress=False)
+    gen = replace(load_section(GenerateTeacherDataConfig, params, "generate"), seed=seed)
+    sel = load_section(SelectConfig, params, "select")
+    for name, teachers in {"moe": [d / "moe"], "dense": [d / "dense"], "spec": [d / f"spec-{t}" for t in TASKS]}.items():
+        generate_teacher_data.run(gen, teachers, MIX, d / f"td-{name}", data_cfg=data, progress=False)
+        select.run(sel, d / f"td-{name}", d / f"sel-{name}", progress=False)
+
+
+def _students(params: dict, seed: int, d: Path, data: DataConfig) -> dict[str, Path]:
+    base = replace(load_section(DistillConfig, params, "student"), seed=seed)
+    student = replace(base, lm=replace(base.lm, tokenizer=str(d / "dense")))
+    runs = {
+        "student: sft on gold": (replace(student, method="sft"), MIX),
+        "student: kd from MoE teacher": (replace(student, method="kd"), d / "sel-moe"),
+        "student: kd from dense generalist": (replace(student, method="kd"), d / "sel-dense"),
+        "student: mst, specialists, confidence gate": (replace(student, method="mst", gate="confidence"), d / "sel-spec"),
+        "student: mst, specialists, task gate": (replace(student, method="mst", gate="task"), d / "sel-spec"),
+    }
+    out = {}
+    for i, (name, (cfg, source)) in enumerate(runs.items()):
+        out[name] = distill.run(cfg, source, d / f"student-{i}", data_cfg=data, progress=False)
+    return out
+
+
+def _one_seed(params: dict, seed: int, d: Path) -> dict[str, dict[str, float]]:
+    data = load_section(DataConfig, params, "data")
+    _teachers(params, seed, d, data)
+    models = {"MoE teacher": d / "moe", "dense teacher (same active params)": d / "dense",
+              **{f"specialist: {t}": d / f"spec-{t}" for t in TASKS}, **_students(params, seed, d, data)}  # fmt: skip
+    cfg = load_section(EvaluateConfig, params, "evaluate")
+    quiet = Console(file=io.StringIO())
+    metrics = json.loads((evaluate.run(cfg, list(models.values()), MIX, d / "ev", data_cfg=data, console=quiet) / "metrics.json").read_text())
+    scmoe = evaluate.run(replace(cfg, decode="scmoe"), [d / "moe"], MIX, d / "ev-scmoe", data_cfg=data, console=quiet)
+    sc = json.loads((scmoe / "metrics.json").read_text())["moe"]
+    rows = {}
+    for name, path in models.items():
+        m = metrics[path.name]
+        model, _ = load_lm(path)
+        rows[name] = {"accuracy": m["accuracy"], **{t: m.get(f"accuracy_{t}", float("nan")) for t in TASKS},
+                      "active_params": active_parameters(model), "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
+    rows["MoE teacher"].update({k: metrics["moe"][k] for k in ROUTING})
+    rows["MoE teacher, SCMoE decoding"] = {"accuracy": sc["accuracy"], **{t: sc.get(f"accuracy_{t}", float("nan")) for t in TASKS}}
+    return rows
+
+
+def _table(acc: dict[str, dict[str, list[float]]], seeds: int) -> str:
+    def cell(xs: list[float]) -> str:
+        std = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        return f"{statistics.fmean(xs):.3f} ± {std:.3f}"
+
+    lines = [f"| model (mean ± std over {seeds} seeds) | accuracy | {' | '.join(TASKS)} | active / total params |",
+             "|---|---|" + "---|" * len(TASKS) + "---|"]  # fmt: skip
+    for name, cols in acc.items():
+        params = f"{int(cols['active_params'][0]):,} / {int(cols['params'][0]):,}" if "params" in cols else ""
+        lines.append(f"| {name} | {cell(cols['accuracy'])} | {' | '.join(cell(cols[t]) for t in TASKS)} | {params} |")
+    routing = acc["MoE teacher"]
+    lines += ["", "| MoE teacher routing (test prompts + greedy completions) | mean over seeds |", "|---|---|"]
+    lines += [f"| {k.removeprefix('routing_')} | {statistics.fmean(routing[k]):.3f} |" for k in ROUTING]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    params = yaml.safe_load(Path(os.environ.get("BENCH_PARAMS", ROOT / "bench" / "lm_moe.yaml")).read_text())
+    seeds = range(int(os.environ.get("BENCH_SEEDS", "3")))
+    t0 = time.perf_counter()
+    acc: dict[str, dict[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            for name, cols in _one_seed(params, seed, Path(tmp) / f"s{seed}").items():
+                for col, v in cols.items():
+                    acc.setdefault(name, {}).setdefault(col, []).append(float(v))
+    mean = {name: statistics.fmean(cols["accuracy"]) for name, cols in acc.items()}
+    summary = {
+        "seeds": len(seeds), "data": MIX, "accuracy": {n: c["accuracy"] for n, c in acc.items()}, "mean": mean,
+        "moe_teacher_beats_dense_same_active": mean["MoE teacher"] > mean["dense teacher (same active params)"],
+        "moe_student_beats_gold_student": mean["student: kd from MoE teacher"] > mean["student: sft on gold"],
+        "specialists_with_gate_beat_generalist_source": (
+            mean["student: mst, specialists, confidence gate"] > mean["student: kd from dense generalist"]
+        ),
+        "scmoe_minus_greedy_points": 100 * (mean["MoE teacher, SCMoE decoding"] - mean["MoE teacher"]),
+        "routing": {k: statistics.fmean(acc["MoE teacher"][k]) for k in ROUTING},
+        "seconds": time.perf_counter() - t0,
+    }  # fmt: skip
+    results = ROOT / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    (results / "lm_moe.md").write_text(_table(acc, len(seeds)))
+    (results / "lm_moe.json").write_text(json.dumps(summary, indent=2) + "\n")
+    emit("lm_moe", **summary)
+    return 0
