@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	@test -d .git || (git init -q && git add -A >/dev/null)
 	HF_HUB_OFFLINE=1 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
-	@cat metrics/summary.txt metrics_lm/summary.txt cascade_lm/summary.txt
+	@cat metrics/summary.txt metrics_lm/summary.txt cascade_lm/summary.txt metrics_diffusion/summary.txt
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q

@@ -11,7 +11,15 @@ import sys
 
 from bench.harness import emit
 
-BENCHMARKS = ["losses_vs_reference", "digits_students", "classifier_methods", "lm_distillation", "lm_students", "lm_cascade", "lm_moe"]
+BENCHMARKS = [
+    "losses_vs_reference",
+    "digits_students",
+    "classifier_methods",
+    "lm_distillation",
+    "lm_students",
+    "lm_cascade",
+    "lm_moe",
+]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,7 +85,9 @@ def _one_seed(params: dict, seed: int, d: Path) -> dict[str, dict[str, float]]:
               **{f"specialist: {t}": d / f"spec-{t}" for t in TASKS}, **_students(params, seed, d, data)}  # fmt: skip
     cfg = load_section(EvaluateConfig, params, "evaluate")
     quiet = Console(file=io.StringIO())
-    metrics = json.loads((evaluate.run(cfg, list(models.values()), MIX, d / "ev", data_cfg=data, console=quiet) / "metrics.json").read_text())
+    metrics = json.loads(
+        (evaluate.run(cfg, list(models.values()), MIX, d / "ev", data_cfg=data, console=quiet) / "metrics.json").read_text()
+    )
     scmoe = evaluate.run(replace(cfg, decode="scmoe"), [d / "moe"], MIX, d / "ev-scmoe", data_cfg=data, console=quiet)
     sc = json.loads((scmoe / "metrics.json").read_text())["moe"]
     rows = {}
@@ -95,7 +97,10 @@ def _one_seed(params: dict, seed: int, d: Path) -> dict[str, dict[str, float]]:
         rows[name] = {"accuracy": m["accuracy"], **{t: m.get(f"accuracy_{t}", float("nan")) for t in TASKS},
                       "active_params": active_parameters(model), "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
     rows["MoE teacher"].update({k: metrics["moe"][k] for k in ROUTING})
-    rows["MoE teacher, SCMoE decoding"] = {"accuracy": sc["accuracy"], **{t: sc.get(f"accuracy_{t}", float("nan")) for t in TASKS}}
+    rows["MoE teacher, SCMoE decoding"] = {
+        "accuracy": sc["accuracy"],
+        **{t: sc.get(f"accuracy_{t}", float("nan")) for t in TASKS},
+    }
     return rows
 
 

@@ -6,7 +6,8 @@ log-probs on the gold prompts plus ``data.unlabeled`` prompts whose answers are 
 (``lm_generate``); a label-free selection (``lm_select``); then students of one smaller
 size (``lm_student``, the same optimiser-step budget each): ``sft`` on gold only, ``sft``
 on the selected teacher samples, token-level methods from the stored top-k, and
-``on-policy`` against the live teacher. Test accuracy by the task's own scorer.
+``on-policy`` against the live teacher, starting from the ``sft`` student for
+``lm_on_policy.steps`` more steps (GKD's recipe). Test accuracy by the task's own scorer.
 
 Writes ``bench/results/lm_students.{md,json}`` and prints one JSON line with per-seed
 accuracies, means, standard deviations and the claims as booleans.
@@ -37,11 +38,14 @@ from stages.config import DataConfig, DistillConfig, EvaluateConfig, GenerateTea
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "chain_sum"
 FROM_TEACHER_DATA = ("sft", "kd", "reverse-kl", "jsd", "on-policy")
+"""In this order: on-policy starts from the sft student."""
 
 
 def _students() -> list[str]:
     wanted = os.environ.get("BENCH_METHODS", ",".join(FROM_TEACHER_DATA)).split(",")
-    return [m for m in wanted if m in FROM_TEACHER_DATA]
+    if "on-policy" in wanted and "sft" not in wanted:
+        wanted.insert(0, "sft")
+    return [m for m in FROM_TEACHER_DATA if m in wanted]
 
 
 def _one_seed(params: dict, seed: int, d: Path, methods: list[str]) -> dict[str, float]:
@@ -56,8 +60,11 @@ def _one_seed(params: dict, seed: int, d: Path, methods: list[str]) -> dict[str,
     names = {"teacher": d / "teacher", "sft-gold": d / "gold"}
     for method in methods:
         out = d / f"{method}-teacher-data"
-        live = [d / "teacher"] if method == "on-policy" else []
-        distill.run(replace(student, method=method), d / "sel", out, data_cfg=data, teachers=live, progress=False)
+        cfg, live = replace(student, method=method), []
+        if method == "on-policy":  # GKD's recipe, as the pipeline: start from the sft student on teacher samples
+            live = [d / "teacher"]
+            cfg = replace(cfg, steps=params["lm_on_policy"]["steps"], lm=replace(cfg.lm, init=str(d / "sft-teacher-data")))
+        distill.run(cfg, d / "sel", out, data_cfg=data, teachers=live, progress=False)
         names[f"{method} (teacher data)" if method == "sft" else method] = out
     ev = evaluate.run(load_section(EvaluateConfig, params, "lm_evaluate"), list(names.values()), TASK, d / "ev",
                       data_cfg=data, console=Console(file=io.StringIO()))  # fmt: skip

@@ -18,6 +18,8 @@ from distilcli.options import (
     DecodeOpt,
     DeviceOpt,
     FeaturesOpt,
+    GeneratorTeacherOpt,
+    HybridOpt,
     LabelOpt,
     OutOpt,
     ParamsOpt,
@@ -25,6 +27,7 @@ from distilcli.options import (
     SectionOpt,
     SeedOpt,
     SetOpt,
+    StepsOpt,
     config,
     data_config,
     done,
@@ -38,6 +41,7 @@ from stages import generate_teacher_data as gtd_stage
 from stages import select as select_stage
 from stages.cascade_lm import LM_POLICIES
 from stages.config import CascadeConfig, DistillConfig, EvaluateConfig, GenerateTeacherDataConfig, SelectConfig
+from stages.diffusion.methods import DIFFUSION_METHODS
 from stages.distill_lm import LM_METHODS
 from stages.methods import METHODS
 from stages.selectors import SELECTORS
@@ -78,6 +82,7 @@ def generate_teacher_data(
     data: DataOpt,
     out: OutOpt,
     decode: DecodeOpt = None,
+    steps: StepsOpt = None, hybrid_first_step: HybridOpt = None,
     params: ParamsOpt = PARAMS, section: SectionOpt = None, set_: SetOpt = None, seed: SeedOpt = None,
     device: DeviceOpt = "auto", features: FeaturesOpt = None, label: LabelOpt = None, quiet: QuietOpt = False,
 ) -> None:  # fmt: skip
@@ -86,9 +91,12 @@ def generate_teacher_data(
     Example: `distil generate-teacher-data --teacher models/teacher --data digits --out data/teacher`
 
     Several LM teachers (for `distill --method mst`): `distil generate-teacher-data -t models/chain_sum -t models/basic_arithmetic --data chain_sum+basic_arithmetic --out data/mst`
+
+    Generators (a diffusion teacher from `distill --method denoise`): samples from seeded noise with their ODE trajectories: `distil generate-teacher-data -t models/moons_teacher --data moons --steps 50 --out data/moons_traj`
     """
     with handled():
-        cfg, p = config(GenerateTeacherDataConfig, params, section or "generate_teacher_data", set_, seed=seed, decode=decode)
+        cfg, p = config(GenerateTeacherDataConfig, params, section or "generate_teacher_data", set_, seed=seed, decode=decode,
+                        steps=steps, hybrid_first_step=str(hybrid_first_step) if hybrid_first_step else None)  # fmt: skip
         path = gtd_stage.run(cfg, teacher, data, out, data_cfg=data_config(p, features, label), device=device, progress=not quiet)
         done(path, "teacher data")
 
@@ -166,15 +174,19 @@ def evaluate(
     model: Annotated[Optional[list[Path]], typer.Option("--model", help="Model directory (repeatable).")] = None,
     cascade_dir: Annotated[Optional[list[Path]], typer.Option("--cascade", help="Cascade output directory (repeatable).")] = None,
     decode: DecodeOpt = None,
+    steps: StepsOpt = None, hybrid_first_step: HybridOpt = None, teacher: GeneratorTeacherOpt = None,
     params: ParamsOpt = PARAMS, section: SectionOpt = None, set_: SetOpt = None, seed: SeedOpt = None,
     device: DeviceOpt = "auto", features: FeaturesOpt = None, label: LabelOpt = None, quiet: QuietOpt = False,
 ) -> None:  # fmt: skip
-    """Accuracy, calibration, agreement and cost of models and cascades; DVC metrics and plots.
+    """Accuracy, calibration, agreement and cost of models and cascades; sample quality of
+    generators against their data and their teacher; DVC metrics and plots.
 
     Example: `distil evaluate --model models/teacher --model models/student --data data/teacher --out metrics`
     """
     with handled():
-        cfg, p = config(EvaluateConfig, params, section or "evaluate", set_, seed=seed, decode=decode)
+        cfg, p = config(EvaluateConfig, params, section or "evaluate", set_, seed=seed, decode=decode, steps=steps,
+                        hybrid_first_step=str(hybrid_first_step) if hybrid_first_step else None,
+                        teacher=str(teacher) if teacher else None)  # fmt: skip
         path = evaluate_stage.run(cfg, model or [], data, out, data_cfg=data_config(p, features, label),
                                   cascades=cascade_dir or [], device=device,
                                   console=Console(file=io.StringIO()) if quiet else None)  # fmt: skip
@@ -187,6 +199,8 @@ distill.__doc__ = (
     + _list({k: m.help for k, m in METHODS.items()})
     + "\n\nLanguage-model methods (reasoning tasks such as `basic_arithmetic`, prompt tables):\n\n"
     + _list(LM_METHODS)
+    + "\n\nGenerator methods (2-D toy data `moons`, `eight-gaussians`, `checkerboard`, `swiss-roll`; `digits-images`):\n\n"
+    + _list({k: m.help for k, m in DIFFUSION_METHODS.items()})
 )
 cascade.__doc__ = (
     (cascade.__doc__ or "")

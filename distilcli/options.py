@@ -27,7 +27,14 @@ SetOpt = Annotated[
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (overrides the section's seed).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory (written atomically).")]
-DataOpt = Annotated[str, typer.Option("--data", "-d", help="Built-in task (digits), a distil table, or a .parquet/.csv file.")]
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        "-d",
+        help="Built-in task (digits; generators: moons, digits-images, ...), a distil table, or a .parquet/.csv file.",
+    ),
+]
 FeaturesOpt = Annotated[
     Optional[str], typer.Option("--features", help="User tables: comma-separated feature columns, or one list column.")
 ]
@@ -39,6 +46,29 @@ DecodeOpt = Annotated[
         "--decode",
         help="LMs: greedy (the model's own choice) or scmoe (self-contrast of a mixture-of-experts model; "
         "tune with --set scmoe_beta/scmoe_alpha/scmoe_weak_rank).",
+    ),
+]
+
+StepsOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--steps", help="Generators: sampling steps (diffusion teachers: ODE solver steps; consistency students: 1, 2, 4...)."
+    ),
+]
+HybridOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--hybrid-first-step",
+        help="Generators: this diffusion teacher takes the first sampling step, the consistency student the rest.",
+    ),
+]
+
+GeneratorTeacherOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--teacher",
+        "-t",
+        help="Generators: the diffusion teacher; each model's paired error to its teacher_steps-step ODE samples.",
     ),
 ]
 

@@ -175,6 +175,23 @@ ICD_BANK = pa.schema(
 """The demonstration bank of an LM cascade: ``text`` is what goes into a student prompt;
 ``source`` is ``teacher_data`` or ``online`` (a deferred query the teacher answered)."""
 
+DIFFUSION_TEACHER_DATA = pa.schema(
+    [
+        pa.field("sample", pa.int64(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("step", pa.int32(), nullable=False),
+        pa.field("timestep", pa.int32(), nullable=False),
+        pa.field("shard", pa.int32(), nullable=False),
+        pa.field("offset", pa.int64(), nullable=False),
+    ]
+)
+"""Index of a generator's trajectories: one row per stored state. The states themselves
+are in ``_states/shard-NNNNN.safetensors`` (tensor ``states`` [rows, *sample_shape],
+float32), row ``offset`` of shard ``shard``; part ``part-NNNNN.parquet`` indexes shard
+NNNNN (Parquet directory readers skip ``_``-prefixed entries, as the manifest). ``seed``
+seeded the sample's noise; ``step`` 0 is that noise, ``timestep`` the teacher timestep of
+the state (-1: the final sample, step = the number of steps)."""
+
 DECISIONS = "decisions"
 """A cascade's output keeps its decisions table in this subdirectory, beside its JSON and
 CSV files, so plain Parquet readers open ``<cascade>/decisions`` directly."""

@@ -38,7 +38,9 @@ class DataConfig:
     dev_frac: float = _f(0.15, "share of rows in the dev split")
     test_frac: float = _f(0.2, "share of rows in the test split")
     limit: int = _f(0, "keep at most this many rows per split (0 = all); for quick runs and tests")
-    sizes: list[int] = _f([2000, 200, 200], "reasoning tasks: items in the train, dev and test splits")
+    sizes: list[int] = _f(
+        [2000, 200, 200], "reasoning tasks and 2-D toy distributions (moons, ...): items in the train, dev and test splits"
+    )
     unlabeled: int = _f(
         0, "reasoning tasks: extra train prompts with the gold answer withheld (a transfer set only a teacher labels)"
     )
@@ -52,6 +54,7 @@ class DataConfig:
     long_tail: float = _f(
         0.0, "imbalance ratio of an exponential long-tailed profile applied to the train split (0 = off; e.g. 50)"
     )
+    image_size: int = _f(8, "digits-images: image side, 8 (native) or 16 (bilinear upsampling)")
 
 
 @dataclass
@@ -92,19 +95,88 @@ class LMConfig:
 
 
 @dataclass
+class DiffusionConfig:
+    """A diffusion teacher or consistency student (used when the data is a generator dataset: moons, digits-images, ...)."""
+
+    arch: str = _f("auto", "auto (mlp for 2-D points, unet for images), mlp or unet")
+    width: int = _f(128, "mlp: hidden units")
+    depth: int = _f(3, "mlp: residual hidden blocks")
+    time_dim: int = _f(64, "mlp: size of the sinusoidal time embedding")
+    channels: list[int] = _f([32, 64], "unet: channels of each resolution level (one down and one up block each)")
+    layers_per_block: int = _f(1, "unet: resnet layers per block")
+    norm_groups: int = _f(8, "unet: GroupNorm groups (must divide every channel count)")
+    prediction: str = _f("v_prediction", "denoise: what the network predicts: epsilon, v_prediction or sample")
+    beta_schedule: str = _f(
+        "cosine",
+        "denoise: betas of the DDPMScheduler: cosine (squaredcos_cap_v2; pair with v_prediction), linear or scaled_linear",
+    )
+    train_timesteps: int = _f(1000, "denoise: diffusion steps T of the noise schedule")
+    ema: float = _f(
+        0.999,
+        "denoise, consistency-train, progressive: EMA decay of the saved weights (warm-up min(ema, (1+n)/(10+n)) over steps n)",
+    )
+    solver: str = _f(
+        "ddim", "consistency-distill, multistep: teacher ODE solver of the step from t_{n+k} to t_n: ddim, euler or heun"
+    )
+    skip: int = _f(
+        20, "consistency-distill, multistep: k, the timesteps one solver step skips (grid of T/k points; LCM: 20 of 1000)"
+    )
+    target_ema: float = _f(
+        0.95, "consistency-distill, multistep, trajectory: EMA decay mu of the target network theta^- (LCM: 0.95)"
+    )
+    loss: str = _f(
+        "l2", "consistency-distill, multistep, trajectory: distance d: l2 or huber (pseudo-Huber sqrt(|a-b|^2 + c^2) - c)"
+    )
+    huber_c: float = _f(
+        0.0,
+        "pseudo-Huber c (loss huber; consistency-train always); 0 = 0.00054 * sqrt(dim) (iCT; x data_std/0.5 in consistency-train)",
+    )
+    timestep_scaling: float = _f(
+        10.0, "consistency-distill, trajectory: LCM's timestep scaling s of the boundary scalings c_skip, c_out"
+    )
+    student_init: str = _f(
+        "teacher",
+        "consistency-distill, multistep, trajectory: teacher (start from its weights, standard) or fresh (build from this section)",
+    )
+    eval_samples: int = _f(512, "students of a teacher: fixed noise batch of the per-epoch paired error to the teacher")
+    eval_steps: int = _f(50, "students of a teacher: teacher ODE steps of the paired-error reference")
+    segments: int = _f(
+        4, "multistep: s, segments of the time axis; consistency within each, sampled in s DDIM steps along their starts"
+    )
+    teacher_steps: int = _f(64, "progressive: N, the DDIM steps of the first round's teacher; every round halves them")
+    target_steps: int = _f(4, "progressive: DDIM steps of the final student; teacher_steps / target_steps must be a power of two")
+    sigma_min: float = _f(0.002, "consistency-train: Karras sigma_min for data of std 0.5 (iCT), scaled by data_std / 0.5")
+    sigma_max: float = _f(80.0, "consistency-train: Karras sigma_max for data of std 0.5 (iCT), scaled by data_std / 0.5")
+    rho: float = _f(7.0, "consistency-train: Karras rho of the noise levels")
+    p_mean: float = _f(-1.1, "consistency-train: mean of the lognormal over ln sigma (iCT), shifted by ln(data_std / 0.5)")
+    p_std: float = _f(2.0, "consistency-train: std of the lognormal over ln sigma (iCT)")
+    curriculum: list[int] = _f(
+        [10, 1280], "consistency-train: s0, s1: noise levels N(k) = min(s0 2^floor(k/K'), s1) + 1 double over training"
+    )
+    data_std: float = _f(
+        0.0, "consistency-train: the data's std, scaling iCT's constants (set for std 0.5); 0 = the train split's std"
+    )
+    checkpoint_every: int = _f(10, "epochs between resumable checkpoints (a killed run resumes at the last one)")
+
+
+@dataclass
 class DistillConfig:
     method: str = _f("kd", "training method: see `distil distill --help`")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "student architecture"})
     lm: LMConfig = field(default_factory=LMConfig, metadata={"help": "language-model student (reasoning tasks, prompt tables)"})
+    diffusion: DiffusionConfig = field(
+        default_factory=DiffusionConfig, metadata={"help": "diffusion teacher / consistency student (generator data)"}
+    )
     grad_accum: int = _f(1, "LM: micro-batches per optimiser step")
     epochs: int = _f(30, "training epochs")
     steps: int = _f(
-        0, "LMs: optimiser steps to train for, rounded to whole epochs (0 = use epochs); equal budgets across data sizes"
+        0,
+        "LMs and diffusion: optimiser steps to train for, rounded to whole epochs (0 = use epochs); equal budgets across data sizes",
     )
     batch_size: int = _f(64, "rows per optimiser step")
     lr: float = _f(3e-3, "AdamW learning rate")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
-    max_grad_norm: float = _f(1.0, "LMs: clip the gradient norm to this before each step (0 = no clipping)")
+    max_grad_norm: float = _f(1.0, "LMs and diffusion: clip the gradient norm to this before each step (0 = no clipping)")
     temperature: float = _f(2.0, "softmax temperature of the distillation term")
     alpha: float = _f(0.5, "weight of the distillation term; (1-alpha) goes to CE on gold labels")
     beta: float = _f(0.5, "jsd interpolation: 0 = forward KL, 1 = reverse KL")
@@ -163,6 +235,18 @@ class GenerateTeacherDataConfig:
     scmoe_beta: float = _f(0.5, "scmoe: contrast strength b in (1+b) z_strong - b z_weak (0 = the model's own choice)")
     scmoe_alpha: float = _f(0.1, "scmoe: keep tokens with p_strong >= alpha * max p_strong, in (0, 1]")
     scmoe_weak_rank: int = _f(2, "scmoe: the weak pass routes each token to its rank-th expert alone (1 = the top one)")
+    noise_samples: int = _f(1024, "diffusion: samples drawn from seeded noise (sample i from noise seed `seed` + i)")
+    steps: int = _f(50, "diffusion: sampling steps (diffusion teachers: ODE solver steps; consistency students: their steps)")
+    solver: str = _f("ddim", "diffusion teachers: ODE solver: ddim, euler or heun (heun: 2 evaluations a step but the last)")
+    save_every: int = _f(
+        1, "diffusion: store the state after every k-th step, besides the noise and the final sample (0 = those two only)"
+    )
+    shard_samples: int = _f(
+        256, "diffusion: trajectories per safetensors shard / Parquet part; a killed run resumes at the last one"
+    )
+    hybrid_first_step: str = _f(
+        "", "diffusion: a diffusion teacher directory that takes the first step, the model the rest ('' = off)"
+    )
     seed: int = _f(0, "seed")
 
 
@@ -230,6 +314,16 @@ class EvaluateConfig:
     scmoe_beta: float = _f(0.5, "scmoe: contrast strength b in (1+b) z_strong - b z_weak (0 = the model's own choice)")
     scmoe_alpha: float = _f(0.1, "scmoe: keep tokens with p_strong >= alpha * max p_strong, in (0, 1]")
     scmoe_weak_rank: int = _f(2, "scmoe: the weak pass routes each token to its rank-th expert alone (1 = the top one)")
+    steps: int = _f(1, "generators: sampling steps (consistency students: 1, 2, 4...; diffusion teachers: ODE solver steps)")
+    solver: str = _f("ddim", "generators: ODE solver of diffusion teachers: ddim, euler or heun")
+    hybrid_first_step: str = _f(
+        "", "generators: a diffusion teacher directory that takes the first sampling step, the model the rest ('' = off)"
+    )
+    step_counts: list[int] = _f([], "generators: step counts of the evaluation table, one row per model and count ([] = [steps])")
+    n_samples: int = _f(2000, "generators: samples per model and step count (sample i from noise seed + i)")
+    teacher: str = _f("", "generators: diffusion teacher folder; paired error to its teacher_steps-step ODE samples ('' = none)")
+    teacher_steps: int = _f(50, "generators: ODE steps of the teacher's paired-error reference")
+    time_samples: int = _f(256, "generators: samples per timing call of seconds_per_1k (0 = no timing)")
     seed: int = _f(0, "seed")
 
 

@@ -22,6 +22,7 @@ import torch
 
 from stages.artifacts import Output, fingerprint, list_column_to_numpy, write_json, write_manifest
 from stages.config import DataConfig, DistillConfig, to_dict
+from stages.diffusion.methods import DIFFUSION_METHODS
 from stages.distill_lm import run_lm
 from stages.errors import DistilError
 from stages.methods import METHODS
@@ -30,6 +31,7 @@ from stages.models.classifiers import Classifier, check_compatible, identity, lo
 from stages.progress import progress_bar
 from stages.tasks import Examples, is_prompt_source, load_examples, source_identity
 from stages.tasks.augment import STRENGTHS
+from stages.tasks.generators import is_generator_source
 from stages.tasks.splits import stratified_split
 from stages.training import Context
 
@@ -94,6 +96,10 @@ def run(
     teacher is patient and consistent", CVPR 2022, section 3). Without them, the stored
     ``logits`` column of the data is the teacher.
     """
+    if cfg.method in DIFFUSION_METHODS or is_generator_source(data):
+        from stages.diffusion.distill import run_diffusion  # diffusers loads only for generators
+
+        return run_diffusion(cfg, data, out, data_cfg=data_cfg, teachers=teachers, device=device, progress=progress)
     if is_prompt_source(data, data_cfg):
         return run_lm(cfg, data, out, data_cfg=data_cfg, teachers=teachers, device=device, progress=progress)
     if cfg.method not in METHODS:

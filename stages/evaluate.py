@@ -7,6 +7,8 @@ For each ``--cascade`` directory: its accuracy, teacher rate and cost from the d
 Writes ``metrics.json`` (one flat entry per model, for ``dvc metrics``), per-model
 ``plots/<name>/confusion.csv`` and ``reliability.csv`` (for ``dvc plots``), and
 ``summary.txt``, the table ``make demo`` prints.
+Generator folders (diffusers: ``model_index.json`` + ``scheduler/``) go to
+``stages.evaluate_generators`` instead: sample quality against the data, per step count.
 """
 
 from __future__ import annotations
@@ -161,6 +163,13 @@ def run(
 ) -> Path:
     if not models and not cascades:
         raise DistilError("nothing to evaluate: pass at least one --model or --cascade")
+    from stages.evaluate_generators import evaluate_generators, is_generator_dir
+
+    if any(is_generator_dir(p) for p in models):  # diffusers folders: samples vs data, one row per model and step count
+        if cascades or not all(is_generator_dir(p) for p in models):
+            raise DistilError("evaluate generators (diffusers folders) on their own: no classifiers or cascades in the same run")
+        return evaluate_generators(models, str(data), cfg.step_counts or [cfg.steps], cfg, out, data_cfg=data_cfg,
+                                   device=device, console=console)  # fmt: skip
     check_decode(cfg.decode, cfg.scmoe_beta, cfg.scmoe_alpha, cfg.scmoe_weak_rank)
     if is_prompt_source(data, data_cfg):
         return _run_lm(cfg, models, data, out, data_cfg=data_cfg, device=device, console=console)

@@ -1,5 +1,6 @@
 """`distil generate-teacher-data`: run a trained classifier teacher over a table and store
 what a student needs: the full logits (classes are few), the gold label and the split.
+(LM teachers: ``generate_teacher_data_lm``; generators: ``stages.diffusion.teacher_data``.)
 
 Rows are processed in a fixed order and written as ``part-NNNNN.parquet`` shards of
 ``shard_rows`` rows; a killed run resumes after the last complete shard, so a rerun
@@ -18,6 +19,7 @@ import torch
 
 from stages.artifacts import CLASSIFIER_TEACHER_DATA, Output, TableWriter, fingerprint, list_column_to_numpy, write_manifest
 from stages.config import DataConfig, GenerateTeacherDataConfig, to_dict
+from stages.diffusion.generator import is_generator
 from stages.errors import DistilError
 from stages.generate_teacher_data_lm import run_lm
 from stages.models import resolve_device
@@ -37,6 +39,10 @@ def run(
     device: str = "auto",
     progress: bool = True,
 ) -> Path:
+    if any(is_generator(t) for t in (teacher if isinstance(teacher, (list, tuple)) else [teacher])):
+        from stages.diffusion.teacher_data import run_generator  # diffusers loads only for generators
+
+        return run_generator(cfg, teacher, data, out, data_cfg=data_cfg, device=device, progress=progress)
     if is_prompt_source(data, data_cfg):
         return run_lm(cfg, teacher, data, out, data_cfg=data_cfg, device=device, progress=progress)
     if isinstance(teacher, (list, tuple)):  # several teachers are an LM feature (mst's teacher data)

@@ -41,7 +41,7 @@ def test_stage_command_params_and_paths_exist(name):
     for dep in stage.get("deps", []):
         assert (ROOT / dep).exists() or dep in produced, f"{name}: dep {dep} neither exists nor is produced"
         if not dep.startswith("stages/"):
-            assert dep in argv, f"{name}: data dep {dep} is not named in the cmd"
+            assert dep in argv or any(a.endswith("=" + dep) for a in argv), f"{name}: data dep {dep} is not named in the cmd"
     for out in _paths(stage.get("outs")):
         assert out in argv or any(out.startswith(a + "/") for a in argv), f"{name}: out {out} not named in the cmd"
 
@@ -71,13 +71,21 @@ def pipeline(tmp_path_factory):
     params["data"]["unlabeled"] = 16
     params["lm_teacher"]["epochs"] = 1
     params["lm_student"]["steps"] = 2
+    params["lm_on_policy"]["steps"] = 2
     params["lm_cascade"].update(samples=2, max_new_tokens=4)
     params["lm_teacher"]["lm"].update(hidden=32, layers=1, heads=2, vocab_size=320)
     params["lm_student"]["lm"].update(hidden=16, layers=1, heads=2, vocab_size=320, max_new_tokens=3)
     params["lm_generate"].update(samples=2, max_new_tokens=4)
     params["lm_evaluate"]["max_new_tokens"] = 4
+    for section in ("diffusion_teacher", "diffusion_student"):
+        params[section].update(steps=3, batch_size=16)
+        params[section]["diffusion"].update(width=16, depth=1)
+    params["diffusion_student"]["diffusion"].update(eval_samples=8, eval_steps=2)
+    params["diffusion_evaluate"].update(step_counts=[1, 2], n_samples=16, teacher_steps=2, time_samples=0)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    (repo / ".gitignore").write_text("/models/\n/data/\n/cascade/\n/cascade_lm/\n/metrics/\n/metrics_lm/\n*.partial/\n")
+    (repo / ".gitignore").write_text(
+        "/models/\n/data/\n/cascade/\n/cascade_lm/\n/metrics/\n/metrics_lm/\n/metrics_diffusion/\n*.partial/\n"
+    )
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -107,6 +115,9 @@ def test_dvc_repro_metrics_and_plots(pipeline):
     cascade = json.loads((repo / "cascade_lm" / "metrics.json").read_text())
     assert cascade["policy"] == "sc-cascade" and cascade["queries"] == 8 and 0 <= cascade["teacher_rate"] <= 1
     assert (repo / "cascade_lm" / "summary.txt").read_text().startswith("LM cascade sc-cascade: accuracy")
+    generators = json.loads((repo / "metrics_diffusion" / "metrics.json").read_text())
+    assert {"diffusion_teacher/steps_1", "diffusion_student/steps_2", "floor"} <= set(generators)
+    assert (repo / "metrics_diffusion" / "plots" / "samples.png").stat().st_size > 0
     shown = json.loads(run(sys.executable, "-m", "dvc", "metrics", "show", "--json"))
     assert "metrics/metrics.json" in json.dumps(shown)
     run(sys.executable, "-m", "dvc", "metrics", "diff")

@@ -1,0 +1,81 @@
+"""`distil distill` for generators: the data is generator data (``moons``, ``digits-images``,
+diffusion teacher data), the output a generator folder (``stages.diffusion.generator``).
+
+``stages.diffusion.methods.DIFFUSION_METHODS`` is the explicit name -> method table.
+Training checkpoints into ``<out>.partial/checkpoint`` (``stages.diffusion.training``), so
+a killed run resumes; ``training.json`` holds the per-epoch history.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from stages.artifacts import Output, fingerprint, write_json, write_manifest
+from stages.config import DataConfig, DistillConfig, to_dict
+from stages.diffusion.generator import generator_hash, is_generator, save_generator
+from stages.diffusion.methods import DIFFUSION_METHODS
+from stages.errors import DistilError
+from stages.models import resolve_device
+from stages.progress import progress_bar
+from stages.tasks.generators import GENERATOR_DATA, generator_identity, is_generator_source, load_generator_data
+
+
+def run_diffusion(
+    cfg: DistillConfig,
+    data: str | Path,
+    out: Path,
+    *,
+    data_cfg: DataConfig,
+    teachers: list[Path] | tuple = (),
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    if cfg.method not in DIFFUSION_METHODS:
+        raise DistilError(
+            f"method '{cfg.method}' does not train generators; on generator data use {', '.join(DIFFUSION_METHODS)}"
+        )
+    if not is_generator_source(data):
+        raise DistilError(
+            f"method '{cfg.method}' trains a generator: --data must be generator data ({', '.join(GENERATOR_DATA)} "
+            f"or diffusion teacher data), got '{data}'"
+        )
+    method = DIFFUSION_METHODS[cfg.method]
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.steps < 0:
+        raise DistilError("epochs, batch_size and lr must be positive (and steps >= 0)")
+    teachers = [Path(t) for t in teachers]
+    if not method.teacher and teachers:
+        raise DistilError(f"method '{cfg.method}' trains from data alone; drop --teacher")
+    if method.teacher and len(teachers) != 1:
+        raise DistilError(f"method '{cfg.method}' needs exactly one diffusion teacher; pass --teacher DIR")
+    for t in teachers:
+        if not is_generator(t):
+            raise DistilError(f"teacher {t} is not a generator folder (no model_index.json); train one with --method denoise")
+    dev = resolve_device(device)
+    gdata = load_generator_data(data, data_cfg)
+    if len(gdata.splits.get("train", ())) == 0:
+        raise DistilError(f"{data} has no train samples; check data.sizes or data.limit")
+    params = {"distill": to_dict(cfg), "data": to_dict(data_cfg)}
+    inputs = {"data": generator_identity(data), "teacher": generator_hash(teachers[0]) if teachers else ""}
+    output = Output(out, fingerprint("distill", params, inputs))
+    with output as work:
+        from dvclive import Live
+
+        resuming = (work / "checkpoint").exists()
+        with (
+            Live(dir=str(work / "dvclive"), save_dvc_exp=False, dvcyaml=None, resume=resuming, report=None) as live,
+            progress_bar(progress) as bar,
+        ):
+            model, scheduler, summary = method.train(cfg, gdata, teachers[0] if teachers else None, work, device=dev,
+                                                     bar=bar, live=live)  # fmt: skip
+        save_generator(work, model.cpu(), scheduler)
+        summary = {"method": cfg.method, "params": sum(p.numel() for p in model.parameters()),
+                   "train_rows": len(gdata.splits["train"]), **summary}  # fmt: skip
+        write_json(work / "training.json", summary)
+        shutil.rmtree(work / "checkpoint", ignore_errors=True)
+        headline = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
+        kind = "consistency" if method.teacher else "diffusion"
+        write_manifest(work, kind="generator", params=params, inputs=inputs,
+                       extra={"data": gdata.describe(), "generator": {"kind": kind, "sample_shape": gdata.sample_shape,
+                              "scheduler": type(scheduler).__name__}, "training": headline})  # fmt: skip
+        return output.commit()

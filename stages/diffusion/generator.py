@@ -1,0 +1,141 @@
+"""Generator folders: a diffusion teacher or a consistency student on disk, in diffusers' layout.
+
+```
+<dir>/model_index.json     pipeline class + components, as diffusers writes it
+<dir>/unet/ or denoiser/   the network (config.json + diffusion_pytorch_model.safetensors)
+<dir>/scheduler/           scheduler_config.json: DDPMScheduler (teachers), LCMScheduler (consistency
+                           students), CMStochasticIterativeScheduler (consistency-train), DDIMScheduler
+                           (multistep and progressive students, sampled with DDIM)
+<dir>/_manifest.json       distil provenance (kind "generator"), training.json beside it
+```
+
+Images (``UNet2DModel``) name ``DDPMPipeline``: ``DiffusionPipeline.from_pretrained(dir)``
+loads teacher and student with diffusers alone (the student's ``LCMScheduler`` makes
+``DDPMPipeline`` sample it as a multistep consistency model; diffusers logs that it
+expected a DDPM scheduler). The 2-D ``MLPDenoiser`` names ``DistilGeneratorPipeline``
+(``stages.diffusion.pipeline``): ``DistilGeneratorPipeline.from_pretrained(dir)`` or the
+components one by one (``MLPDenoiser.from_pretrained(dir, subfolder="denoiser")``,
+``LCMScheduler.from_pretrained(dir, subfolder="scheduler")``); a bare
+``DiffusionPipeline.from_pretrained`` cannot, as diffusers only resolves its own pipeline
+classes by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.artifacts import artifact_hash, write_json
+from stages.diffusion.schedule import KarrasSchedule, NoiseSchedule
+from stages.errors import DistilError
+
+MODEL_INDEX = "model_index.json"
+MODEL_CLASSES = (("diffusers", "UNet2DModel"), ("stages.diffusion.models", "MLPDenoiser"))
+"""The only network classes a generator folder may name: nothing else is imported from a path.
+(diffusers itself is imported only when a folder is loaded or saved, so checking for a
+generator folder stays cheap for the CLI.)"""
+CONSISTENCY_SCHEDULERS = ("LCMScheduler", "CMStochasticIterativeScheduler")
+"""Schedulers of consistency models (multistep consistency sampling); any other is sampled as a diffusion model."""
+KARRAS_SCHEDULERS = ("CMStochasticIterativeScheduler",)
+"""Variance-exploding schedulers on Karras noise levels (``KarrasSchedule``)."""
+
+
+@dataclass
+class Generator:
+    path: Path
+    model: torch.nn.Module
+    scheduler: Any
+    schedule: NoiseSchedule | KarrasSchedule
+    kind: str
+    """'diffusion' (sampled with an ODE solver) or 'consistency' (multistep consistency sampling)."""
+    sample_shape: list[int]
+
+    @property
+    def timestep_scaling(self) -> float:
+        return float(self.scheduler.config.get("timestep_scaling", 10.0))
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The raw network output at (x_t, t) for per-row integer timesteps t [B]."""
+        return self.model(x, t.to(x.device)).sample
+
+    def identity(self) -> dict[str, Any]:
+        return {"path": str(self.path), "sha256": generator_hash(self.path), "kind": self.kind, "sample_shape": self.sample_shape,
+                "scheduler": type(self.scheduler).__name__, "prediction_type": self.schedule.prediction}  # fmt: skip
+
+
+def is_generator(path: str | Path) -> bool:
+    return (Path(path) / MODEL_INDEX).is_file()
+
+
+def generator_hash(path: str | Path) -> str:
+    """Content hash of a generator folder: the network's files and the scheduler config
+    (its noise schedule and prediction type), which ``artifact_hash`` alone leaves out."""
+    scheduler = Path(path) / "scheduler" / "scheduler_config.json"
+    extra = scheduler.read_bytes() if scheduler.is_file() else b""
+    return hashlib.sha256(artifact_hash(Path(path)).encode() + extra).hexdigest()
+
+
+def load_generator(path: str | Path, device: torch.device | str = "cpu", what: str = "generator") -> Generator:
+    path = Path(path)
+    if not is_generator(path):
+        raise DistilError(f"{what} {path} is not a generator folder (no {MODEL_INDEX}); train one with distill --method denoise")
+    try:
+        index = json.loads((path / MODEL_INDEX).read_text())
+    except json.JSONDecodeError:
+        raise DistilError(f"{path}/{MODEL_INDEX} is not valid JSON; retrain or re-save the generator") from None
+    parts = {k: v for k, v in index.items() if not k.startswith("_") and k != "scheduler"}
+    if len(parts) != 1 or "scheduler" not in index:
+        raise DistilError(f"{path}/{MODEL_INDEX} must name one network and a scheduler, got {sorted(index)}")
+    ((component, spec),) = parts.items()
+    if tuple(spec) not in MODEL_CLASSES:
+        raise DistilError(
+            f"{what} {path}: network class {spec} is not one distil loads ({', '.join(c for _, c in MODEL_CLASSES)})"
+        )
+    import diffusers
+
+    from stages.diffusion.models import sample_shape_of
+
+    cls = getattr(importlib.import_module(spec[0]), spec[1])
+    scheduler_cls = getattr(diffusers, str(index["scheduler"][1]), None)
+    if index["scheduler"][0] != "diffusers" or not (
+        isinstance(scheduler_cls, type) and issubclass(scheduler_cls, diffusers.SchedulerMixin)
+    ):
+        raise DistilError(f"{what} {path}: scheduler {index['scheduler']} is not a diffusers scheduler")
+    try:
+        model = cls.from_pretrained(path, subfolder=component).to(device).eval()
+        scheduler = scheduler_cls.from_pretrained(path, subfolder="scheduler")
+    except (OSError, ValueError, TypeError) as exc:
+        raise DistilError(f"cannot load {what} {path} ({str(exc).splitlines()[0][:160]}); retrain it") from None
+    model.requires_grad_(False)
+    name = type(scheduler).__name__
+    kind = "consistency" if name in CONSISTENCY_SCHEDULERS else "diffusion"
+    schedule = (KarrasSchedule if name in KARRAS_SCHEDULERS else NoiseSchedule).of(scheduler, f"{what} {path}")
+    return Generator(path, model, scheduler, schedule, kind, sample_shape_of(model))
+
+
+def save_generator(directory: Path, model: torch.nn.Module, scheduler) -> None:
+    """Write ``model`` and ``scheduler`` as diffusers components with a ``model_index.json``."""
+    import diffusers
+
+    directory = Path(directory)
+    component = "unet" if isinstance(model, diffusers.UNet2DModel) else "denoiser"
+    library = "diffusers" if component == "unet" else type(model).__module__
+    model.save_pretrained(directory / component, safe_serialization=True)
+    scheduler.save_pretrained(directory / "scheduler")
+    write_json(directory / MODEL_INDEX, {
+        "_class_name": "DDPMPipeline" if component == "unet" else "DistilGeneratorPipeline",
+        "_diffusers_version": diffusers.__version__,
+        component: [library, type(model).__name__],
+        "scheduler": ["diffusers", type(scheduler).__name__],
+    })  # fmt: skip
+
+
+def check_same_shape(a: list[int], b: list[int], what_a: str, what_b: str) -> None:
+    if list(a) != list(b):
+        raise DistilError(f"{what_a} makes samples of shape {list(a)} but {what_b} has {list(b)}; use matching data and models")

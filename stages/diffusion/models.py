@@ -1,0 +1,84 @@
+"""Denoising networks: a small MLP for 2-D points and a diffusers ``UNet2DModel`` for images.
+
+Both are called ``model(x_t, t).sample`` with integer timesteps ``t`` in ``[0, T)``, and
+both are diffusers models (``ModelMixin`` + ``ConfigMixin``), so ``save_pretrained`` writes
+``config.json`` + ``diffusion_pytorch_model.safetensors`` and ``from_pretrained`` reads
+them back: ``MLPDenoiser.from_pretrained(dir, subfolder="denoiser")``,
+``UNet2DModel.from_pretrained(dir, subfolder="unet")``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import ConfigMixin, ModelMixin, UNet2DModel
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.embeddings import get_timestep_embedding
+from diffusers.models.unets.unet_2d import UNet2DOutput
+from torch import nn
+
+from stages.config import DiffusionConfig
+from stages.errors import DistilError
+
+
+class MLPDenoiser(ModelMixin, ConfigMixin):
+    """A residual MLP over flattened samples, conditioned on a sinusoidal embedding of the
+    timestep (Vaswani et al. 2017's positional encoding, as DDPM's U-Net embeds time) fed
+    through a 2-layer MLP and added to every block's input."""
+
+    @register_to_config
+    def __init__(self, sample_shape: tuple[int, ...] = (2,), hidden: int = 128, layers: int = 3, time_dim: int = 64):
+        super().__init__()
+        dim = math.prod(sample_shape)
+        self.time_mlp = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(layers)
+        )
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, return_dict: bool = True):
+        b = sample.shape[0]
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = t.expand(b) if t.ndim == 0 else t
+        temb = self.time_mlp(get_timestep_embedding(t, self.config.time_dim, flip_sin_to_cos=True, downscale_freq_shift=0))
+        h = self.inp(sample.reshape(b, -1))
+        for block in self.blocks:
+            h = h + block(h + temb)
+        out = self.out(h).reshape(sample.shape)
+        return UNet2DOutput(sample=out) if return_dict else (out,)
+
+
+def build_denoiser(cfg: DiffusionConfig, sample_shape: list[int], seed: int) -> ModelMixin:
+    """A fresh network for samples of ``sample_shape`` ([2] points or [C, H, W] images)."""
+    arch = cfg.arch if cfg.arch != "auto" else ("unet" if len(sample_shape) == 3 else "mlp")
+    torch.manual_seed(seed)
+    if arch == "mlp":
+        if cfg.width < 1 or cfg.depth < 0 or cfg.time_dim < 2 or cfg.time_dim % 2:
+            raise DistilError("diffusion.width must be >= 1, depth >= 0 and time_dim an even number >= 2")
+        return MLPDenoiser(sample_shape=tuple(sample_shape), hidden=cfg.width, layers=cfg.depth, time_dim=cfg.time_dim)
+    if arch != "unet":
+        raise DistilError(f"unknown diffusion.arch '{cfg.arch}'; use auto, mlp or unet")
+    if len(sample_shape) != 3 or sample_shape[1] != sample_shape[2]:
+        raise DistilError(f"diffusion.arch unet needs square images [C, H, W]; the data's samples are {sample_shape}")
+    levels = len(cfg.channels)
+    if levels < 1 or any(c % cfg.norm_groups for c in cfg.channels):
+        raise DistilError(f"diffusion.channels {cfg.channels} must be non-empty multiples of norm_groups ({cfg.norm_groups})")
+    if sample_shape[1] % 2 ** (levels - 1):
+        raise DistilError(
+            f"a {sample_shape[1]}x{sample_shape[1]} image cannot be halved {levels - 1} times; use fewer channels levels"
+        )
+    return UNet2DModel(
+        sample_size=sample_shape[1], in_channels=sample_shape[0], out_channels=sample_shape[0],
+        block_out_channels=tuple(cfg.channels), layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_groups,
+        down_block_types=("DownBlock2D",) * levels, up_block_types=("UpBlock2D",) * levels,
+    )  # fmt: skip
+
+
+def sample_shape_of(model: ModelMixin) -> list[int]:
+    if isinstance(model, MLPDenoiser):
+        return list(model.config.sample_shape)
+    c = model.config
+    size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+    return [c.in_channels, size, size]

@@ -1,0 +1,40 @@
+"""A minimal diffusers pipeline for generators whose network is not an image U-Net (the
+2-D ``MLPDenoiser``), so that diffusers' own loading machinery reads their folders:
+``DistilGeneratorPipeline.from_pretrained(dir)``. Sampling goes through the saved
+scheduler's ``set_timesteps`` / ``step`` (DDPM ancestral sampling for a teacher's
+``DDPMScheduler``, multistep consistency sampling for a student's ``LCMScheduler``);
+distil itself samples with ``stages.diffusion.sampling``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+
+@dataclass
+class GeneratorOutput(BaseOutput):
+    samples: torch.Tensor
+
+
+class DistilGeneratorPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "denoiser"
+
+    def __init__(self, denoiser, scheduler):
+        super().__init__()
+        self.register_modules(denoiser=denoiser, scheduler=scheduler)
+
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 1, num_inference_steps: int = 50, generator: torch.Generator | None = None,
+                 return_dict: bool = True):  # fmt: skip
+        shape = (batch_size, *self.denoiser.config.sample_shape)
+        x = randn_tensor(shape, generator=generator, device=self.device) * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            out = self.denoiser(self.scheduler.scale_model_input(x, t), t).sample
+            x = self.scheduler.step(out, t, x, generator=generator).prev_sample
+        return GeneratorOutput(samples=x) if return_dict else (x,)
