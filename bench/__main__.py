@@ -19,6 +19,7 @@ BENCHMARKS = [
     "lm_students",
     "lm_cascade",
     "lm_moe",
+    "diffusion",
 ]
 
 

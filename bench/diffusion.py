@@ -1,0 +1,132 @@
+"""Diffusion students at one budget, in one process: every generator method against its
+teacher on 2-D moons and on 8x8 digits, with the settings of ``bench/diffusion.yaml``.
+
+Per seed and dataset: a diffusion teacher trained with ``denoise``; its ODE trajectories
+(``generate-teacher-data``) for the image-free ``trajectory`` method; then each student
+method with the same optimiser steps. ``evaluate`` samples every model from the same
+seeded noise: the teacher at 1, 4 and 50 ODE steps, the students at 1, 2 and 4 steps;
+quality is the sliced Wasserstein distance to the test split (2-D) or the Frechet distance
+in a digits classifier's feature space (digits), next to the held-out-data floor.
+
+Writes ``bench/results/diffusion.{md,json}`` and prints one JSON line with the claims:
+the 1-step ``consistency-distill`` student within 1.5x of the 50-step teacher and below
+half of the 1-step teacher, its sampling speed-up over the 50-step teacher, and whether
+its paired error to the teacher's ODE fell during training.
+
+    python -m bench diffusion                                  # 3 seeds, both datasets
+    BENCH_SEEDS=1 BENCH_DATASETS=moons BENCH_METHODS=consistency-distill python -m bench diffusion
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from bench.harness import emit
+from stages import distill, evaluate, generate_teacher_data
+from stages.config import DataConfig, DistillConfig, EvaluateConfig, GenerateTeacherDataConfig, load_section
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("consistency-distill", "multistep", "consistency-train", "trajectory", "progressive")
+TEACHER_STEPS, STUDENT_STEPS = [1, 4, 50], [1, 2, 4]
+
+
+def _env_list(name: str, default: tuple[str, ...]) -> list[str]:
+    return [x for x in os.environ.get(name, ",".join(default)).split(",") if x]
+
+
+def _quality(dataset: str) -> str:
+    return "sw" if dataset != "digits-images" else "fd"
+
+
+def _one(settings: dict, dataset: str, seed: int, d: Path, methods: list[str]) -> dict:
+    data = load_section(DataConfig, settings, "data")
+    teacher = replace(load_section(DistillConfig, settings, "teacher"), seed=seed)
+    distill.run(teacher, dataset, d / "teacher", data_cfg=data, progress=False)
+    base = replace(load_section(DistillConfig, settings, "student"), seed=seed)
+    students, paired = {}, {}
+    for method in methods:
+        source = dataset
+        if method == "trajectory":  # image-free: only the teacher's own ODE trajectories
+            gen = replace(load_section(GenerateTeacherDataConfig, settings, "trajectories"), seed=seed)
+            source = generate_teacher_data.run(gen, d / "teacher", dataset, d / "trajectories", data_cfg=data, progress=False)
+        out = distill.run(replace(base, method=method), source, d / method, data_cfg=data, teachers=[d / "teacher"],
+                          progress=False)  # fmt: skip
+        students[method] = out
+        history = json.loads((out / "training.json").read_text()).get("history", [])
+        errors = [h["paired_error"] for h in history if h.get("paired_error") is not None]
+        paired[method] = (errors[0], errors[-1]) if errors else None
+    ev = replace(load_section(EvaluateConfig, settings, "evaluate"), seed=seed, teacher=str(d / "teacher"))
+    quiet = Console(file=io.StringIO())
+    rows = {}
+    for models, steps, name in (([d / "teacher"], TEACHER_STEPS, "ev-teacher"), (list(students.values()), STUDENT_STEPS, "ev-students")):
+        if not models:
+            continue
+        out = evaluate.run(replace(ev, step_counts=steps), models, dataset, d / name, data_cfg=data, console=quiet)
+        rows.update(json.loads((out / "metrics.json").read_text()))
+    return {"metrics": rows, "paired_error_first_last": paired}
+
+
+def _cell(xs: list[float]) -> str:
+    return f"{statistics.fmean(xs):.4g} ± {statistics.stdev(xs):.2g}" if len(xs) > 1 else f"{xs[0]:.4g}"
+
+
+def main() -> int:
+    settings = yaml.safe_load(Path(os.environ.get("BENCH_PARAMS", ROOT / "bench" / "diffusion.yaml")).read_text())
+    seeds = range(int(os.environ.get("BENCH_SEEDS", "3")))
+    datasets = _env_list("BENCH_DATASETS", tuple(settings))
+    methods = [m for m in _env_list("BENCH_METHODS", METHODS) if m in METHODS]
+    t0 = time.perf_counter()
+    table: dict[str, dict[str, dict[str, list[float]]]] = {}
+    paired: dict[str, dict[str, list]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for dataset in datasets:
+            for seed in seeds:
+                got = _one(settings[dataset], dataset, seed, Path(tmp) / f"{dataset}-{seed}", methods)
+                for key, m in got["metrics"].items():
+                    if key == "floor":
+                        key = "floor/steps_0"
+                    for col in (_quality(dataset), "seconds_per_1k", "paired_error"):
+                        if m.get(col) is not None:
+                            table.setdefault(dataset, {}).setdefault(key, {}).setdefault(col, []).append(float(m[col]))
+                for method, pe in got["paired_error_first_last"].items():
+                    paired.setdefault(dataset, {}).setdefault(method, []).append(pe)
+    lines, claims = [], {}
+    for dataset, rows in table.items():
+        q = _quality(dataset)
+        lines += [f"### {dataset} (mean ± std over {len(seeds)} seeds; {q}: lower is better)", "",
+                  f"| model | steps | {q} | paired error to teacher@50 | seconds per 1k samples |", "|---|---|---|---|---|"]  # fmt: skip
+        for key, cols in rows.items():
+            model, steps = key.rsplit("/steps_", 1)
+            lines.append(f"| {model} | {steps if steps != '0' else 'held-out data'} | {_cell(cols[q])} | "
+                         f"{_cell(cols['paired_error']) if 'paired_error' in cols else ''} | "
+                         f"{_cell(cols['seconds_per_1k']) if 'seconds_per_1k' in cols else ''} |")  # fmt: skip
+        lines.append("")
+        t1, t50 = rows.get("teacher/steps_1"), rows.get("teacher/steps_50")
+        cd = rows.get("consistency-distill/steps_1")
+        if t1 and t50 and cd:
+            mean = {k: statistics.fmean(v[q]) for k, v in (("t1", t1), ("t50", t50), ("cd", cd))}
+            claims[dataset] = {
+                "cd1_over_teacher50": mean["cd"] / mean["t50"],
+                "cd1_within_1.5x_of_teacher50": mean["cd"] <= 1.5 * mean["t50"],
+                "cd1_below_half_of_teacher1": mean["cd"] < 0.5 * mean["t1"],
+                "speedup_cd1_vs_teacher50": statistics.fmean(t50["seconds_per_1k"]) / statistics.fmean(cd["seconds_per_1k"]),
+                "paired_error_fell": all(pe is not None and pe[1] < pe[0] for pe in paired[dataset]["consistency-distill"]),
+            }  # fmt: skip
+    results = ROOT / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    (results / "diffusion.md").write_text("\n".join(lines) + "\n")
+    summary = {"seeds": len(seeds), "datasets": datasets, "methods": methods, "claims": claims,
+               "paired_error_first_last": paired, "seconds": time.perf_counter() - t0}  # fmt: skip
+    (results / "diffusion.json").write_text(json.dumps({**summary, "table": table}, indent=2) + "\n")
+    emit("diffusion", **summary)
+    return 0
