@@ -247,3 +247,15 @@ def test_evaluate_adds_routing_metrics_for_moe_models_only(cli, moe_teacher, tmp
         load = list(csv.DictReader(fh))
     assert len(load) == 2 * 4 and sum(float(r["load"]) for r in load if r["layer"] == "0") == pytest.approx(1.0)
     assert not (tmp_path / "ev" / "plots" / "dense").exists()
+
+
+def test_a_dense_student_distils_from_moe_teacher_data(cli, moe_teacher, tmp_path):
+    """Token-level KD from an MoE teacher's stored top-k: the student is dense, shares the
+    teacher's vocabulary, and its loss on the teacher's dev samples falls."""
+    cli.ok("generate-teacher-data", "--teacher", moe_teacher / "moe", "--data", "basic_arithmetic", "--out", tmp_path / "td", *GEN)
+    cli.ok("distill", "--method", "kd", "--data", tmp_path / "td", "--out", tmp_path / "s", *LM, "--set", "lm.layers=1",
+           "--set", "epochs=4", "--set", "checkpoint=last")  # fmt: skip
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert config["model_type"] == "llama" and "num_local_experts" not in config
+    history = json.loads((tmp_path / "s" / "training.json").read_text())["history"]
+    assert history[-1]["dev_loss"] < history[0]["dev_loss"]
