@@ -3,7 +3,7 @@ teacher on 2-D moons and on 8x8 digits, with the settings of ``bench/diffusion.y
 
 Per seed and dataset: a diffusion teacher trained with ``denoise``; its ODE trajectories
 (``generate-teacher-data``) for the image-free ``trajectory`` method; then each student
-method with the same optimiser steps. ``evaluate`` samples every model from the same
+method with the same optimiser steps (``progressive``: the same total over its rounds). ``evaluate`` samples every model from the same
 seeded noise: the teacher at 1, 4 and 50 ODE steps, the students at 1, 2 and 4 steps;
 quality is the sliced Wasserstein distance to the test split (2-D) or the Frechet distance
 in a digits classifier's feature space (digits), next to the held-out-data floor.
@@ -15,6 +15,9 @@ its paired error to the teacher's ODE fell during training.
 
     python -m bench diffusion                                  # 3 seeds, both datasets
     BENCH_SEEDS=1 BENCH_DATASETS=moons BENCH_METHODS=consistency-distill python -m bench diffusion
+
+Each dataset's ``methods`` and per-method ``overrides`` come from the settings file (the
+U-Net students on digits cost minutes each on CPU, so digits runs ``consistency-distill``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from rich.console import Console
 from bench.harness import emit
 from stages import distill, evaluate, generate_teacher_data
 from stages.config import DataConfig, DistillConfig, EvaluateConfig, GenerateTeacherDataConfig, load_section
+from stages.diffusion.methods import DIFFUSION_METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("consistency-distill", "multistep", "consistency-train", "trajectory", "progressive")
@@ -48,18 +52,26 @@ def _quality(dataset: str) -> str:
     return "sw" if dataset != "digits-images" else "fd"
 
 
+def _student(settings: dict, method: str, seed: int) -> DistillConfig:
+    """The shared ``student`` section with the method's ``overrides`` merged in."""
+    section = {**settings["student"]}
+    for key, value in (settings.get("overrides") or {}).get(method, {}).items():
+        section[key] = {**section.get(key, {}), **value} if isinstance(value, dict) else value
+    return replace(load_section(DistillConfig, {"student": section}, "student"), seed=seed, method=method)
+
+
 def _one(settings: dict, dataset: str, seed: int, d: Path, methods: list[str]) -> dict:
     data = load_section(DataConfig, settings, "data")
     teacher = replace(load_section(DistillConfig, settings, "teacher"), seed=seed)
     distill.run(teacher, dataset, d / "teacher", data_cfg=data, progress=False)
-    base = replace(load_section(DistillConfig, settings, "student"), seed=seed)
     students, paired = {}, {}
-    for method in methods:
+    for method in [m for m in methods if m in settings.get("methods", METHODS)]:
         source = dataset
         if method == "trajectory":  # image-free: only the teacher's own ODE trajectories
             gen = replace(load_section(GenerateTeacherDataConfig, settings, "trajectories"), seed=seed)
             source = generate_teacher_data.run(gen, d / "teacher", dataset, d / "trajectories", data_cfg=data, progress=False)
-        out = distill.run(replace(base, method=method), source, d / method, data_cfg=data, teachers=[d / "teacher"],
+        teachers = [d / "teacher"] if DIFFUSION_METHODS[method].teacher else []  # consistency-train learns from data alone
+        out = distill.run(_student(settings, method, seed), source, d / method, data_cfg=data, teachers=teachers,
                           progress=False)  # fmt: skip
         students[method] = out
         history = json.loads((out / "training.json").read_text()).get("history", [])
@@ -68,7 +80,10 @@ def _one(settings: dict, dataset: str, seed: int, d: Path, methods: list[str]) -
     ev = replace(load_section(EvaluateConfig, settings, "evaluate"), seed=seed, teacher=str(d / "teacher"))
     quiet = Console(file=io.StringIO())
     rows = {}
-    for models, steps, name in (([d / "teacher"], TEACHER_STEPS, "ev-teacher"), (list(students.values()), STUDENT_STEPS, "ev-students")):
+    for models, steps, name in (
+        ([d / "teacher"], TEACHER_STEPS, "ev-teacher"),
+        (list(students.values()), STUDENT_STEPS, "ev-students"),
+    ):
         if not models:
             continue
         out = evaluate.run(replace(ev, step_counts=steps), models, dataset, d / name, data_cfg=data, console=quiet)

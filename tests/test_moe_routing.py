@@ -252,7 +252,9 @@ def test_evaluate_adds_routing_metrics_for_moe_models_only(cli, moe_teacher, tmp
 def test_a_dense_student_distils_from_moe_teacher_data(cli, moe_teacher, tmp_path):
     """Token-level KD from an MoE teacher's stored top-k: the student is dense, shares the
     teacher's vocabulary, and its loss on the teacher's dev samples falls."""
-    cli.ok("generate-teacher-data", "--teacher", moe_teacher / "moe", "--data", "basic_arithmetic", "--out", tmp_path / "td", *GEN)
+    cli.ok(
+        "generate-teacher-data", "--teacher", moe_teacher / "moe", "--data", "basic_arithmetic", "--out", tmp_path / "td", *GEN
+    )
     cli.ok("distill", "--method", "kd", "--data", tmp_path / "td", "--out", tmp_path / "s", *LM, "--set", "lm.layers=1",
            "--set", "epochs=4", "--set", "checkpoint=last")  # fmt: skip
     config = json.loads((tmp_path / "s" / "config.json").read_text())

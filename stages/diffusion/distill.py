@@ -13,12 +13,18 @@ from pathlib import Path
 
 from stages.artifacts import Output, fingerprint, write_json, write_manifest
 from stages.config import DataConfig, DistillConfig, to_dict
-from stages.diffusion.generator import generator_hash, is_generator, save_generator
+from stages.diffusion.generator import CONSISTENCY_SCHEDULERS, generator_hash, is_generator, save_generator
 from stages.diffusion.methods import DIFFUSION_METHODS
 from stages.errors import DistilError
 from stages.models import resolve_device
 from stages.progress import progress_bar
-from stages.tasks.generators import GENERATOR_DATA, generator_identity, is_generator_source, load_generator_data
+from stages.tasks.generators import (
+    GENERATOR_DATA,
+    generator_identity,
+    is_generator_source,
+    is_teacher_data,
+    load_generator_data,
+)
 
 
 def run_diffusion(
@@ -41,6 +47,10 @@ def run_diffusion(
             f"or diffusion teacher data), got '{data}'"
         )
     method = DIFFUSION_METHODS[cfg.method]
+    if method.trajectories_only and not is_teacher_data(data):
+        from stages.diffusion.trajectory import IMAGE_FREE
+
+        raise DistilError(f"{IMAGE_FREE}, got '{data}'")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.steps < 0:
         raise DistilError("epochs, batch_size and lr must be positive (and steps >= 0)")
     teachers = [Path(t) for t in teachers]
@@ -74,7 +84,7 @@ def run_diffusion(
         write_json(work / "training.json", summary)
         shutil.rmtree(work / "checkpoint", ignore_errors=True)
         headline = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
-        kind = "consistency" if method.teacher else "diffusion"
+        kind = "consistency" if type(scheduler).__name__ in CONSISTENCY_SCHEDULERS else "diffusion"
         write_manifest(work, kind="generator", params=params, inputs=inputs,
                        extra={"data": gdata.describe(), "generator": {"kind": kind, "sample_shape": gdata.sample_shape,
                               "scheduler": type(scheduler).__name__}, "training": headline})  # fmt: skip

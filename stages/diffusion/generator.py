@@ -9,8 +9,10 @@
 <dir>/_manifest.json       distil provenance (kind "generator"), training.json beside it
 ```
 
-Images (``UNet2DModel``) name ``DDPMPipeline``: ``DiffusionPipeline.from_pretrained(dir)``
-loads teacher and student with diffusers alone (the student's ``LCMScheduler`` makes
+Images (``UNet2DModel``) name ``DDPMPipeline`` (``ConsistencyModelPipeline`` with a
+``CMStochasticIterativeScheduler``, ``DDIMPipeline`` with a ``DDIMScheduler``: ``UNET_PIPELINES``),
+so ``DiffusionPipeline.from_pretrained(dir)`` loads teacher and student with diffusers alone
+(an LCM student's ``LCMScheduler`` makes
 ``DDPMPipeline`` sample it as a multistep consistency model; diffusers logs that it
 expected a DDPM scheduler). The 2-D ``MLPDenoiser`` names ``DistilGeneratorPipeline``
 (``stages.diffusion.pipeline``): ``DistilGeneratorPipeline.from_pretrained(dir)`` or the
@@ -44,6 +46,9 @@ CONSISTENCY_SCHEDULERS = ("LCMScheduler", "CMStochasticIterativeScheduler")
 """Schedulers of consistency models (multistep consistency sampling); any other is sampled as a diffusion model."""
 KARRAS_SCHEDULERS = ("CMStochasticIterativeScheduler",)
 """Variance-exploding schedulers on Karras noise levels (``KarrasSchedule``)."""
+UNET_PIPELINES = {"CMStochasticIterativeScheduler": "ConsistencyModelPipeline", "DDIMScheduler": "DDIMPipeline"}
+"""The diffusers pipeline an image folder names, by its scheduler (DDPMPipeline otherwise): the one
+that samples it as trained (a consistency model's input scaling, DDIM's eta 0)."""
 
 
 @dataclass
@@ -129,7 +134,8 @@ def save_generator(directory: Path, model: torch.nn.Module, scheduler) -> None:
     model.save_pretrained(directory / component, safe_serialization=True)
     scheduler.save_pretrained(directory / "scheduler")
     write_json(directory / MODEL_INDEX, {
-        "_class_name": "DDPMPipeline" if component == "unet" else "DistilGeneratorPipeline",
+        "_class_name": UNET_PIPELINES.get(type(scheduler).__name__, "DDPMPipeline") if component == "unet"
+                       else "DistilGeneratorPipeline",
         "_diffusers_version": diffusers.__version__,
         component: [library, type(model).__name__],
         "scheduler": ["diffusers", type(scheduler).__name__],

@@ -80,6 +80,16 @@ def scheduler_like(cls, teacher_scheduler, **overrides):
     return cls(**{**base, "clip_sample": False, "thresholding": False, **overrides})
 
 
+def student_scheduler(teacher_scheduler, grid_points: int, timestep_scaling: float):
+    """The ``LCMScheduler`` of a consistency student: the teacher's betas and prediction type,
+    the grid of ``grid_points`` timesteps it was distilled on, and the boundary scalings'
+    timestep scaling."""
+    from diffusers import LCMScheduler
+
+    return scheduler_like(LCMScheduler, teacher_scheduler, original_inference_steps=grid_points,
+                          timestep_scaling=timestep_scaling)  # fmt: skip
+
+
 def ddim_scheduler(teacher_scheduler):
     """The ``DDIMScheduler`` of a student sampled with deterministic DDIM on the teacher's
     trailing grid (``stages.diffusion.sampling.ode_timesteps``): diffusers' ``set_timesteps(n)``

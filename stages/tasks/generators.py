@@ -58,6 +58,11 @@ def is_generator_source(source: str | Path) -> bool:
     name = str(source)
     if name in GENERATOR_DATA and not Path(name).exists():
         return True
+    return is_teacher_data(source)
+
+
+def is_teacher_data(source: str | Path) -> bool:
+    """A folder of diffusion teacher data (generate-teacher-data's trajectories), not a dataset."""
     path = Path(source)
     return path.is_dir() and (path / MANIFEST).exists() and read_manifest(path).get("kind") == TEACHER_DATA_KIND
 
