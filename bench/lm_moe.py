@@ -120,6 +120,28 @@ def _table(acc: dict[str, dict[str, list[float]]], seeds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write(acc: dict[str, dict[str, list[float]]], seeds: int, seconds: float) -> dict:
+    """Write the table and the summary of the seeds done so far (a long run keeps its
+    finished seeds if it is stopped)."""
+    mean = {name: statistics.fmean(cols["accuracy"]) for name, cols in acc.items()}
+    summary = {
+        "seeds": seeds, "data": MIX, "accuracy": {n: c["accuracy"] for n, c in acc.items()}, "mean": mean,
+        "moe_teacher_beats_dense_same_active": mean["MoE teacher"] > mean["dense teacher (same active params)"],
+        "moe_student_beats_gold_student": mean["student: kd from MoE teacher"] > mean["student: sft on gold"],
+        "specialists_with_gate_beat_generalist_source": (
+            mean["student: mst, specialists, confidence gate"] > mean["student: kd from dense generalist"]
+        ),
+        "scmoe_minus_greedy_points": 100 * (mean["MoE teacher, SCMoE decoding"] - mean["MoE teacher"]),
+        "routing": {k: statistics.fmean(acc["MoE teacher"][k]) for k in ROUTING},
+        "seconds": seconds,
+    }  # fmt: skip
+    results = ROOT / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    (results / "lm_moe.md").write_text(_table(acc, seeds))
+    (results / "lm_moe.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
 def main() -> int:
     params = yaml.safe_load(Path(os.environ.get("BENCH_PARAMS", ROOT / "bench" / "lm_moe.yaml")).read_text())
     seeds = range(int(os.environ.get("BENCH_SEEDS", "3")))
@@ -130,21 +152,6 @@ def main() -> int:
             for name, cols in _one_seed(params, seed, Path(tmp) / f"s{seed}").items():
                 for col, v in cols.items():
                     acc.setdefault(name, {}).setdefault(col, []).append(float(v))
-    mean = {name: statistics.fmean(cols["accuracy"]) for name, cols in acc.items()}
-    summary = {
-        "seeds": len(seeds), "data": MIX, "accuracy": {n: c["accuracy"] for n, c in acc.items()}, "mean": mean,
-        "moe_teacher_beats_dense_same_active": mean["MoE teacher"] > mean["dense teacher (same active params)"],
-        "moe_student_beats_gold_student": mean["student: kd from MoE teacher"] > mean["student: sft on gold"],
-        "specialists_with_gate_beat_generalist_source": (
-            mean["student: mst, specialists, confidence gate"] > mean["student: kd from dense generalist"]
-        ),
-        "scmoe_minus_greedy_points": 100 * (mean["MoE teacher, SCMoE decoding"] - mean["MoE teacher"]),
-        "routing": {k: statistics.fmean(acc["MoE teacher"][k]) for k in ROUTING},
-        "seconds": time.perf_counter() - t0,
-    }  # fmt: skip
-    results = ROOT / "bench" / "results"
-    results.mkdir(exist_ok=True)
-    (results / "lm_moe.md").write_text(_table(acc, len(seeds)))
-    (results / "lm_moe.json").write_text(json.dumps(summary, indent=2) + "\n")
+            summary = _write(acc, seed + 1, time.perf_counter() - t0)
     emit("lm_moe", **summary)
     return 0
