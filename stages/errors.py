@@ -7,3 +7,9 @@ and keeps its traceback.
 
 class DistilError(Exception):
     """Bad input: the message names the problem and how to fix it, in one line."""
+
+
+def one_of(setting: str, value, choices) -> None:
+    """Refuse ``value`` for ``setting`` unless it is one of ``choices`` (names them all)."""
+    if value not in choices:
+        raise DistilError(f"unknown {setting} '{value}'; choose one of {', '.join(map(str, choices))}")

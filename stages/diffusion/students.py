@@ -16,7 +16,7 @@ from stages.config import DistillConfig
 from stages.diffusion.generator import Generator, check_same_shape, load_generator
 from stages.diffusion.models import build_denoiser, sample_shape_of
 from stages.diffusion.sampling import SOLVERS, Denoise, SampleNoise, ode_sample
-from stages.errors import DistilError
+from stages.errors import DistilError, one_of
 from stages.losses.consistency import CONSISTENCY_LOSSES
 from stages.tasks.generators import GeneratorData
 
@@ -46,10 +46,8 @@ def load_teacher(path: Path | None, data: GeneratorData, device, method: str) ->
 def check_student(cfg: DistillConfig) -> None:
     """The knobs every consistency student of a teacher reads."""
     d = cfg.diffusion
-    if d.solver not in SOLVERS:
-        raise DistilError(f"unknown diffusion.solver '{d.solver}'; choose one of {', '.join(SOLVERS)}")
-    if d.loss not in CONSISTENCY_LOSSES:
-        raise DistilError(f"unknown diffusion.loss '{d.loss}'; choose one of {', '.join(CONSISTENCY_LOSSES)}")
+    one_of("diffusion.solver", d.solver, SOLVERS)
+    one_of("diffusion.loss", d.loss, CONSISTENCY_LOSSES)
     if d.student_init not in ("teacher", "fresh"):
         raise DistilError(f"diffusion.student_init must be teacher or fresh, got '{d.student_init}'")
     check_probe(cfg)

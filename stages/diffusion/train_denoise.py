@@ -17,16 +17,14 @@ from stages.config import DistillConfig
 from stages.diffusion.models import build_denoiser
 from stages.diffusion.schedule import BETA_SCHEDULES, PREDICTIONS, NoiseSchedule
 from stages.diffusion.training import EMA, fit
-from stages.errors import DistilError
+from stages.errors import DistilError, one_of
 from stages.tasks.generators import GeneratorData
 
 
 def make_scheduler(cfg: DistillConfig) -> DDPMScheduler:
     d = cfg.diffusion
-    if d.prediction not in PREDICTIONS:
-        raise DistilError(f"unknown diffusion.prediction '{d.prediction}'; choose one of {', '.join(PREDICTIONS)}")
-    if d.beta_schedule not in BETA_SCHEDULES:
-        raise DistilError(f"unknown diffusion.beta_schedule '{d.beta_schedule}'; choose one of {', '.join(BETA_SCHEDULES)}")
+    one_of("diffusion.prediction", d.prediction, PREDICTIONS)
+    one_of("diffusion.beta_schedule", d.beta_schedule, BETA_SCHEDULES)
     if d.train_timesteps < 2:
         raise DistilError(f"diffusion.train_timesteps must be >= 2, got {d.train_timesteps}")
     return DDPMScheduler(num_train_timesteps=d.train_timesteps, beta_schedule=BETA_SCHEDULES[d.beta_schedule],
