@@ -90,3 +90,15 @@ def test_unlabeled_prompts_extend_train_without_gold_but_stay_verifiable():
     gold = ReasoningTask("basic_arithmetic", sizes=(80, 10, 10), seed=0).table().to_pylist()
     by_item = {r["item"]: r["answer"] for r in gold if r["split"] == "train"}
     assert all(task.score(by_item[r["item"]], "train", r["item"]) == 1.0 for r in extra[:5])
+
+
+def test_splits_do_not_share_their_questions():
+    """reasoning-gym draws item i of seed r from Random(r + i): splits seeded one apart
+    would repeat each other's questions shifted by one item."""
+    from stages.tasks.reasoning import ReasoningTask
+
+    rows = ReasoningTask("basic_arithmetic", sizes=(60, 60, 60)).table().to_pylist()
+    dev = [r["prompt"] for r in rows if r["split"] == "dev"]
+    test = {r["prompt"] for r in rows if r["split"] == "test"}
+    assert sum(q in test for q in dev) <= 3  # chance repeats only
+    assert sum(r["split"] == "train" for r in rows) >= 55  # nearly no train item dropped as a held-out repeat
