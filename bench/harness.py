@@ -1,12 +1,18 @@
-"""Tiny helpers shared by the benchmarks: a median timer and a one-JSON-line emitter."""
+"""Tiny helpers shared by the benchmarks: a median timer, a one-JSON-line emitter, and a
+work directory whose finished steps a rerun can reuse."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 
 def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
@@ -24,3 +30,31 @@ def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
 def emit(name: str, **fields: object) -> None:
     """Print one JSON object, ``{"bench": name, **fields}``, on its own line to stdout."""
     print(json.dumps({"bench": name, **fields}), file=sys.stdout, flush=True)
+
+
+@contextlib.contextmanager
+def workdir() -> Iterator[Path]:
+    """Where a benchmark keeps its models: ``BENCH_WORKDIR`` when set (kept, so ``cached``
+    steps are reused by a rerun), else a temporary directory removed at the end."""
+    kept = os.environ.get("BENCH_WORKDIR")
+    if kept:
+        Path(kept).mkdir(parents=True, exist_ok=True)
+        yield Path(kept)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
+
+
+def cached(out: Path, settings: object, step: Callable[[], object]) -> Path:
+    """Run ``step`` (which writes ``out``) unless ``out`` exists from a run with the same
+    ``settings`` (compared by their repr, kept next to it): reruns in a kept ``workdir``
+    redo only what changed. Without a kept workdir ``out`` never exists beforehand."""
+    stamp = out.with_name(out.name + ".settings")
+    key = repr(settings)
+    if out.exists() and stamp.exists() and stamp.read_text() == key:
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    step()
+    stamp.write_text(key)
+    return out

@@ -2,7 +2,7 @@
 over seeds, in one process: the accuracy claims of the MoE issue, with the settings of
 ``bench/lm_moe.yaml``.
 
-Per seed, on ``chain_sum+basic_arithmetic`` (gold answers for part of the train prompts):
+Per seed, on the mixture of the settings' ``tasks`` (gold answers for part of the train prompts):
 
 - teachers trained with ``sft`` on gold: an MoE teacher (Mixtral classes, 4 experts of
   width w, 2 per token) and a dense teacher with the same active parameters (one MLP of
@@ -42,31 +42,32 @@ from stages.config import DataConfig, DistillConfig, EvaluateConfig, GenerateTea
 from stages.models.lm import active_parameters, load_lm
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = ("chain_sum", "basic_arithmetic")
-MIX = "+".join(TASKS)
+DEFAULT_TASKS = ("chain_sum", "basic_arithmetic")
 ROUTING = ("routing_load_entropy", "routing_top1_repeat", "routing_srp", "routing_sch")
 
 
-def _teachers(params: dict, seed: int, d: Path, data: DataConfig) -> None:
+def _teachers(params: dict, seed: int, d: Path, data: DataConfig, tasks: tuple[str, ...]) -> None:
+    mix = "+".join(tasks)
     dense = replace(load_section(DistillConfig, params, "dense_teacher"), seed=seed)
-    distill.run(dense, MIX, d / "dense", data_cfg=data, progress=False)
+    distill.run(dense, mix, d / "dense", data_cfg=data, progress=False)
     shared = replace(dense.lm, tokenizer=str(d / "dense"))  # one vocabulary: top-k ids comparable across teachers
     moe = replace(load_section(DistillConfig, params, "moe_teacher"), seed=seed)
-    distill.run(replace(moe, lm=replace(moe.lm, tokenizer=str(d / "dense"))), MIX, d / "moe", data_cfg=data, progress=False)
-    for task in TASKS:
+    distill.run(replace(moe, lm=replace(moe.lm, tokenizer=str(d / "dense"))), mix, d / "moe", data_cfg=data, progress=False)
+    for task in tasks:
         distill.run(replace(dense, lm=shared), task, d / f"spec-{task}", data_cfg=data, progress=False)
     gen = replace(load_section(GenerateTeacherDataConfig, params, "generate"), seed=seed)
     sel = load_section(SelectConfig, params, "select")
-    for name, teachers in {"moe": [d / "moe"], "dense": [d / "dense"], "spec": [d / f"spec-{t}" for t in TASKS]}.items():
-        generate_teacher_data.run(gen, teachers, MIX, d / f"td-{name}", data_cfg=data, progress=False)
+    for name, teachers in {"moe": [d / "moe"], "dense": [d / "dense"], "spec": [d / f"spec-{t}" for t in tasks]}.items():
+        generate_teacher_data.run(gen, teachers, mix, d / f"td-{name}", data_cfg=data, progress=False)
         select.run(sel, d / f"td-{name}", d / f"sel-{name}", progress=False)
 
 
-def _students(params: dict, seed: int, d: Path, data: DataConfig) -> dict[str, Path]:
+def _students(params: dict, seed: int, d: Path, data: DataConfig, tasks: tuple[str, ...]) -> dict[str, Path]:
+    mix = "+".join(tasks)
     base = replace(load_section(DistillConfig, params, "student"), seed=seed)
     student = replace(base, lm=replace(base.lm, tokenizer=str(d / "dense")))
     runs = {
-        "student: sft on gold": (replace(student, method="sft"), MIX),
+        "student: sft on gold": (replace(student, method="sft"), mix),
         "student: kd from MoE teacher": (replace(student, method="kd"), d / "sel-moe"),
         "student: kd from dense generalist": (replace(student, method="kd"), d / "sel-dense"),
         "student: mst, specialists, confidence gate": (replace(student, method="mst", gate="confidence"), d / "sel-spec"),
@@ -78,54 +79,55 @@ def _students(params: dict, seed: int, d: Path, data: DataConfig) -> dict[str, P
     return out
 
 
-def _one_seed(params: dict, seed: int, d: Path) -> dict[str, dict[str, float]]:
+def _one_seed(params: dict, seed: int, d: Path, tasks: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    mix = "+".join(tasks)
     data = load_section(DataConfig, params, "data")
-    _teachers(params, seed, d, data)
+    _teachers(params, seed, d, data, tasks)
     models = {"MoE teacher": d / "moe", "dense teacher (same active params)": d / "dense",
-              **{f"specialist: {t}": d / f"spec-{t}" for t in TASKS}, **_students(params, seed, d, data)}  # fmt: skip
+              **{f"specialist: {t}": d / f"spec-{t}" for t in tasks}, **_students(params, seed, d, data, tasks)}  # fmt: skip
     cfg = load_section(EvaluateConfig, params, "evaluate")
     quiet = Console(file=io.StringIO())
     metrics = json.loads(
-        (evaluate.run(cfg, list(models.values()), MIX, d / "ev", data_cfg=data, console=quiet) / "metrics.json").read_text()
+        (evaluate.run(cfg, list(models.values()), mix, d / "ev", data_cfg=data, console=quiet) / "metrics.json").read_text()
     )
-    scmoe = evaluate.run(replace(cfg, decode="scmoe"), [d / "moe"], MIX, d / "ev-scmoe", data_cfg=data, console=quiet)
+    scmoe = evaluate.run(replace(cfg, decode="scmoe"), [d / "moe"], mix, d / "ev-scmoe", data_cfg=data, console=quiet)
     sc = json.loads((scmoe / "metrics.json").read_text())["moe"]
     rows = {}
     for name, path in models.items():
         m = metrics[path.name]
         model, _ = load_lm(path)
-        rows[name] = {"accuracy": m["accuracy"], **{t: m.get(f"accuracy_{t}", float("nan")) for t in TASKS},
+        rows[name] = {"accuracy": m["accuracy"], **{t: m.get(f"accuracy_{t}", float("nan")) for t in tasks},
                       "active_params": active_parameters(model), "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
     rows["MoE teacher"].update({k: metrics["moe"][k] for k in ROUTING})
     rows["MoE teacher, SCMoE decoding"] = {
         "accuracy": sc["accuracy"],
-        **{t: sc.get(f"accuracy_{t}", float("nan")) for t in TASKS},
+        **{t: sc.get(f"accuracy_{t}", float("nan")) for t in tasks},
     }
     return rows
 
 
-def _table(acc: dict[str, dict[str, list[float]]], seeds: int) -> str:
+def _table(acc: dict[str, dict[str, list[float]]], seeds: int, tasks: tuple[str, ...]) -> str:
     def cell(xs: list[float]) -> str:
         std = statistics.stdev(xs) if len(xs) > 1 else 0.0
         return f"{statistics.fmean(xs):.3f} ± {std:.3f}"
 
-    lines = [f"| model (mean ± std over {seeds} seeds) | accuracy | {' | '.join(TASKS)} | active / total params |",
-             "|---|---|" + "---|" * len(TASKS) + "---|"]  # fmt: skip
+    lines = [f"| model (mean ± std over {seeds} seeds) | accuracy | {' | '.join(tasks)} | active / total params |",
+             "|---|---|" + "---|" * len(tasks) + "---|"]  # fmt: skip
     for name, cols in acc.items():
         params = f"{int(cols['active_params'][0]):,} / {int(cols['params'][0]):,}" if "params" in cols else ""
-        lines.append(f"| {name} | {cell(cols['accuracy'])} | {' | '.join(cell(cols[t]) for t in TASKS)} | {params} |")
+        lines.append(f"| {name} | {cell(cols['accuracy'])} | {' | '.join(cell(cols[t]) for t in tasks)} | {params} |")
     routing = acc["MoE teacher"]
     lines += ["", "| MoE teacher routing (test prompts + greedy completions) | mean over seeds |", "|---|---|"]
     lines += [f"| {k.removeprefix('routing_')} | {statistics.fmean(routing[k]):.3f} |" for k in ROUTING]
     return "\n".join(lines) + "\n"
 
 
-def _write(acc: dict[str, dict[str, list[float]]], seeds: int, seconds: float) -> dict:
+def _write(acc: dict[str, dict[str, list[float]]], seeds: int, seconds: float, tasks: tuple[str, ...]) -> dict:
     """Write the table and the summary of the seeds done so far (a long run keeps its
     finished seeds if it is stopped)."""
     mean = {name: statistics.fmean(cols["accuracy"]) for name, cols in acc.items()}
     summary = {
-        "seeds": seeds, "data": MIX, "accuracy": {n: c["accuracy"] for n, c in acc.items()}, "mean": mean,
+        "seeds": seeds, "data": "+".join(tasks), "accuracy": {n: c["accuracy"] for n, c in acc.items()}, "mean": mean,
         "moe_teacher_beats_dense_same_active": mean["MoE teacher"] > mean["dense teacher (same active params)"],
         "moe_student_beats_gold_student": mean["student: kd from MoE teacher"] > mean["student: sft on gold"],
         "specialists_with_gate_beat_generalist_source": (
@@ -137,7 +139,7 @@ def _write(acc: dict[str, dict[str, list[float]]], seeds: int, seconds: float) -
     }  # fmt: skip
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
-    (results / "lm_moe.md").write_text(_table(acc, seeds))
+    (results / "lm_moe.md").write_text(_table(acc, seeds, tasks))
     (results / "lm_moe.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -145,13 +147,14 @@ def _write(acc: dict[str, dict[str, list[float]]], seeds: int, seconds: float) -
 def main() -> int:
     params = yaml.safe_load(Path(os.environ.get("BENCH_PARAMS", ROOT / "bench" / "lm_moe.yaml")).read_text())
     seeds = range(int(os.environ.get("BENCH_SEEDS", "3")))
+    tasks = tuple(params.get("tasks", DEFAULT_TASKS))
     t0 = time.perf_counter()
     acc: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            for name, cols in _one_seed(params, seed, Path(tmp) / f"s{seed}").items():
+            for name, cols in _one_seed(params, seed, Path(tmp) / f"s{seed}", tasks).items():
                 for col, v in cols.items():
                     acc.setdefault(name, {}).setdefault(col, []).append(float(v))
-            summary = _write(acc, seed + 1, time.perf_counter() - t0)
+            summary = _write(acc, seed + 1, time.perf_counter() - t0, tasks)
     emit("lm_moe", **summary)
     return 0

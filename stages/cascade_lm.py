@@ -9,10 +9,21 @@ over every achievable value k/n (``cascade_cost.sweep``). Costs are tokens per m
 or in FLOPs, against the teacher answering every test query greedily (measured: its answers
 also serve the deferred queries, so a deferral costs exactly what the teacher spent on it).
 
-Adaptive sampling stops a query once its decision is fixed: the majority already holds a
-share >= threshold of n and cannot be overtaken, or can no longer reach it. It therefore
-routes and answers exactly as the full n samples of the same stream would (tested), which
-is why dev calibration replays one stream of n samples per query for every threshold.
+Adaptive sampling draws a query's samples one round at a time (the first round as many as
+the earliest possible stop needs) and stops at the first of:
+
+- certain: the majority holds a share >= threshold of n and cannot be overtaken (keep), or
+  can no longer reach it (defer); up to here it routes exactly as all n samples would;
+- confident (``stop_confidence`` < 1): the leader beats the runner-up with posterior
+  probability >= stop_confidence, and the query is kept when the leader's share of the
+  samples drawn so far is >= threshold. This is Adaptive-Consistency's stopping rule
+  (Aggarwal et al., 2023, "Let's Sample Step by Step", section 3, Beta criterion): with a
+  uniform prior the leader's share p of the top two answers is Beta(v1 + 1, v2 + 1) and
+  P(p > 1/2) = P(Binomial(v1 + v2 + 1, 1/2) <= v1). Four unanimous samples give 31/32.
+  Optimal Self-Consistency (Blend-ASC) analyses this family of dynamic allocations.
+
+Every rule is a function of the stream of samples, so dev calibration replays one stream of
+n samples per query for every threshold.
 """
 
 from __future__ import annotations
@@ -20,10 +31,12 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from math import comb
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from stages.cascade_cost import LM, Sampler
 from stages.config import CascadeConfig
@@ -76,29 +89,51 @@ def meets(votes: int, n: int, threshold: float) -> bool:
     return votes >= threshold * n - 1e-9
 
 
-def adaptive_state(answers: list[str | None], n: int, threshold: float) -> str | None:
-    """After ``len(answers)`` of at most ``n`` samples: "keep" (the majority reaches the
-    threshold and no remaining samples can overtake it), "defer" (no answer can reach it any
-    more), or None (draw another sample)."""
+def leader_wins(lead: int, second: int) -> float:
+    """Posterior probability that the leading answer's share beats the runner-up's (uniform
+    prior, Beta(lead + 1, second + 1) > 1/2): P(Binomial(lead + second + 1, 1/2) <= lead)."""
+    trials = lead + second + 1
+    return sum(comb(trials, i) for i in range(lead + 1)) / 2.0**trials
+
+
+def adaptive_state(answers: list[str | None], n: int, threshold: float, stop_confidence: float = 1.0) -> str | None:
+    """After ``len(answers)`` of at most ``n`` samples: "keep", "defer", or None (draw
+    another sample); see the module docstring for the rules."""
     counts = sorted(Counter(normalise(a) for a in answers if a is not None).values(), reverse=True) + [0, 0]
-    lead, second, left = counts[0], counts[1], n - len(answers)
+    lead, second, drawn = counts[0], counts[1], len(answers)
+    left = n - drawn
     if not meets(lead + left, n, threshold):
         return "defer"
     if meets(lead, n, threshold) and lead > second + left:
         return "keep"
     if left == 0:
         return "keep" if meets(lead, n, threshold) else "defer"
+    if stop_confidence < 1.0 and lead > 0 and leader_wins(lead, second) >= stop_confidence:
+        return "keep" if meets(lead, drawn, threshold) else "defer"
     return None
 
 
-def decide(policy: str, answers: list[str | None], n: int, threshold: float) -> tuple[bool, int]:
+def first_round(n: int, threshold: float, stop_confidence: float) -> int:
+    """Samples of adaptive's first round: the fewest after which an agreeing stream stops
+    (one call reads the prompt once for all of them)."""
+    return next((m for m in range(1, n + 1) if adaptive_state(["x"] * m, n, threshold, stop_confidence)), n)
+
+
+def decide(policy: str, answers: list[str | None], n: int, threshold: float, stop_confidence: float = 1.0) -> tuple[bool, int]:
     """(keep, samples used) of a threshold policy on a stream of ``n`` sampled answers."""
     if policy == "adaptive":
-        for m in range(n + 1):
-            state = adaptive_state(answers[:m], n, threshold)
+        start = first_round(n, threshold, stop_confidence) if meets(n, n, threshold) else 0
+        for m in range(start, n + 1):
+            state = adaptive_state(answers[:m], n, threshold, stop_confidence)
             if state is not None:
                 return state == "keep", m
     return meets(majority(answers)[1], n, threshold), n
+
+
+def rounds(used: ArrayLike, n: int, threshold: float, stop_confidence: float) -> np.ndarray:
+    """Generate calls (prompt reads) of adaptive queries that drew ``used`` samples."""
+    used = np.asarray(used)
+    return np.where(used > 0, used - first_round(n, threshold, stop_confidence) + 1, 0)
 
 
 def weighted_vote(per_model: list[list[str | None]]) -> tuple[str | None, float]:
@@ -123,7 +158,7 @@ def weighted_vote(per_model: list[list[str | None]]) -> tuple[str | None, float]
 
 
 def student_step(policy: str, n: int, threshold: float, temperature: float, sampler: Sampler, student: LM,
-                 voters: list[LM], prompts: list[str]) -> list[dict]:  # fmt: skip
+                 voters: list[LM], prompts: list[str], stop_confidence: float = 1.0) -> list[dict]:  # fmt: skip
     """The student side of one step of test queries: per query its sampled answers, the
     student's answer, agreement, whether it keeps the query, samples used, tokens, seconds and
     the voters' cost (weighted-vote)."""
@@ -134,19 +169,21 @@ def student_step(policy: str, n: int, threshold: float, temperature: float, samp
         return out
     if policy == "adaptive":
         streams: list[list[str | None]] = [[] for _ in prompts]
-        state = [adaptive_state([], n, threshold) for _ in prompts]
+        state = [adaptive_state([], n, threshold, stop_confidence) for _ in prompts]
+        draw = first_round(n, threshold, stop_confidence)
         while todo := [i for i, s in enumerate(state) if s is None]:
-            d = sampler.draw(student, [prompts[i] for i in todo], 1, temperature)
+            d = sampler.draw(student, [prompts[i] for i in todo], draw, temperature)
             for j, i in enumerate(todo):
-                streams[i].append(d.answers[j][0])
+                streams[i].extend(d.answers[j])
                 o = out[i]
                 o["s_prompt"] += d.prompt_tokens[j]  # every round is a call that reads the prompt again
-                o["s_completion"] += d.completion_tokens[j][0]
+                o["s_completion"] += sum(d.completion_tokens[j])
                 o["seconds"] += d.seconds[j]
-                state[i] = adaptive_state(streams[i], n, threshold)
+                state[i] = adaptive_state(streams[i], n, threshold, stop_confidence)
+            draw = 1
         for o, answers, s in zip(out, streams, state, strict=True):
             o["student_answer"], votes = majority(answers)
-            o.update(answers=answers, agreement=votes / n, keep=s == "keep", used=len(answers))
+            o.update(answers=answers, agreement=votes / max(len(answers), 1), keep=s == "keep", used=len(answers))
         return out
     greedy = policy in ("student", "icd")
     k, temp = (1, 0.0) if greedy else (n, temperature)
@@ -188,6 +225,14 @@ def _check(cfg: CascadeConfig, policy: str, models: list, policy_file: Path | No
         raise DistilError("--online feeds deferred answers to the bank: use icd-sc-cascade, or adaptive with demos >= 1")
     if cfg.retriever not in ("dense", "bm25", "auto"):
         raise DistilError(f"unknown retriever '{cfg.retriever}'; choose dense, bm25 or auto")
+    if cfg.threshold != -1 and not 0 <= cfg.threshold <= 1:
+        raise DistilError(
+            f"threshold must be within [0, 1] (the share of agreeing samples), or -1 to calibrate on dev; got {cfg.threshold}"
+        )
+    if not 0.5 < cfg.stop_confidence <= 1:
+        raise DistilError(
+            f"stop_confidence must be in (0.5, 1] (1 = stop only when all n samples could not change the decision); got {cfg.stop_confidence}"
+        )
     if (cfg.threshold >= 0 or cfg.budget > 0) and policy not in THRESHOLD_POLICIES:
         raise DistilError(f"threshold and budget apply to {', '.join(THRESHOLD_POLICIES)}, not {policy}")
     if sum([cfg.threshold >= 0, policy_file is not None, cfg.budget > 0]) > 1:
@@ -221,9 +266,13 @@ def _calibrate(
     s, t = sampler.draw(lms["student"], prompts, n, cfg.temperature), sampler.draw(lms["teacher"], plain, 1, 0.0)
     t_cost = lms["teacher"].pricer(t.prompt_tokens, [sum(c) for c in t.completion_tokens])
     thresholds = np.array([k / n for k in range(n + 1)] + [ALWAYS_DEFER])
-    decided = [[decide(policy, s.answers[i], n, thr) for i in range(len(rows))] for thr in thresholds]
+    stop = cfg.stop_confidence
+    decided = [[decide(policy, s.answers[i], n, thr, stop) for i in range(len(rows))] for thr in thresholds]
     keep, used = np.array([[k for k, _ in d] for d in decided]), np.array([[u for _, u in d] for d in decided])
-    calls = used if policy == "adaptive" else np.full_like(used, 1)  # adaptive reads the prompt once per sample
+    # adaptive reads the prompt once per round
+    calls = (
+        np.stack([rounds(u, n, thr, stop) for u, thr in zip(used, thresholds)]) if policy == "adaptive" else np.full_like(used, 1)
+    )
     done = np.array([np.concatenate([[0], np.cumsum(c)]) for c in s.completion_tokens])  # [N, n + 1]
     s_cost = lms["student"].pricer(np.array(s.prompt_tokens) * calls, np.take_along_axis(done.T, used, axis=0))
     cost = s_cost + np.where(keep, 0.0, t_cost)
@@ -279,6 +328,9 @@ def run_lm(cfg: CascadeConfig, student: Path, teacher: Path, data: str | Path, o
     prices, unit = pricers(cfg.costs, {name: x[2] for name, x in loaded.items()})
     lms = {name: LM(name, x[0], x[1], prices[name], x[3]) for name, x in loaded.items()}
     ids = {name: lm_identity(p) for name, p in paths.items()}
+    if fixed is not None and any(fixed.get(m, {}).get("sha256") != ids[m]["sha256"] for m in ("student", "teacher")):
+        raise DistilError(f"{policy_file} was calibrated for student {fixed.get('student', {}).get('path')} and teacher "
+                          f"{fixed.get('teacher', {}).get('path')}, not these models; calibrate a policy for this pair")  # fmt: skip
     base = {"policy": policy, "samples": cfg.samples, "student": ids["student"], "teacher": ids["teacher"]}
     if fixed is None and (policy not in THRESHOLD_POLICIES or cfg.threshold >= 0):
         fixed = {**base, "threshold": cfg.threshold if policy in THRESHOLD_POLICIES else None, "dev": None}
@@ -315,7 +367,8 @@ def run_lm(cfg: CascadeConfig, student: Path, teacher: Path, data: str | Path, o
             span = range(lo, min(len(rows), lo + cfg.query_batch))
             demos = bank.retrieve([plain[i] for i in span], cfg.demos) if bank is not None else [[] for _ in span]
             prompts = [bank.prompt(d, plain[i]) if bank is not None else plain[i] for i, d in zip(span, demos, strict=True)]
-            step = student_step(policy, cfg.samples, threshold, cfg.temperature, sampler, lms["student"], voters, prompts)
+            step = student_step(policy, cfg.samples, threshold, cfg.temperature, sampler, lms["student"], voters, prompts,
+                                cfg.stop_confidence)  # fmt: skip
             online = []
             for i, d, o in zip(span, demos, step, strict=True):
                 r, deferred = rows[i], not o["keep"]

@@ -279,6 +279,10 @@ class CascadeConfig:
     batch_size: int = _f(256, "rows per forward pass (LMs: sequences per generate call, samples included)")
     samples: int = _f(5, "LMs: student samples per query (n) of the self-consistency policies")
     temperature: float = _f(0.7, "LMs: student sampling temperature of the self-consistency policies")
+    stop_confidence: float = _f(
+        0.95,
+        "LMs, adaptive: stop once the leading answer beats the runner-up with this posterior probability (1 = only when all n samples could not change the decision)",
+    )
     top_p: float = _f(1.0, "LMs: nucleus mass of the student's samples")
     max_new_tokens: int = _f(16, "LMs: completion length of every model")
     demos: int = _f(

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages.cascade_cost import Pricer, break_even, pricers, sweep
-from stages.cascade_lm import ALWAYS_DEFER, LM_POLICIES, decide, majority, weighted_vote
+from stages.cascade_lm import ALWAYS_DEFER, LM_POLICIES, decide, first_round, leader_wins, majority, rounds, weighted_vote
 from stages.errors import DistilError
 
 SOUNDS = {"cat": "meow", "dog": "woof", "cow": "moo", "duck": "quack", "sheep": "baa", "owl": "hoot"}
@@ -103,7 +103,27 @@ def test_adaptive_routes_and_answers_like_all_n_samples_with_fewer_draws():
             if keep:  # the early answer is the one all n samples give
                 assert majority(stream[:used])[0] == majority(stream)[0]
     assert decide("adaptive", ["a", "a", "a", "a", "a"], 5, 0.6) == (True, 3)  # 3 of 5 already decide it
-    assert decide("adaptive", ["a", "b", "c", "a", "a"], 5, 0.8) == (False, 3)  # 4 of 5 is out of reach after a, b, c
+    assert decide("adaptive", ["a", "b", "c", "d", "a"], 5, 0.6) == (False, 4)  # 3 of 5 is out of reach after a, b, c, d
+    assert decide("adaptive", ["a", "b", "c", "a", "a"], 5, 0.8) == (False, 4)  # the first round draws 4 (4 of 5 can keep)
+
+
+def test_confident_stopping_follows_the_beta_posterior_and_saves_samples():
+    assert leader_wins(4, 0) == pytest.approx(31 / 32) and leader_wins(3, 0) == pytest.approx(15 / 16)
+    assert leader_wins(0, 0) == 0.5 and leader_wins(5, 5) == pytest.approx(0.5)
+    assert leader_wins(6, 1) > leader_wins(5, 1) > leader_wins(5, 2)
+    n = 16
+    assert first_round(n, 0.5, 0.95) == 4 and first_round(n, 0.5, 1.0) == 9  # 9 of 16 cannot be overtaken
+    assert decide("adaptive", ["a"] * n, n, 0.5, 0.95) == (True, 4)
+    assert decide("adaptive", ["a", "b", "a", "a", "a", "a"] + ["a"] * 10, n, 0.5, 0.95) == (True, 7)  # 5:1 gives 0.94, 6:1 0.965
+    assert decide("adaptive", ["a", "b", "a", "b"] * 4, n, 0.75, 0.95) == (False, 10)  # 5 + 6 left < 12 of 16
+    rng, saved, agree = random.Random(1), 0, 0
+    for _ in range(300):  # a student right 90% of the time: the confident rule agrees with all n samples
+        stream = [rng.choice(["a"] * 9 + ["b"]) for _ in range(n)]
+        keep, used = decide("adaptive", stream, n, 0.5, 0.95)
+        saved += n / used
+        agree += keep == decide("sc-cascade", stream, n, 0.5)[0] and majority(stream[:used])[0] == majority(stream)[0]
+    assert saved / 300 > 3 and agree >= 295
+    assert rounds([0, 4, 6], n, 0.5, 0.95).tolist() == [0, 1, 3]
 
 
 def test_sweep_picks_the_cheapest_threshold_meeting_the_target_or_the_best_within_budget():
@@ -191,15 +211,29 @@ def test_every_policy_writes_a_coherent_decisions_table(lm, tmp_path, policy):
     assert (tmp_path / "c" / "bank" / "rows").exists() == (demos > 0)
 
 
+def _always_defer(lm, path: Path, policy: str) -> Path:
+    """A policy file whose threshold no agreement reaches (calibration writes one when only the
+    teacher meets the target)."""
+    from stages.models.lm import lm_identity
+
+    found = {"policy": policy, "samples": CASCADE["samples"], "student": lm_identity(lm["s"]), "teacher": lm_identity(lm["t"]),
+             "threshold": ALWAYS_DEFER, "dev": None}  # fmt: skip
+    path.write_text(json.dumps(found))
+    return path
+
+
 def test_threshold_zero_never_defers_and_above_one_always_does(lm, tmp_path):
     teacher_rows, teacher = cascade(lm, tmp_path / "teacher", "--policy", "teacher")
     rows, m = cascade(lm, tmp_path / "zero", "--policy", "sc-cascade", "--set", "threshold=0")
     assert {r["route"] for r in rows} == {"student"} and m["accuracy"] == m["student_accuracy"]
-    rows, m = cascade(lm, tmp_path / "all", "--policy", "sc-cascade", "--set", "threshold=1.5")
+    rows, m = cascade(
+        lm, tmp_path / "all", "--policy", "sc-cascade", "--policy-file", _always_defer(lm, tmp_path / "p.json", "sc-cascade")
+    )
     assert {r["route"] for r in rows} == {"teacher"} and m["accuracy"] == teacher["accuracy"] == m["teacher_accuracy"]
     assert [r["answer"] for r in rows] == [r["answer"] for r in teacher_rows]  # the measured teacher answers them
     assert m["cost_vs_teacher"] > 1.0  # the student sampled for nothing
-    rows, m = cascade(lm, tmp_path / "adaptive", "--policy", "adaptive", "--set", "threshold=1.5", "--set", "demos=0")
+    policy = _always_defer(lm, tmp_path / "a.json", "adaptive")
+    rows, m = cascade(lm, tmp_path / "adaptive", "--policy", "adaptive", "--policy-file", policy, "--set", "demos=0")
     assert m["samples_per_query"] == 0 and m["cost_vs_teacher"] == 1.0  # nothing can reach 1.5: no sample is drawn
 
 
@@ -228,7 +262,14 @@ def test_demonstrations_never_include_the_querys_own_question(lm, tmp_path):
 
 
 def test_online_teacher_answers_join_the_bank_for_later_queries(lm, tmp_path):
-    args = ["--policy", "icd-sc-cascade", "--set", "threshold=1.5", "--set", "query_batch=5"]
+    args = [
+        "--policy",
+        "icd-sc-cascade",
+        "--policy-file",
+        _always_defer(lm, tmp_path / "p.json", "icd-sc-cascade"),
+        "--set",
+        "query_batch=5",
+    ]
     rows, m = cascade(lm, tmp_path / "on", *args, "--online")
     bank = pq.read_table(tmp_path / "on" / "bank" / "rows").to_pylist()
     added = [b for b in bank if b["source"] == "online"]
@@ -323,6 +364,13 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(lm, tmp_path):
         match="costs.student",
     )
     c.fails(*base, "--student", lm["s"], "--data", lm["root"] / "p.jsonl", "--policy", "icd", match="teacher data")
+    for bad in ("threshold=1.5", "threshold=-0.2"):
+        c.fails(*base, "--student", lm["s"], "--data", lm["td"], "--policy", "sc-cascade", "--set", bad, match="within [0, 1]")
+    c.fails(*base, "--student", lm["s"], "--data", lm["td"], "--policy", "adaptive", "--set", "stop_confidence=0.4",
+            match="stop_confidence")  # fmt: skip
+    other = _always_defer(lm, tmp_path / "other.json", "sc-cascade")  # calibrated for student s, teacher t
+    c.fails(*base, "--student", lm["t"], "--data", lm["td"], "--policy", "sc-cascade", "--policy-file", other,
+            match="calibrated for student")  # fmt: skip
     c.fails("cascade", "--student", classifier, "--teacher", classifier, "--data", "digits", "--out", out, "--online",
             match="language-model cascades")  # fmt: skip
     assert not out.exists() and not Path(str(out) + ".partial").exists()

@@ -24,7 +24,7 @@ def test_items_are_fixed_by_seed_and_train_never_sees_held_out_questions():
     assert rows[0]["prompt"].startswith("Question: ") and rows[0]["prompt"].endswith("\nAnswer:")
 
 
-@pytest.mark.parametrize("name", ["basic_arithmetic", "chain_sum", "number_sorting", "gsm_symbolic"])
+@pytest.mark.parametrize("name", ["basic_arithmetic", "chain_sum", "number_sorting", "gsm_symbolic", "rule_arithmetic"])
 def test_the_gold_answer_scores_one_and_garbage_zero(name):
     task = ReasoningTask(name, sizes=(5, 5, 5))
     row = next(r for r in task.table().to_pylist() if r["split"] == "dev")

@@ -23,8 +23,12 @@ import pyarrow as pa
 from stages.artifacts import read_any_table
 from stages.errors import DistilError
 
-TASKS = ("basic_arithmetic", "chain_sum", "number_sorting", "gsm_symbolic")
+TASKS = ("basic_arithmetic", "chain_sum", "number_sorting", "gsm_symbolic", "rule_arithmetic")
+"""reasoning-gym's tasks, and ``rule_arithmetic`` (ours, registered with its factory)."""
 SPLITS = ("train", "dev", "test")
+TRAIN_OPTIONS = "train_options"
+"""``data.task_options.train_options``: generator options for the train split only (train on
+a narrower distribution than dev and test ask about, e.g. ``rule_arithmetic``'s families)."""
 SEED_STRIDE = 10_000_000
 """Generator seeds of consecutive splits lie this far apart (more than any split's size)."""
 
@@ -60,6 +64,8 @@ def extract_answer(completion: str) -> tuple[str | None, str]:
 def _dataset(task: str, size: int, seed: int, options: tuple = ()):
     import reasoning_gym
 
+    import stages.tasks.rule_arithmetic  # noqa: F401  registers the task with reasoning-gym
+
     try:
         return reasoning_gym.create_dataset(task, size=size, seed=seed, **dict(options))
     except (TypeError, ValueError, AssertionError) as exc:
@@ -86,8 +92,14 @@ class ReasoningTask:
     def _split_dataset(self, split: str):
         s = SPLITS.index(split)
         extra = self.unlabeled if split == "train" else 0
-        options = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in self.options)  # hashable for the cache
-        return _dataset(self.name, self.sizes[s] + extra, (self.seed * 3 + s) * SEED_STRIDE, options)
+        options = dict(self.options)
+        narrower = options.pop(TRAIN_OPTIONS, None) or {}
+        if not isinstance(narrower, dict):
+            raise DistilError(f"data.task_options.{TRAIN_OPTIONS} must be a mapping of generator options, got {narrower!r}")
+        if split == "train":
+            options.update(narrower)
+        frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))  # hashable for the cache
+        return _dataset(self.name, self.sizes[s] + extra, (self.seed * 3 + s) * SEED_STRIDE, frozen)
 
     def table(self) -> pa.Table:
         held_out = {str(x["question"]) for split in ("dev", "test") for x in self._split_dataset(split)}
