@@ -20,6 +20,7 @@ Writes ``bench/results/lm_moe.{md,json}`` and prints one JSON line.
     python -m bench lm_moe                     # 3 seeds
     BENCH_SEEDS=1 python -m bench lm_moe
     BENCH_PARAMS=other.yaml python -m bench lm_moe
+    BENCH_WORKDIR=/tmp/moe python -m bench lm_moe   # keep the models; a rerun redoes what changed
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -36,7 +37,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from bench.harness import emit
+from bench.harness import cached, emit, workdir
 from stages import distill, evaluate, generate_teacher_data, select
 from stages.config import DataConfig, DistillConfig, EvaluateConfig, GenerateTeacherDataConfig, SelectConfig, load_section
 from stages.models.lm import active_parameters, load_lm
@@ -46,46 +47,61 @@ DEFAULT_TASKS = ("chain_sum", "basic_arithmetic")
 ROUTING = ("routing_load_entropy", "routing_top1_repeat", "routing_srp", "routing_sch")
 
 
-def _teachers(params: dict, seed: int, d: Path, data: DataConfig, tasks: tuple[str, ...]) -> None:
+def _teachers(params: dict, seed: int, d: Path, data: DataConfig, tasks: tuple[str, ...]) -> dict[str, object]:
+    """Train the teachers and make their teacher data; returns the settings each output
+    depends on (the keys of ``cached`` steps)."""
     mix = "+".join(tasks)
     dense = replace(load_section(DistillConfig, params, "dense_teacher"), seed=seed)
-    distill.run(dense, mix, d / "dense", data_cfg=data, progress=False)
+    cached(d / "dense", (dense, data, mix), lambda: distill.run(dense, mix, d / "dense", data_cfg=data, progress=False))
     shared = replace(dense.lm, tokenizer=str(d / "dense"))  # one vocabulary: top-k ids comparable across teachers
     moe = replace(load_section(DistillConfig, params, "moe_teacher"), seed=seed)
-    distill.run(replace(moe, lm=replace(moe.lm, tokenizer=str(d / "dense"))), mix, d / "moe", data_cfg=data, progress=False)
+    moe = replace(moe, lm=replace(moe.lm, tokenizer=str(d / "dense")))
+    cached(d / "moe", (dense, moe, data, mix), lambda: distill.run(moe, mix, d / "moe", data_cfg=data, progress=False))
     for task in tasks:
-        distill.run(replace(dense, lm=shared), task, d / f"spec-{task}", data_cfg=data, progress=False)
+        spec = replace(dense, lm=shared)
+        cached(d / f"spec-{task}", (dense, data, task),
+               lambda spec=spec, task=task: distill.run(spec, task, d / f"spec-{task}", data_cfg=data, progress=False))  # fmt: skip
     gen = replace(load_section(GenerateTeacherDataConfig, params, "generate"), seed=seed)
     sel = load_section(SelectConfig, params, "select")
+    keys = {}
     for name, teachers in {"moe": [d / "moe"], "dense": [d / "dense"], "spec": [d / f"spec-{t}" for t in tasks]}.items():
-        generate_teacher_data.run(gen, teachers, mix, d / f"td-{name}", data_cfg=data, progress=False)
-        select.run(sel, d / f"td-{name}", d / f"sel-{name}", progress=False)
+        keys[name] = (dense, moe, data, mix, gen, sel)
+        cached(d / f"td-{name}", keys[name][:-1],
+               lambda t=teachers, name=name: generate_teacher_data.run(gen, t, mix, d / f"td-{name}", data_cfg=data, progress=False))  # fmt: skip
+        cached(
+            d / f"sel-{name}", keys[name], lambda name=name: select.run(sel, d / f"td-{name}", d / f"sel-{name}", progress=False)
+        )
+    return keys
 
 
-def _students(params: dict, seed: int, d: Path, data: DataConfig, tasks: tuple[str, ...]) -> dict[str, Path]:
+def _students(params: dict, seed: int, d: Path, data: DataConfig, tasks: tuple[str, ...], keys: dict) -> dict[str, Path]:
     mix = "+".join(tasks)
     base = replace(load_section(DistillConfig, params, "student"), seed=seed)
     student = replace(base, lm=replace(base.lm, tokenizer=str(d / "dense")))
     runs = {
-        "student: sft on gold": (replace(student, method="sft"), mix),
-        "student: kd from MoE teacher": (replace(student, method="kd"), d / "sel-moe"),
-        "student: kd from dense generalist": (replace(student, method="kd"), d / "sel-dense"),
-        "student: mst, specialists, confidence gate": (replace(student, method="mst", gate="confidence"), d / "sel-spec"),
-        "student: mst, specialists, task gate": (replace(student, method="mst", gate="task"), d / "sel-spec"),
+        "student: sft on gold": (replace(student, method="sft"), mix, None),
+        "student: kd from MoE teacher": (replace(student, method="kd"), d / "sel-moe", "moe"),
+        "student: kd from dense generalist": (replace(student, method="kd"), d / "sel-dense", "dense"),
+        "student: mst, specialists, confidence gate": (replace(student, method="mst", gate="confidence"), d / "sel-spec", "spec"),
+        "student: mst, specialists, task gate": (replace(student, method="mst", gate="task"), d / "sel-spec", "spec"),
     }
     out = {}
-    for i, (name, (cfg, source)) in enumerate(runs.items()):
-        out[name] = distill.run(cfg, source, d / f"student-{i}", data_cfg=data, progress=False)
+    for i, (name, (cfg, source, teacher)) in enumerate(runs.items()):
+        key = (cfg, data, mix, keys.get(teacher) if teacher else None)
+        out[name] = cached(d / f"student-{i}", key,
+                           lambda cfg=cfg, source=source, i=i: distill.run(cfg, source, d / f"student-{i}", data_cfg=data, progress=False))  # fmt: skip
     return out
 
 
 def _one_seed(params: dict, seed: int, d: Path, tasks: tuple[str, ...]) -> dict[str, dict[str, float]]:
     mix = "+".join(tasks)
     data = load_section(DataConfig, params, "data")
-    _teachers(params, seed, d, data, tasks)
+    keys = _teachers(params, seed, d, data, tasks)
     models = {"MoE teacher": d / "moe", "dense teacher (same active params)": d / "dense",
-              **{f"specialist: {t}": d / f"spec-{t}" for t in tasks}, **_students(params, seed, d, data, tasks)}  # fmt: skip
+              **{f"specialist: {t}": d / f"spec-{t}" for t in tasks}, **_students(params, seed, d, data, tasks, keys)}  # fmt: skip
     cfg = load_section(EvaluateConfig, params, "evaluate")
+    for stale in ("ev", "ev-scmoe"):  # evaluations are redone on every run
+        shutil.rmtree(d / stale, ignore_errors=True)
     quiet = Console(file=io.StringIO())
     metrics = json.loads(
         (evaluate.run(cfg, list(models.values()), mix, d / "ev", data_cfg=data, console=quiet) / "metrics.json").read_text()
@@ -150,9 +166,9 @@ def main() -> int:
     tasks = tuple(params.get("tasks", DEFAULT_TASKS))
     t0 = time.perf_counter()
     acc: dict[str, dict[str, list[float]]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with workdir() as tmp:
         for seed in seeds:
-            for name, cols in _one_seed(params, seed, Path(tmp) / f"s{seed}", tasks).items():
+            for name, cols in _one_seed(params, seed, tmp / f"s{seed}", tasks).items():
                 for col, v in cols.items():
                     acc.setdefault(name, {}).setdefault(col, []).append(float(v))
             summary = _write(acc, seed + 1, time.perf_counter() - t0, tasks)

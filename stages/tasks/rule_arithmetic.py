@@ -2,9 +2,9 @@
 in-context demonstrations carry knowledge a student lacks (issue 5, METHODS.md section 6).
 
 Family f of ``families`` is a made-up operator with a nonsense name (``vok``) and one of
-``RULES`` (``b - a``); both are fixed by f alone, never by the split seed. A question
+``RULES`` (``a - b``); both are fixed by f alone, never by the split seed. A question
 applies a family to two one-digit operands, ``vok(7, 3)``, and the answer is the worked
-line ``3 - 7 = -4``. A model that has not seen ``vok`` cannot know its rule, but one
+line ``7 - 3 = 4``. A model that has not seen ``vok`` cannot know its rule, but one
 demonstration of ``vok`` shows it. ``family_range: [lo, hi]`` draws items from families
 lo..hi-1 only: a teacher learns every family, a student's training data can leave some
 out, and test queries over all families then ask the student for rules it never trained
@@ -27,9 +27,10 @@ from reasoning_gym.dataset import ProceduralDataset
 from reasoning_gym.factory import DATASETS, register_dataset
 
 NAME = "rule_arithmetic"
-RULES = ("{a} + {b}", "{a} - {b}", "{a} * {b}", "{b} - {a}")
-"""One operation on the two one-digit operands: arithmetic a small model learns (300
-facts); which operation, and in which order, is the knowledge only examples show."""
+RULES = ("{a} + {b}", "{a} - {b}", "{a} * {b}")
+"""One operation on the two one-digit operands, written in order: arithmetic a small model
+learns (300 facts). Which operation is the knowledge only examples show, and one example
+shows it without ambiguity (a rule that swapped the operands would need several)."""
 _CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
 
 
