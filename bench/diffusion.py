@@ -25,8 +25,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from bench.harness import emit
+from bench.harness import cached, emit, workdir
 from stages import distill, evaluate, generate_teacher_data
 from stages.config import DataConfig, DistillConfig, EvaluateConfig, GenerateTeacherDataConfig, load_section
 from stages.diffusion.methods import DIFFUSION_METHODS
@@ -63,16 +63,19 @@ def _student(settings: dict, method: str, seed: int) -> DistillConfig:
 def _one(settings: dict, dataset: str, seed: int, d: Path, methods: list[str]) -> dict:
     data = load_section(DataConfig, settings, "data")
     teacher = replace(load_section(DistillConfig, settings, "teacher"), seed=seed)
-    distill.run(teacher, dataset, d / "teacher", data_cfg=data, progress=False)
+    cached(d / "teacher", (teacher, data), lambda: distill.run(teacher, dataset, d / "teacher", data_cfg=data, progress=False))
     students, paired = {}, {}
     for method in [m for m in methods if m in settings.get("methods", METHODS)]:
         source = dataset
         if method == "trajectory":  # image-free: only the teacher's own ODE trajectories
             gen = replace(load_section(GenerateTeacherDataConfig, settings, "trajectories"), seed=seed)
-            source = generate_teacher_data.run(gen, d / "teacher", dataset, d / "trajectories", data_cfg=data, progress=False)
+            source = cached(d / "trajectories", (teacher, data, gen),
+                            lambda gen=gen: generate_teacher_data.run(gen, d / "teacher", dataset, d / "trajectories", data_cfg=data, progress=False))  # fmt: skip
         teachers = [d / "teacher"] if DIFFUSION_METHODS[method].teacher else []  # consistency-train learns from data alone
-        out = distill.run(_student(settings, method, seed), source, d / method, data_cfg=data, teachers=teachers,
-                          progress=False)  # fmt: skip
+        student = _student(settings, method, seed)
+        out = cached(d / method, (teacher, data, student, str(source)),
+                     lambda student=student, source=source, method=method, teachers=teachers: distill.run(
+                         student, source, d / method, data_cfg=data, teachers=teachers, progress=False))  # fmt: skip
         students[method] = out
         history = json.loads((out / "training.json").read_text()).get("history", [])
         errors = [h["paired_error"] for h in history if h.get("paired_error") is not None]
@@ -86,6 +89,7 @@ def _one(settings: dict, dataset: str, seed: int, d: Path, methods: list[str]) -
     ):
         if not models:
             continue
+        shutil.rmtree(d / name, ignore_errors=True)  # evaluations are redone on every run
         out = evaluate.run(replace(ev, step_counts=steps), models, dataset, d / name, data_cfg=data, console=quiet)
         rows.update(json.loads((out / "metrics.json").read_text()))
     return {"metrics": rows, "paired_error_first_last": paired}
@@ -93,6 +97,22 @@ def _one(settings: dict, dataset: str, seed: int, d: Path, methods: list[str]) -
 
 def _cell(xs: list[float]) -> str:
     return f"{statistics.fmean(xs):.4g} ± {statistics.stdev(xs):.2g}" if len(xs) > 1 else f"{xs[0]:.4g}"
+
+
+def _write_results(results: Path, lines: list[str], summary: dict) -> None:
+    """``diffusion.{md,json}``; datasets this run did not touch keep their earlier sections
+    (``BENCH_DATASETS=digits-images`` reruns digits without dropping moons)."""
+    path, md = results / "diffusion.json", results / "diffusion.md"
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    kept = [ds for ds in earlier.get("table", {}) if ds not in summary["table"]]
+    if kept and md.exists():
+        sections = md.read_text().split("### ")
+        lines = [f"### {sec.rstrip()}\n" for sec in sections[1:] if sec.split(" ", 1)[0] in kept] + lines
+        for key in ("table", "claims", "paired_error_first_last"):
+            summary[key] = {**{ds: earlier.get(key, {}).get(ds) for ds in kept if ds in earlier.get(key, {})}, **summary[key]}
+        summary["datasets"] = kept + list(summary["datasets"])
+    md.write_text("\n".join(lines) + "\n")
+    path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def main() -> int:
@@ -103,10 +123,10 @@ def main() -> int:
     t0 = time.perf_counter()
     table: dict[str, dict[str, dict[str, list[float]]]] = {}
     paired: dict[str, dict[str, list]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with workdir() as tmp:
         for dataset in datasets:
             for seed in seeds:
-                got = _one(settings[dataset], dataset, seed, Path(tmp) / f"{dataset}-{seed}", methods)
+                got = _one(settings[dataset], dataset, seed, tmp / f"{dataset}-{seed}", methods)
                 for key, m in got["metrics"].items():
                     if key == "floor":
                         key = "floor/steps_0"
@@ -139,9 +159,8 @@ def main() -> int:
             }  # fmt: skip
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
-    (results / "diffusion.md").write_text("\n".join(lines) + "\n")
     summary = {"seeds": len(seeds), "datasets": datasets, "methods": methods, "claims": claims,
                "paired_error_first_last": paired, "seconds": time.perf_counter() - t0}  # fmt: skip
-    (results / "diffusion.json").write_text(json.dumps({**summary, "table": table}, indent=2) + "\n")
+    _write_results(results, lines, {**summary, "table": table})
     emit("diffusion", **summary)
     return 0
