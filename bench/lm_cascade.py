@@ -1,14 +1,14 @@
 """Every LM cascade policy on the same test items, in one process: accuracy, cost relative
 to teacher-only, teacher call rate and student samples per query, per seed and averaged.
 
-The task is ``rule_arithmetic`` (settings: ``bench/lm_cascade.yaml``): 32 made-up operators,
+The task is ``rule_arithmetic`` (settings: ``bench/lm_cascade.yaml``): 512 made-up operators,
 each with a rule only its examples show. Per seed:
 
-- a teacher (~1.2M parameters) trained on gold answers of every family, and its teacher data
+- a teacher (~2.2M parameters) trained on gold answers of every family, and its teacher data
   on the train prompts of every family: the demonstration bank;
-- its teacher data on a train split of families 0-15 only (``student_data``): what the
+- its teacher data on a train split of families 0-255 only (``student_data``): what the
   students learn from, so half of the test queries ask them about rules they never saw;
-- two students of ~60k parameters with the same step budget: a plain ``kd`` student and an
+- two students of ~89k parameters with the same step budget: a plain ``kd`` student and an
   ICD-ready ``kd`` student trained with ``icd_student.demos`` retrieved teacher
   demonstrations in each prompt (``distill demos=k``);
 - every policy with the ``cascade`` section: the plain student for ``student`` and
