@@ -10,8 +10,9 @@ Per seed, on the mixture of the settings' ``tasks`` (gold answers for part of th
 - teacher data (samples with top-k log-probs, MoE routing) on every train prompt, the
   label-free ``select`` of the settings;
 - dense students of one smaller size and one step budget: ``sft`` on gold only, ``kd`` from
-  the MoE teacher, ``kd`` from the generalist, ``mst`` from the two specialists with the
-  label-free ``confidence`` gate and with the ``task`` gate;
+  the MoE teacher (its top-k log-probs), ``sft`` on the MoE teacher's selected samples
+  (sequence-level distillation), ``kd`` from the generalist, ``mst`` from the two
+  specialists with the label-free ``confidence`` gate and with the ``task`` gate;
 - test accuracy by each task's scorer; the MoE teacher's routing metrics; its accuracy
   with ``--decode scmoe`` against greedy decoding.
 
@@ -84,6 +85,7 @@ def _students(params: dict, seed: int, d: Path, data: DataConfig, tasks: tuple[s
         "student: kd from dense generalist": (replace(student, method="kd"), d / "sel-dense", "dense"),
         "student: mst, specialists, confidence gate": (replace(student, method="mst", gate="confidence"), d / "sel-spec", "spec"),
         "student: mst, specialists, task gate": (replace(student, method="mst", gate="task"), d / "sel-spec", "spec"),
+        "student: sft on MoE teacher samples": (replace(student, method="sft"), d / "sel-moe", "moe"),
     }
     out = {}
     for i, (name, (cfg, source, teacher)) in enumerate(runs.items()):
@@ -142,13 +144,15 @@ def _write(acc: dict[str, dict[str, list[float]]], seeds: int, seconds: float, t
     """Write the table and the summary of the seeds done so far (a long run keeps its
     finished seeds if it is stopped)."""
     mean = {name: statistics.fmean(cols["accuracy"]) for name, cols in acc.items()}
+    gold = mean["student: sft on gold"]
     summary = {
         "seeds": seeds, "data": "+".join(tasks), "accuracy": {n: c["accuracy"] for n, c in acc.items()}, "mean": mean,
         "moe_teacher_beats_dense_same_active": mean["MoE teacher"] > mean["dense teacher (same active params)"],
-        "moe_student_beats_gold_student": mean["student: kd from MoE teacher"] > mean["student: sft on gold"],
-        "specialists_with_gate_beat_generalist_source": (
-            mean["student: mst, specialists, confidence gate"] > mean["student: kd from dense generalist"]
-        ),
+        "moe_kd_student_beats_gold_student": mean["student: kd from MoE teacher"] > gold,
+        "moe_samples_student_beats_gold_student": mean["student: sft on MoE teacher samples"] > gold,
+        **{f"specialists_{gate}_gate_beat_generalist_source": (
+            mean[f"student: mst, specialists, {gate} gate"] > mean["student: kd from dense generalist"]
+        ) for gate in ("task", "confidence")},
         "scmoe_minus_greedy_points": 100 * (mean["MoE teacher, SCMoE decoding"] - mean["MoE teacher"]),
         "routing": {k: statistics.fmean(acc["MoE teacher"][k]) for k in ROUTING},
         "seconds": seconds,

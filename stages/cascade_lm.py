@@ -271,7 +271,7 @@ def _calibrate(
     keep, used = np.array([[k for k, _ in d] for d in decided]), np.array([[u for _, u in d] for d in decided])
     # adaptive reads the prompt once per round
     calls = (
-        np.stack([rounds(u, n, thr, stop) for u, thr in zip(used, thresholds)]) if policy == "adaptive" else np.full_like(used, 1)
+        np.stack([rounds(u, n, thr, stop) for u, thr in zip(used, thresholds, strict=True)]) if policy == "adaptive" else np.full_like(used, 1)
     )
     done = np.array([np.concatenate([[0], np.cumsum(c)]) for c in s.completion_tokens])  # [N, n + 1]
     s_cost = lms["student"].pricer(np.array(s.prompt_tokens) * calls, np.take_along_axis(done.T, used, axis=0))

@@ -124,6 +124,11 @@ class DiffusionConfig:
     target_ema: float = _f(
         0.95, "consistency-distill, multistep, trajectory: EMA decay mu of the target network theta^- (LCM: 0.95)"
     )
+    sample_ema: float = _f(
+        0.0,
+        "consistency-distill, multistep, trajectory: EMA decay (with warm-up) of the online student kept for sampling "
+        "and saved; 0 saves the target theta^- (LCM)",
+    )
     loss: str = _f(
         "l2", "consistency-distill, multistep, trajectory: distance d: l2 or huber (pseudo-Huber sqrt(|a-b|^2 + c^2) - c)"
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -190,21 +191,22 @@ def test_a_tiny_unet_trains_with_each_method_and_loads_as_its_diffusers_pipeline
         assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
 
 
-@pytest.mark.parametrize("method", ["progressive", "consistency-train"])
+@pytest.mark.parametrize("method", ["progressive", "consistency-train", "consistency-distill"])
 def test_a_killed_run_resumes_like_an_uninterrupted_one(tmp_path, method):
     """Progressive resumes inside its second round; iCT's curriculum resumes at the step it
-    reached (it counts the optimiser steps the checkpoint restores)."""
+    reached (it counts the optimiser steps the checkpoint restores); consistency distillation
+    with a sampling EMA restores both averages, the target and the saved one."""
     import stages.diffusion.training as training
     from stages import distill
     from stages.artifacts import load_tensors
     from stages.config import DistillConfig
 
     diffusion = DiffusionConfig(width=16, depth=1, checkpoint_every=1, eval_samples=8, eval_steps=4, teacher_steps=4,
-                                target_steps=1, curriculum=[2, 8])  # fmt: skip
+                                target_steps=1, curriculum=[2, 8], sample_ema=0.9)  # fmt: skip
     cfg = DistillConfig(method=method, diffusion=diffusion, steps=12, batch_size=50, lr=0.003)
     data, teachers, kill = DataConfig(sizes=[200, 20, 20]), [], 2  # 3 epochs (checkpoints) a round
-    if method == "progressive":  # a tiny teacher; two rounds, 4 -> 2 -> 1 steps; killed in the second
-        teachers, kill = [tmp_path / "t"], 5
+    if method != "consistency-train":  # a tiny teacher; progressive: two rounds, 4 -> 2 -> 1 steps; killed in the second
+        teachers, kill = [tmp_path / "t"], 5 if method == "progressive" else 2
         cli = Cli(write_params(tmp_path, data={"sizes": [200, 20, 20]}))
         cli.ok("distill", "--method", "denoise", "--data", "moons", "--out", tmp_path / "t", "--set", "steps=8",
                "--set", "diffusion.width=16", "--set", "diffusion.depth=1", "-q")  # fmt: skip
@@ -220,6 +222,12 @@ def test_a_killed_run_resumes_like_an_uninterrupted_one(tmp_path, method):
         return [{k: v for k, v in row.items() if k != "train_seconds"} for row in _training(path)["history"]]
 
     assert history(tmp_path / "s") == history(tmp_path / "ref")
+    if method == "consistency-distill":  # the saved average is not the target network
+        assert _training(tmp_path / "s")["sample_ema"] == 0.9
+        target = replace(cfg, diffusion=replace(diffusion, sample_ema=0.0))
+        distill.run(target, "moons", tmp_path / "target", data_cfg=data, teachers=teachers, progress=False)
+        c = load_tensors(tmp_path / "target" / "denoiser" / "diffusion_pytorch_model.safetensors")
+        assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
 def test_bad_input_gives_one_line_and_writes_nothing(moons, tmp_path):
@@ -235,6 +243,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(moons, tmp_path):
     cli.fails(*d, "--section", "progressive", "-t", teacher, "--set", "diffusion.target_steps=0", match="target_steps")
     cli.fails(*d, "--section", "progressive", "-t", teacher, "--set", "diffusion.teacher_steps=2048", match="teacher_steps")
     cli.fails(*d, "--section", "progressive", "-t", ict, match="is a consistency model")
+    cli.fails(*d, "--section", "multistep", "-t", teacher, "--set", "diffusion.sample_ema=1", match="sample_ema must be")
     cli.fails(*d, "--section", "consistency_train", "-t", teacher, match="drop --teacher")
     cli.fails(*d, "--section", "consistency_train", "--set", "diffusion.curriculum=[10]", match="curriculum")
     cli.fails(*d, "--section", "consistency_train", "--set", "diffusion.sigma_min=100", match="sigma_min < sigma_max")

@@ -27,8 +27,8 @@ import torch
 
 from stages.config import DistillConfig
 from stages.diffusion.sampling import consistency_fn, ode_step
-from stages.diffusion.students import Probe, check_student, init_student, load_teacher, net, student_scheduler
-from stages.diffusion.training import EMA, fit
+from stages.diffusion.students import Probe, averages, check_student, init_student, load_teacher, net, student_scheduler
+from stages.diffusion.training import fit
 from stages.errors import DistilError
 from stages.losses.consistency import CONSISTENCY_LOSSES
 from stages.tasks.generators import GeneratorData
@@ -48,7 +48,8 @@ def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device
     schedule, d = teacher.schedule, cfg.diffusion
     N = _grid_points(cfg, schedule.T)
     student = init_student(cfg, teacher, data, device)
-    target = EMA(student, d.target_ema, warmup=False)
+    target, sampler = averages(cfg, student)
+    saved = sampler or target
     scaling, k = d.timestep_scaling, d.skip
     grid = torch.arange(1, N + 1) * k - 1
     distance = CONSISTENCY_LOSSES[d.loss]
@@ -67,19 +68,19 @@ def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device
 
     @torch.no_grad()
     def paired_error(epoch: int | None = None) -> dict[str, float]:
-        return {"paired_error": probe(consistency_fn(net(target.model), schedule, probe.z, top, scaling))}
+        return {"paired_error": probe(consistency_fn(net(saved.model), schedule, probe.z, top, scaling))}
 
     initial = paired_error()["paired_error"]
     progress = fit(student, target, data.split("train"), cfg, work, loss, device=device, label="consistency-distill",
-                   bar=bar, live=live, on_epoch=paired_error)  # fmt: skip
+                   bar=bar, live=live, on_epoch=paired_error, sampler=sampler)  # fmt: skip
     scheduler = student_scheduler(teacher.scheduler, N, scaling)
     history = progress["history"]
     summary = {
         "teacher": teacher.identity(), "skip": k, "grid_points": N, "solver": d.solver, "loss": d.loss,
-        "target_ema": d.target_ema, "student_init": d.student_init, "epochs": progress["epoch"],
+        "target_ema": d.target_ema, "sample_ema": d.sample_ema, "student_init": d.student_init, "epochs": progress["epoch"],
         "train_seconds": progress["seconds"], "paired_error_initial": initial,
         "paired_error_final": history[-1]["paired_error"] if history else initial,
         "paired_error_teacher_1step": probe.teacher_error(1), "paired_error_reference_steps": d.eval_steps,
         "history": history,
     }  # fmt: skip
-    return target.model, scheduler, summary
+    return saved.model, scheduler, summary

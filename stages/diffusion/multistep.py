@@ -38,8 +38,8 @@ import torch
 
 from stages.config import DistillConfig
 from stages.diffusion.sampling import ode_step, ode_timesteps
-from stages.diffusion.students import Probe, check_student, ddim_scheduler, init_student, load_teacher, net
-from stages.diffusion.training import EMA, fit
+from stages.diffusion.students import Probe, averages, check_student, ddim_scheduler, init_student, load_teacher, net
+from stages.diffusion.training import fit
 from stages.errors import DistilError
 from stages.losses.consistency import CONSISTENCY_LOSSES
 from stages.tasks.generators import GeneratorData
@@ -68,7 +68,8 @@ def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device
     check_student(cfg)
     bounds, triples = segment_grid(schedule.T, d.segments, d.skip)
     student = init_student(cfg, teacher, data, device)
-    target = EMA(student, d.target_ema, warmup=False)
+    target, sampler = averages(cfg, student)
+    saved = sampler or target
     distance = CONSISTENCY_LOSSES[d.loss]
 
     def f(model, x: torch.Tensor, t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -86,18 +87,18 @@ def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device
     probe = Probe(teacher, cfg, device)
 
     def paired_error(epoch: int | None = None) -> dict[str, float]:
-        return {"paired_error": probe(probe.ddim(net(target.model), d.segments))}
+        return {"paired_error": probe(probe.ddim(net(saved.model), d.segments))}
 
     initial = paired_error()["paired_error"]
     progress = fit(student, target, data.split("train"), cfg, work, loss, device=device, label="multistep",
-                   bar=bar, live=live, on_epoch=paired_error)  # fmt: skip
+                   bar=bar, live=live, on_epoch=paired_error, sampler=sampler)  # fmt: skip
     history = progress["history"]
     summary = {
         "teacher": teacher.identity(), "segments": d.segments, "boundaries": bounds, "skip": d.skip,
-        "sampling_steps": d.segments, "solver": d.solver, "loss": d.loss, "target_ema": d.target_ema,
+        "sampling_steps": d.segments, "solver": d.solver, "loss": d.loss, "target_ema": d.target_ema, "sample_ema": d.sample_ema,
         "student_init": d.student_init, "epochs": progress["epoch"], "train_seconds": progress["seconds"],
         "paired_error_initial": initial, "paired_error_final": history[-1]["paired_error"] if history else initial,
         f"paired_error_teacher_{d.segments}step": probe.teacher_error(d.segments),
         "paired_error_reference_steps": d.eval_steps, "history": history,
     }  # fmt: skip
-    return target.model, ddim_scheduler(teacher.scheduler), summary
+    return saved.model, ddim_scheduler(teacher.scheduler), summary

@@ -16,6 +16,7 @@ from stages.config import DistillConfig
 from stages.diffusion.generator import Generator, check_same_shape, load_generator
 from stages.diffusion.models import build_denoiser, sample_shape_of
 from stages.diffusion.sampling import SOLVERS, Denoise, SampleNoise, ode_sample
+from stages.diffusion.training import EMA
 from stages.errors import DistilError, one_of
 from stages.losses.consistency import CONSISTENCY_LOSSES
 from stages.tasks.generators import GeneratorData
@@ -51,6 +52,8 @@ def check_student(cfg: DistillConfig) -> None:
     if d.student_init not in ("teacher", "fresh"):
         raise DistilError(f"diffusion.student_init must be teacher or fresh, got '{d.student_init}'")
     check_probe(cfg)
+    if not 0 <= d.sample_ema < 1:
+        raise DistilError(f"diffusion.sample_ema must be in [0, 1) (0 = save the target network), got {d.sample_ema}")
     if d.timestep_scaling <= 0:
         raise DistilError(f"diffusion.timestep_scaling must be positive, got {d.timestep_scaling}")
 
@@ -68,6 +71,16 @@ def init_student(cfg: DistillConfig, teacher: Generator, data: GeneratorData, de
     student = build_denoiser(cfg.diffusion, data.sample_shape, cfg.seed).to(device)
     check_same_shape(sample_shape_of(student), teacher.sample_shape, "the fresh student", f"teacher {teacher.path}")
     return student
+
+
+def averages(cfg: DistillConfig, student: torch.nn.Module) -> tuple[EMA, EMA | None]:
+    """The target network theta^- of a consistency student (decay ``target_ema``, constant:
+    Song et al. 2023, Algorithm 2, mu) and, when ``sample_ema`` > 0, a slower average of the
+    online weights for sampling (the consistency-models code samples such an EMA, 0.999 to
+    0.9999, not theta^-). The model to save is ``(sampler or target).model``."""
+    d = cfg.diffusion
+    target = EMA(student, d.target_ema, warmup=False)
+    return target, EMA(student, d.sample_ema, warmup=True) if d.sample_ema > 0 else None
 
 
 def scheduler_like(cls, teacher_scheduler, **overrides):

@@ -61,9 +61,10 @@ def plan(cfg: DistillConfig, rows: int) -> tuple[int, int, int]:
 
 def fit(model: nn.Module, ema: EMA, train: torch.Tensor, cfg: DistillConfig, work: Path, loss_fn: LossFn, *,
         device: torch.device, label: str, bar=None, live=None,
-        on_epoch: Callable[[int], dict[str, float]] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Train ``model`` in place and update ``ema`` after every step; returns the progress
-    (history of per-epoch rows, seconds). ``on_epoch(epoch)`` adds evaluations to a row."""
+        on_epoch: Callable[[int], dict[str, float]] | None = None, sampler: EMA | None = None) -> dict[str, Any]:  # fmt: skip
+    """Train ``model`` in place and update ``ema`` (and ``sampler``, a second average kept
+    for sampling, when given) after every step; returns the progress (history of per-epoch
+    rows, seconds). ``on_epoch(epoch)`` adds evaluations to a row."""
     if cfg.diffusion.checkpoint_every < 1:
         raise DistilError(f"diffusion.checkpoint_every must be >= 1, got {cfg.diffusion.checkpoint_every}")
     n = len(train)
@@ -81,6 +82,9 @@ def fit(model: nn.Module, ema: EMA, train: torch.Tensor, cfg: DistillConfig, wor
         model.load_state_dict(saved["model"])
         ema.model.load_state_dict(saved["ema"])
         ema.updates = saved["ema_updates"]
+        if sampler is not None:
+            sampler.model.load_state_dict(saved["sampler"])
+            sampler.updates = saved["sampler_updates"]
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         progress = saved["progress"]
@@ -104,6 +108,8 @@ def fit(model: nn.Module, ema: EMA, train: torch.Tensor, cfg: DistillConfig, wor
             opt.step()
             sched.step()
             ema.update(model)
+            if sampler is not None:
+                sampler.update(model)
             total_loss += float(loss.detach())
         row = {"epoch": epoch + 1, "loss": total_loss / per_epoch}
         model.eval()
@@ -118,9 +124,10 @@ def fit(model: nn.Module, ema: EMA, train: torch.Tensor, cfg: DistillConfig, wor
                     live.log_metric(k, v)
             live.next_step()
         if (epoch + 1) % cfg.diffusion.checkpoint_every == 0 or epoch + 1 == epochs:
+            extra = {} if sampler is None else {"sampler": sampler.model.state_dict(), "sampler_updates": sampler.updates}
             save_state(ckpt / "state", {
                 "model": model.state_dict(), "ema": ema.model.state_dict(), "ema_updates": ema.updates,
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "progress": progress,
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "progress": progress, **extra,
             })  # fmt: skip
         if task is not None:
             bar.update(task, advance=1, info="  ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"))

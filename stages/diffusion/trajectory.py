@@ -36,9 +36,9 @@ import torch
 
 from stages.config import DistillConfig
 from stages.diffusion.sampling import consistency_fn
-from stages.diffusion.students import Probe, check_student, init_student, load_teacher, net, student_scheduler
+from stages.diffusion.students import Probe, averages, check_student, init_student, load_teacher, net, student_scheduler
 from stages.diffusion.teacher_data import read_trajectories
-from stages.diffusion.training import EMA, fit
+from stages.diffusion.training import fit
 from stages.errors import DistilError
 from stages.losses.consistency import CONSISTENCY_LOSSES
 from stages.tasks.generators import GeneratorData
@@ -94,7 +94,8 @@ def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device
     n = len(grid) - 1
     ts = torch.tensor(grid)
     student = init_student(cfg, teacher, data, device)
-    target = EMA(student, d.target_ema, warmup=False)
+    target, sampler = averages(cfg, student)
+    saved = sampler or target
     scaling, distance = d.timestep_scaling, CONSISTENCY_LOSSES[d.loss]
 
     def loss(model, traj: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -110,18 +111,18 @@ def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device
 
     @torch.no_grad()
     def paired_error(epoch: int | None = None) -> dict[str, float]:
-        return {"paired_error": probe(consistency_fn(net(target.model), schedule, probe.z, top, scaling))}
+        return {"paired_error": probe(consistency_fn(net(saved.model), schedule, probe.z, top, scaling))}
 
     initial = paired_error()["paired_error"]
     progress = fit(student, target, trajectories, cfg, work, loss, device=device, label="trajectory", bar=bar, live=live,
-                   on_epoch=paired_error)  # fmt: skip
+                   on_epoch=paired_error, sampler=sampler)  # fmt: skip
     history = progress["history"]
     summary = {
         "teacher": teacher.identity(), "trajectories": str(path), "trajectory_count": len(trajectories),
-        "timesteps": grid, "grid_points": n, "loss": d.loss, "target_ema": d.target_ema, "student_init": d.student_init,
+        "timesteps": grid, "grid_points": n, "loss": d.loss, "target_ema": d.target_ema, "sample_ema": d.sample_ema, "student_init": d.student_init,
         "epochs": progress["epoch"], "train_seconds": progress["seconds"], "paired_error_initial": initial,
         "paired_error_final": history[-1]["paired_error"] if history else initial,
         "paired_error_teacher_1step": probe.teacher_error(1), "paired_error_reference_steps": d.eval_steps,
         "history": history,
     }  # fmt: skip
-    return target.model, student_scheduler(teacher.scheduler, n, scaling), summary
+    return saved.model, student_scheduler(teacher.scheduler, n, scaling), summary
