@@ -2,9 +2,10 @@
 over seeds, in one process: the accuracy claims of the MoE issue, with the settings of
 ``bench/lm_moe.yaml``.
 
-Per seed, on the mixture of the settings' ``tasks`` (gold answers for part of the train prompts):
+Per seed, on the mixture of the settings' ``tasks`` (the students have gold answers for part
+of the train prompts; with ``teacher_gold: all`` the teachers have them for every train prompt):
 
-- teachers trained with ``sft`` on gold: an MoE teacher (Mixtral classes, 4 experts of
+- teachers trained with ``sft`` on gold: an MoE teacher (Mixtral classes, 8 experts of
   width w, 2 per token) and a dense teacher with the same active parameters (one MLP of
   width 2w), which is also the generalist; two specialists of that same size, one per task;
 - teacher data (samples with top-k log-probs, MoE routing) on every train prompt, the
@@ -12,7 +13,8 @@ Per seed, on the mixture of the settings' ``tasks`` (gold answers for part of th
 - dense students of one smaller size and one step budget: ``sft`` on gold only, ``kd`` from
   the MoE teacher (its top-k log-probs), ``sft`` on the MoE teacher's selected samples
   (sequence-level distillation), ``kd`` from the generalist, ``mst`` from the two
-  specialists with the label-free ``confidence`` gate and with the ``task`` gate;
+  specialists with the label-free ``confidence`` gate and with the ``task`` gate; with
+  ``teacher_gold: all``, a reference: ``sft`` on the teachers' gold;
 - test accuracy by each task's scorer; the MoE teacher's routing metrics; its accuracy
   with ``--decode scmoe`` against greedy decoding.
 
@@ -48,10 +50,24 @@ DEFAULT_TASKS = ("chain_sum", "basic_arithmetic")
 ROUTING = ("routing_load_entropy", "routing_top1_repeat", "routing_srp", "routing_sch")
 
 
+def teacher_data_config(params: dict, data: DataConfig) -> DataConfig:
+    """The split the teachers train on. ``teacher_gold: all``: the same prompts as the
+    students' ``data``, with the gold answers of the ``unlabeled`` prompts as well, so a
+    teacher knows more than the students' gold shows (a student sees those prompts only
+    through the teacher's outputs); ``student``: the students' gold only."""
+    gold = params.get("teacher_gold", "student")
+    if gold == "student":
+        return data
+    if gold != "all":
+        raise ValueError(f"teacher_gold must be 'all' or 'student', got {gold!r}")
+    return replace(data, sizes=[data.sizes[0] + data.unlabeled, *data.sizes[1:]], unlabeled=0)
+
+
 def _teachers(params: dict, seed: int, d: Path, data: DataConfig, tasks: tuple[str, ...]) -> dict[str, object]:
     """Train the teachers and make their teacher data; returns the settings each output
     depends on (the keys of ``cached`` steps)."""
     mix = "+".join(tasks)
+    data, student_data = teacher_data_config(params, data), data
     dense = replace(load_section(DistillConfig, params, "dense_teacher"), seed=seed)
     cached(d / "dense", (dense, data, mix), lambda: distill.run(dense, mix, d / "dense", data_cfg=data, progress=False))
     shared = replace(dense.lm, tokenizer=str(d / "dense"))  # one vocabulary: top-k ids comparable across teachers
@@ -66,9 +82,10 @@ def _teachers(params: dict, seed: int, d: Path, data: DataConfig, tasks: tuple[s
     sel = load_section(SelectConfig, params, "select")
     keys = {}
     for name, teachers in {"moe": [d / "moe"], "dense": [d / "dense"], "spec": [d / f"spec-{t}" for t in tasks]}.items():
-        keys[name] = (dense, moe, data, mix, gen, sel)
+        trained = (dense, moe) if name == "moe" else (dense,)  # the MoE shares the dense teacher's tokenizer
+        keys[name] = (*trained, data, student_data, mix, gen, sel)
         cached(d / f"td-{name}", keys[name][:-1],
-               lambda t=teachers, name=name: generate_teacher_data.run(gen, t, mix, d / f"td-{name}", data_cfg=data, progress=False))  # fmt: skip
+               lambda t=teachers, name=name: generate_teacher_data.run(gen, t, mix, d / f"td-{name}", data_cfg=student_data, progress=False))  # fmt: skip
         cached(
             d / f"sel-{name}", keys[name], lambda name=name: select.run(sel, d / f"td-{name}", d / f"sel-{name}", progress=False)
         )
@@ -87,11 +104,14 @@ def _students(params: dict, seed: int, d: Path, data: DataConfig, tasks: tuple[s
         "student: mst, specialists, task gate": (replace(student, method="mst", gate="task"), d / "sel-spec", "spec"),
         "student: sft on MoE teacher samples": (replace(student, method="sft"), d / "sel-moe", "moe"),
     }
+    if teacher_data_config(params, data) != data:  # a reference: the student with the teachers' gold
+        runs["student: sft on the teachers' gold (reference)"] = (replace(student, method="sft"), mix, None)
     out = {}
     for i, (name, (cfg, source, teacher)) in enumerate(runs.items()):
-        key = (cfg, data, mix, keys.get(teacher) if teacher else None)
+        split = teacher_data_config(params, data) if "teachers' gold" in name else data
+        key = (cfg, split, mix, keys.get(teacher) if teacher else None)
         out[name] = cached(d / f"student-{i}", key,
-                           lambda cfg=cfg, source=source, i=i: distill.run(cfg, source, d / f"student-{i}", data_cfg=data, progress=False))  # fmt: skip
+                           lambda cfg=cfg, source=source, i=i, split=split: distill.run(cfg, source, d / f"student-{i}", data_cfg=split, progress=False))  # fmt: skip
     return out
 
 
@@ -157,6 +177,9 @@ def _write(acc: dict[str, dict[str, list[float]]], seeds: int, seconds: float, t
         "routing": {k: statistics.fmean(acc["MoE teacher"][k]) for k in ROUTING},
         "seconds": seconds,
     }  # fmt: skip
+    reference = mean.get("student: sft on the teachers' gold (reference)")
+    if reference is not None and reference != gold:  # the share of the extra gold's gain that distillation recovers
+        summary["moe_kd_student_share_of_extra_gold_gain"] = (mean["student: kd from MoE teacher"] - gold) / (reference - gold)
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
     (results / "lm_moe.md").write_text(_table(acc, seeds, tasks))

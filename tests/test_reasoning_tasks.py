@@ -88,6 +88,8 @@ def test_unlabeled_prompts_extend_train_without_gold_but_stay_verifiable():
     extra = [r for r in rows if r["answer"] is None]
     assert len(extra) > 30 and all(r["split"] == "train" and r["item"] >= 30 for r in extra)
     gold = ReasoningTask("basic_arithmetic", sizes=(80, 10, 10), seed=0).table().to_pylist()
+    same = ("id", "split", "prompt", "item")  # a teacher given every gold answer sees the students' very prompts
+    assert [tuple(r[k] for k in same) for r in gold] == [tuple(r[k] for k in same) for r in rows]
     by_item = {r["item"]: r["answer"] for r in gold if r["split"] == "train"}
     assert all(task.score(by_item[r["item"]], "train", r["item"]) == 1.0 for r in extra[:5])
 
