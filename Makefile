@@ -33,4 +33,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf models data cascade cascade_lm metrics metrics_lm .dvc/tmp dvc.lock
+	rm -rf models data cascade cascade_lm metrics metrics_lm metrics_diffusion .dvc/tmp dvc.lock

@@ -26,15 +26,15 @@ from pathlib import Path
 import torch
 
 from bench.harness import emit, timeit
+from stages.lm.models import LMSize, build_lm, train_tokenizer
 from stages.losses.logits import forward_kl
-from stages.models.lm import LMSize, build_lm, train_tokenizer
 from stages.tasks.reasoning import ReasoningTask
 
 TORCH_THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 
 
 def _step_ratio(model, batch, topk) -> float:
-    from stages.lm_training import token_ce
+    from stages.lm.training import token_ce
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -82,7 +82,7 @@ def _sparse_vs_full(n: int = 256, vocab: int = 32_000, k: int = 32) -> dict:
 
 
 def _generation(model, tok, prompts: list[str]) -> dict:
-    from stages.lm_training import sample
+    from stages.lm.training import sample
 
     def batched():
         return sample(model, tok, prompts, samples=1, temperature=0.0, top_p=1.0, max_new_tokens=16, top_k=0, device="cpu")

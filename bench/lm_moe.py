@@ -43,7 +43,7 @@ from rich.console import Console
 from bench.harness import cached, emit, workdir
 from stages import distill, evaluate, generate_teacher_data, select
 from stages.config import DataConfig, DistillConfig, EvaluateConfig, GenerateTeacherDataConfig, SelectConfig, load_section
-from stages.models.lm import active_parameters, load_lm
+from stages.lm.models import active_parameters, load_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TASKS = ("chain_sum", "basic_arithmetic")

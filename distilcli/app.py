@@ -39,13 +39,14 @@ from stages import distill as distill_stage
 from stages import evaluate as evaluate_stage
 from stages import generate_teacher_data as gtd_stage
 from stages import select as select_stage
-from stages.cascade_lm import LM_POLICIES
+from stages.classifier.cascade import POLICIES
+from stages.classifier.methods import METHODS
+from stages.classifier.selectors import SELECTORS
 from stages.config import CascadeConfig, DistillConfig, EvaluateConfig, GenerateTeacherDataConfig, SelectConfig
 from stages.diffusion.methods import DIFFUSION_METHODS
-from stages.distill_lm import LM_METHODS
-from stages.methods import METHODS
-from stages.selectors import SELECTORS
-from stages.selectors_lm import LM_SELECTORS
+from stages.lm.cascade import LM_POLICIES
+from stages.lm.methods import LM_METHODS
+from stages.lm.selectors import LM_SELECTORS
 
 app = typer.Typer(
     name="distil",
@@ -95,7 +96,7 @@ def generate_teacher_data(
     Generators (a diffusion teacher from `distill --method denoise`): samples from seeded noise with their ODE trajectories: `distil generate-teacher-data -t models/moons_teacher --data moons --steps 50 --out data/moons_traj`
     """
     with handled():
-        cfg, p = config(GenerateTeacherDataConfig, params, section or "generate_teacher_data", set_, seed=seed, decode=decode,
+        cfg, p = config(GenerateTeacherDataConfig, params, section, "generate_teacher_data", set_, seed=seed, decode=decode,
                         steps=steps, hybrid_first_step=str(hybrid_first_step) if hybrid_first_step else None)  # fmt: skip
         path = gtd_stage.run(cfg, teacher, data, out, data_cfg=data_config(p, features, label), device=device, progress=not quiet)
         done(path, "teacher data")
@@ -114,7 +115,7 @@ def select(
     Example: `distil select data/teacher --by confident --set threshold=0.9 --out data/selected`
     """
     with handled():
-        cfg, p = config(SelectConfig, params, section or "select", set_, by=by, seed=seed)
+        cfg, p = config(SelectConfig, params, section, "select", set_, by=by, seed=seed)
         path = select_stage.run(
             cfg, data, out, student=student, data_cfg=data_config(p, None, None), device=device, progress=not quiet
         )
@@ -137,7 +138,7 @@ def distill(
     Example: `distil distill --method kd --data data/selected --out models/student --set epochs=20`
     """
     with handled():
-        cfg, p = config(DistillConfig, params, section or "distill", set_, method=method, seed=seed)
+        cfg, p = config(DistillConfig, params, section, "distill", set_, method=method, seed=seed)
         path = distill_stage.run(cfg, data, out, data_cfg=data_config(p, features, label), teachers=teacher or [],
                                  device=device, progress=not quiet)  # fmt: skip
         done(path, "model")
@@ -148,7 +149,7 @@ def cascade(
     teacher: Annotated[Path, typer.Option("--teacher", "-t", help="Teacher model directory.")],
     data: DataOpt,
     out: OutOpt,
-    policy: Annotated[Optional[str], typer.Option("--policy", help="Classifiers: " + ", ".join(cascade_stage.POLICIES) + ". Language models: " + ", ".join(LM_POLICIES) + ". Default auto: confidence / icd-sc-cascade.")] = None,
+    policy: Annotated[Optional[str], typer.Option("--policy", help="Classifiers: " + ", ".join(POLICIES) + ". Language models: " + ", ".join(LM_POLICIES) + ". Default auto: confidence / icd-sc-cascade.")] = None,
     policy_file: Annotated[Optional[Path], typer.Option("--policy-file", help="Use this calibrated policy instead of calibrating on dev.")] = None,
     model: Annotated[Optional[list[Path]], typer.Option("--model", help="weighted-vote: another LM whose samples vote (repeatable; costs name it model1, model2, ...).")] = None,
     online: Annotated[Optional[bool], typer.Option("--online", help="LMs: the teacher's answers to deferred queries join the demonstration bank.")] = None,
@@ -162,7 +163,7 @@ def cascade(
     Language models (`--data` is LM teacher data): in-context distillation from the teacher data's train split, self-consistency cascades, costs in tokens.
     """
     with handled():
-        cfg, p = config(CascadeConfig, params, section or "cascade", set_, policy=policy, seed=seed, online=online)
+        cfg, p = config(CascadeConfig, params, section, "cascade", set_, policy=policy, seed=seed, online=online)
         path = cascade_stage.run(cfg, student, teacher, data, out, data_cfg=data_config(p, features, label),
                                  policy_file=policy_file, device=device, models=model or [], progress=not quiet)  # fmt: skip
         done(path, "cascade decisions")
@@ -184,7 +185,7 @@ def evaluate(
     Example: `distil evaluate --model models/teacher --model models/student --data data/teacher --out metrics`
     """
     with handled():
-        cfg, p = config(EvaluateConfig, params, section or "evaluate", set_, seed=seed, decode=decode, steps=steps,
+        cfg, p = config(EvaluateConfig, params, section, "evaluate", set_, seed=seed, decode=decode, steps=steps,
                         hybrid_first_step=str(hybrid_first_step) if hybrid_first_step else None,
                         teacher=str(teacher) if teacher else None)  # fmt: skip
         path = evaluate_stage.run(cfg, model or [], data, out, data_cfg=data_config(p, features, label),
@@ -205,7 +206,7 @@ distill.__doc__ = (
 cascade.__doc__ = (
     (cascade.__doc__ or "")
     + "\n\nClassifier policies:\n\n"
-    + _list(cascade_stage.POLICIES)
+    + _list(POLICIES)
     + "\n\nLanguage-model policies:\n\n"
     + _list(LM_POLICIES)
 )

@@ -73,7 +73,7 @@ GeneratorTeacherOpt = Annotated[
 ]
 
 
-def config(cls: type, params_path: Path, section: str, sets: list[str] | None, **cli: Any) -> tuple[Any, dict[str, Any]]:
+def config(cls: type, params_path: Path, section: str | None, default: str, sets: list[str] | None, **cli: Any) -> tuple[Any, dict[str, Any]]:
     """The stage's config: params section, then --set, then explicit CLI options (if given)."""
     params = read_params(params_path)
     overrides = parse_overrides(sets or [])
@@ -83,7 +83,7 @@ def config(cls: type, params_path: Path, section: str, sets: list[str] | None, *
             raise DistilError("--set data.KEY=VALUE sets one key of the data section")
         params = {**params, "data": {**(params.get("data") or {}), **data}}
     overrides.update({k: v for k, v in cli.items() if v is not None})
-    return load_section(cls, params, section, overrides), params
+    return load_section(cls, params, section or default, overrides, shared=section is None), params
 
 
 def data_config(params: dict[str, Any], features: str | None, label: str | None) -> DataConfig:

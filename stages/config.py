@@ -19,10 +19,17 @@ from stages.errors import DistilError
 T = TypeVar("T")
 
 
-def _f(default: Any, help: str) -> Any:
+CLASSIFIER, LM, DIFFUSION = "classifier", "lm", "diffusion"
+EVERY = (CLASSIFIER, LM, DIFFUSION)
+MODALITY_NAMES = {CLASSIFIER: "classifier", LM: "language-model", DIFFUSION: "diffusion"}
+
+
+def _f(default: Any, help: str, only: tuple[str, ...] = EVERY) -> Any:
+    """A field with its default, its one-line help and the modalities that read it."""
+    meta = {"help": help, "only": only}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -167,183 +174,255 @@ class DiffusionConfig:
 @dataclass
 class DistillConfig:
     method: str = _f("kd", "training method: see `distil distill --help`")
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "student architecture"})
-    lm: LMConfig = field(default_factory=LMConfig, metadata={"help": "language-model student (reasoning tasks, prompt tables)"})
-    diffusion: DiffusionConfig = field(
-        default_factory=DiffusionConfig, metadata={"help": "diffusion teacher / consistency student (generator data)"}
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"only": (CLASSIFIER,), "help": "student architecture"})
+    lm: LMConfig = field(
+        default_factory=LMConfig, metadata={"only": (LM,), "help": "language-model student (reasoning tasks, prompt tables)"}
     )
-    grad_accum: int = _f(1, "LM: micro-batches per optimiser step")
+    diffusion: DiffusionConfig = field(
+        default_factory=DiffusionConfig,
+        metadata={"only": (DIFFUSION,), "help": "diffusion teacher / consistency student (generator data)"},
+    )
+    grad_accum: int = _f(1, "LM: micro-batches per optimiser step", only=(LM,))
     epochs: int = _f(30, "training epochs")
     steps: int = _f(
         0,
         "LMs and diffusion: optimiser steps to train for, rounded to whole epochs (0 = use epochs); equal budgets across data sizes",
+        only=(LM, DIFFUSION),
     )
     batch_size: int = _f(64, "rows per optimiser step")
     lr: float = _f(3e-3, "AdamW learning rate")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
-    max_grad_norm: float = _f(1.0, "LMs and diffusion: clip the gradient norm to this before each step (0 = no clipping)")
-    temperature: float = _f(2.0, "softmax temperature of the distillation term")
-    alpha: float = _f(0.5, "weight of the distillation term; (1-alpha) goes to CE on gold labels")
-    beta: float = _f(0.5, "jsd interpolation: 0 = forward KL, 1 = reverse KL")
-    skew: float = _f(0.1, "skew-kl mixing weight a in KL(p_t || a p_t + (1-a) p_s)")
-    reverse_skew: bool = _f(False, "skew-kl: use the reverse variant KL(p_s || a p_s + (1-a) p_t)")
-    augment: str = _f("none", "training augmentation: none, weak or strong")
-    checkpoint: str = _f("best", "which epoch's weights to keep: best (dev accuracy) or last")
+    max_grad_norm: float = _f(
+        1.0, "LMs and diffusion: clip the gradient norm to this before each step (0 = no clipping)", only=(LM, DIFFUSION)
+    )
+    temperature: float = _f(2.0, "softmax temperature of the distillation term", only=(CLASSIFIER, LM))
+    alpha: float = _f(0.5, "weight of the distillation term; (1-alpha) goes to CE on gold labels", only=(CLASSIFIER, LM))
+    beta: float = _f(0.5, "jsd interpolation: 0 = forward KL, 1 = reverse KL", only=(CLASSIFIER, LM))
+    skew: float = _f(0.1, "skew-kl mixing weight a in KL(p_t || a p_t + (1-a) p_s)", only=(CLASSIFIER, LM))
+    reverse_skew: bool = _f(False, "skew-kl: use the reverse variant KL(p_s || a p_s + (1-a) p_t)", only=(CLASSIFIER, LM))
+    augment: str = _f("none", "training augmentation: none, weak or strong", only=(CLASSIFIER,))
+    checkpoint: str = _f("best", "which epoch's weights to keep: best (dev accuracy) or last", only=(CLASSIFIER, LM))
     labeled_fraction: float = _f(
-        1.0, "keep gold labels for this share of train rows (stratified); label-free methods (ssld, random-teacher) use every row"
+        1.0,
+        "keep gold labels for this share of train rows (stratified); label-free methods (ssld, random-teacher) use every row",
+        only=(CLASSIFIER,),
     )
-    generations: int = _f(4, "self-distill / anchored: distillation rounds after the first model")
+    generations: int = _f(4, "self-distill / anchored: distillation rounds after the first model", only=(CLASSIFIER,))
     gt_weight: float = _f(
-        -1.0, "self-distill: weight of gold labels in each round's target; -1 = the closed-form optimum per round"
+        -1.0,
+        "self-distill: weight of gold labels in each round's target; -1 = the closed-form optimum per round",
+        only=(CLASSIFIER,),
     )
-    anchor: float = _f(0.5, "anchored: weight of the base teacher in each round's target")
-    pskd_alpha: float = _f(0.8, "pskd: final weight a_T of the model's own past predictions")
-    probe_dim: int = _f(128, "random-teacher: output size of the random teacher's projection")
-    probe_epochs: int = _f(300, "random-teacher: full-batch steps of the linear probe")
-    rotations: int = _f(4, "sla-sd: rotations (of 90 degrees) in the joint label space")
-    expert_lambdas: list[float] = _f([], "mdcs: logit-adjustment weight per expert; [] = evenly from -0.5 to 2.5")
-    consistency_weight: float = _f(1.0, "mdcs: weight of consistency self-distillation (ramped in linearly)")
-    top_k: int = _f(1, "mst: teachers the gate selects per row")
+    anchor: float = _f(0.5, "anchored: weight of the base teacher in each round's target", only=(CLASSIFIER,))
+    pskd_alpha: float = _f(0.8, "pskd: final weight a_T of the model's own past predictions", only=(CLASSIFIER,))
+    probe_dim: int = _f(128, "random-teacher: output size of the random teacher's projection", only=(CLASSIFIER,))
+    probe_epochs: int = _f(300, "random-teacher: full-batch steps of the linear probe", only=(CLASSIFIER,))
+    rotations: int = _f(4, "sla-sd: rotations (of 90 degrees) in the joint label space", only=(CLASSIFIER,))
+    expert_lambdas: list[float] = _f(
+        [], "mdcs: logit-adjustment weight per expert; [] = evenly from -0.5 to 2.5", only=(CLASSIFIER,)
+    )
+    consistency_weight: float = _f(1.0, "mdcs: weight of consistency self-distillation (ramped in linearly)", only=(CLASSIFIER,))
+    top_k: int = _f(1, "mst: teachers the gate selects per row", only=(CLASSIFIER, LM))
     gate: str = _f(
         "confidence", "mst on LM teacher data: how a teacher is picked per prompt: confidence (its samples agree most, "
         "label-free) or task (the teacher trained on the prompt's task)",
+        only=(LM,),
     )  # fmt: skip
-    lmbda: float = _f(0.5, "on-policy: share of batches whose completions the student samples itself (GKD's lambda)")
-    demos: int = _f(0, "LMs: put the k most similar other teacher demonstrations in each prompt (an ICD-ready student)")
-    retriever: str = _f("auto", "LMs with demos: dense, bm25 or auto (dense, else bm25); use the cascade's setting")
-    embedder: str = _f("all-minilm-l6-v2", "LMs with demos: sentence model of dense retrieval")
-    tsd_margin: float = _f(
-        0.0, "tsd: distil a token when the teacher's top-1 probability exceeds the student's by more than this"
+    lmbda: float = _f(0.5, "on-policy: share of batches whose completions the student samples itself (GKD's lambda)", only=(LM,))
+    demos: int = _f(
+        0, "LMs: put the k most similar other teacher demonstrations in each prompt (an ICD-ready student)", only=(LM,)
     )
-    tsd_entropy: float = _f(0.01, "tsd: weight of the student-entropy penalty (keeps the student confident)")
-    balance_weight: float = _f(0.01, "mst: weight of the gate's load-balancing loss")
+    retriever: str = _f("auto", "LMs with demos: dense, bm25 or auto (dense, else bm25); use the cascade's setting", only=(LM,))
+    embedder: str = _f("all-minilm-l6-v2", "LMs with demos: sentence model of dense retrieval", only=(LM,))
+    tsd_margin: float = _f(
+        0.0,
+        "tsd: distil a token when the teacher's top-1 probability exceeds the student's by more than this",
+        only=(LM,),
+    )
+    tsd_entropy: float = _f(0.01, "tsd: weight of the student-entropy penalty (keeps the student confident)", only=(LM,))
+    balance_weight: float = _f(0.01, "mst: weight of the gate's load-balancing loss", only=(CLASSIFIER,))
     seed: int = _f(0, "training seed")
 
 
 @dataclass
 class GenerateTeacherDataConfig:
     batch_size: int = _f(256, "rows per teacher forward pass")
-    shard_rows: int = _f(512, "rows per Parquet part; a killed run resumes at the last complete part")
-    splits: list[str] = _f(["train", "dev", "test"], "splits to run the teacher on")
-    samples: int = _f(1, "LMs: completions sampled per prompt")
-    temperature: float = _f(1.0, "LMs: sampling temperature (0 = greedy)")
-    top_p: float = _f(1.0, "LMs: nucleus sampling mass")
-    max_new_tokens: int = _f(16, "LMs: completion length limit")
-    top_k: int = _f(20, "LMs: teacher log-probs stored per generated token (0 = none)")
-    shard_prompts: int = _f(64, "LMs: prompts per Parquet part; a killed run resumes at the last complete part")
+    shard_rows: int = _f(512, "rows per Parquet part; a killed run resumes at the last complete part", only=(CLASSIFIER,))
+    splits: list[str] = _f(["train", "dev", "test"], "splits to run the teacher on", only=(CLASSIFIER, LM))
+    samples: int = _f(1, "LMs: completions sampled per prompt", only=(LM,))
+    temperature: float = _f(1.0, "LMs: sampling temperature (0 = greedy)", only=(LM,))
+    top_p: float = _f(1.0, "LMs: nucleus sampling mass", only=(LM,))
+    max_new_tokens: int = _f(16, "LMs: completion length limit", only=(LM,))
+    top_k: int = _f(20, "LMs: teacher log-probs stored per generated token (0 = none)", only=(LM,))
+    shard_prompts: int = _f(64, "LMs: prompts per Parquet part; a killed run resumes at the last complete part", only=(LM,))
     routing: str = _f(
-        "auto", "LMs: store the teacher's routed experts per generated token: auto (when it is MoE), on (require it) or off"
+        "auto",
+        "LMs: store the teacher's routed experts per generated token: auto (when it is MoE), on (require it) or off",
+        only=(LM,),
     )
     decode: str = _f(
-        "greedy", "LMs: greedy (the model's own distribution) or scmoe (MoE self-contrast; stored top-k stay the model's own)"
+        "greedy",
+        "LMs: greedy (the model's own distribution) or scmoe (MoE self-contrast; stored top-k stay the model's own)",
+        only=(LM,),
     )
-    scmoe_beta: float = _f(0.5, "scmoe: contrast strength b in (1+b) z_strong - b z_weak (0 = the model's own choice)")
+    scmoe_beta: float = _f(
+        0.5, "scmoe: contrast strength b in (1+b) z_strong - b z_weak (0 = the model's own choice)", only=(LM,)
+    )
     scmoe_alpha: float = _f(0.1, "scmoe: keep tokens with p_strong >= alpha * max p_strong, in (0, 1]")
-    scmoe_weak_rank: int = _f(2, "scmoe: the weak pass routes each token to its rank-th expert alone (1 = the top one)")
-    noise_samples: int = _f(1024, "diffusion: samples drawn from seeded noise (sample i from noise seed `seed` + i)")
-    steps: int = _f(50, "diffusion: sampling steps (diffusion teachers: ODE solver steps; consistency students: their steps)")
-    solver: str = _f("ddim", "diffusion teachers: ODE solver: ddim, euler or heun (heun: 2 evaluations a step but the last)")
+    scmoe_weak_rank: int = _f(
+        2, "scmoe: the weak pass routes each token to its rank-th expert alone (1 = the top one)", only=(LM,)
+    )
+    noise_samples: int = _f(
+        1024, "diffusion: samples drawn from seeded noise (sample i from noise seed `seed` + i)", only=(DIFFUSION,)
+    )
+    steps: int = _f(
+        50,
+        "diffusion: sampling steps (diffusion teachers: ODE solver steps; consistency students: their steps)",
+        only=(DIFFUSION,),
+    )
+    solver: str = _f(
+        "ddim", "diffusion teachers: ODE solver: ddim, euler or heun (heun: 2 evaluations a step but the last)", only=(DIFFUSION,)
+    )
     save_every: int = _f(
-        1, "diffusion: store the state after every k-th step, besides the noise and the final sample (0 = those two only)"
+        1,
+        "diffusion: store the state after every k-th step, besides the noise and the final sample (0 = those two only)",
+        only=(DIFFUSION,),
     )
     shard_samples: int = _f(
-        256, "diffusion: trajectories per safetensors shard / Parquet part; a killed run resumes at the last one"
+        256,
+        "diffusion: trajectories per safetensors shard / Parquet part; a killed run resumes at the last one",
+        only=(DIFFUSION,),
     )
     hybrid_first_step: str = _f(
-        "", "diffusion: a diffusion teacher directory that takes the first step, the model the rest ('' = off)"
+        "",
+        "diffusion: a diffusion teacher directory that takes the first step, the model the rest ('' = off)",
+        only=(DIFFUSION,),
     )
     seed: int = _f(0, "seed")
 
 
 @dataclass
 class SelectConfig:
-    by: str = _f("confident", "selection strategy: see `distil select --help`")
-    threshold: float = _f(0.0, "confident: also keep rows whose teacher max-prob >= threshold (0 = keep only correct rows)")
-    require_correct: bool = _f(True, "confident: keep rows the teacher classifies correctly")
-    splits: list[str] = _f(["train"], "splits the selection applies to; other splits pass through unchanged")
-    min_agreement: float = _f(0.0, "LM majority: keep prompts whose majority answer has at least this share of the samples")
-    min_score: float = _f(1.0, "LM correct: keep samples whose verified score reaches this")
-    min_tokens: int = _f(1, "LM length: shortest completion kept, in tokens")
-    uncertain_samples: int = _f(4, "LM uncertain: completions the student samples per prompt")
-    uncertain_share: float = _f(0.25, "LM uncertain: share of prompts kept, the student's least consistent first")
-    max_new_tokens: int = _f(16, "LM uncertain: length of the student's samples")
-    max_tokens: int = _f(10_000, "LM length: longest completion kept, in tokens")
-    seed: int = _f(0, "seed")
+    by: str = _f("confident", "selection strategy: see `distil select --help`", only=(CLASSIFIER, LM))
+    threshold: float = _f(
+        0.0, "confident: also keep rows whose teacher max-prob >= threshold (0 = keep only correct rows)", only=(CLASSIFIER,)
+    )
+    require_correct: bool = _f(True, "confident: keep rows the teacher classifies correctly", only=(CLASSIFIER,))
+    splits: list[str] = _f(
+        ["train"], "splits the selection applies to; other splits pass through unchanged", only=(CLASSIFIER, LM)
+    )
+    min_agreement: float = _f(
+        0.0, "LM majority: keep prompts whose majority answer has at least this share of the samples", only=(LM,)
+    )
+    min_score: float = _f(1.0, "LM correct: keep samples whose verified score reaches this", only=(LM,))
+    min_tokens: int = _f(1, "LM length: shortest completion kept, in tokens", only=(LM,))
+    uncertain_samples: int = _f(4, "LM uncertain: completions the student samples per prompt", only=(LM,))
+    uncertain_share: float = _f(0.25, "LM uncertain: share of prompts kept, the student's least consistent first", only=(LM,))
+    max_new_tokens: int = _f(16, "LM uncertain: length of the student's samples", only=(LM,))
+    max_tokens: int = _f(10_000, "LM length: longest completion kept, in tokens", only=(LM,))
+    seed: int = _f(0, "seed", only=(CLASSIFIER, LM))
 
 
 @dataclass
 class CascadeConfig:
     policy: str = _f(
-        "auto", "classifiers: confidence or views; LMs: see `distil cascade --help`; auto = confidence / icd-sc-cascade"
+        "auto",
+        "classifiers: confidence or views; LMs: see `distil cascade --help`; auto = confidence / icd-sc-cascade",
+        only=(CLASSIFIER, LM),
     )
-    target_accuracy: float = _f(-1.0, "dev accuracy to reach; < 0 = teacher dev accuracy minus `margin`")
-    margin: float = _f(0.005, "accuracy below the teacher's that the default target allows")
-    confidence: float = _f(0.9, "the target must hold in this share of bootstrap resamples of dev (0 = on dev as it is)")
-    views: int = _f(8, "views: augmented views per row")
-    augment: str = _f("weak", "views: augmentation strength (weak or strong)")
-    batch_size: int = _f(256, "rows per forward pass (LMs: sequences per generate call, samples included)")
-    samples: int = _f(5, "LMs: student samples per query (n) of the self-consistency policies")
-    temperature: float = _f(0.7, "LMs: student sampling temperature of the self-consistency policies")
+    target_accuracy: float = _f(-1.0, "dev accuracy to reach; < 0 = teacher dev accuracy minus `margin`", only=(CLASSIFIER, LM))
+    margin: float = _f(0.005, "accuracy below the teacher's that the default target allows", only=(CLASSIFIER, LM))
+    confidence: float = _f(
+        0.9, "the target must hold in this share of bootstrap resamples of dev (0 = on dev as it is)", only=(CLASSIFIER, LM)
+    )
+    views: int = _f(8, "views: augmented views per row", only=(CLASSIFIER,))
+    augment: str = _f("weak", "views: augmentation strength (weak or strong)", only=(CLASSIFIER,))
+    batch_size: int = _f(256, "rows per forward pass (LMs: sequences per generate call, samples included)", only=(CLASSIFIER, LM))
+    samples: int = _f(5, "LMs: student samples per query (n) of the self-consistency policies", only=(LM,))
+    temperature: float = _f(0.7, "LMs: student sampling temperature of the self-consistency policies", only=(LM,))
     stop_confidence: float = _f(
         0.95,
         "LMs, adaptive: stop once the leading answer beats the runner-up with this posterior probability (1 = only when all n samples could not change the decision)",
+        only=(LM,),
     )
-    top_p: float = _f(1.0, "LMs: nucleus mass of the student's samples")
-    max_new_tokens: int = _f(16, "LMs: completion length of every model")
+    top_p: float = _f(1.0, "LMs: nucleus mass of the student's samples", only=(LM,))
+    max_new_tokens: int = _f(16, "LMs: completion length of every model", only=(LM,))
     demos: int = _f(
-        4, "LMs: teacher demonstrations per student prompt (k) for icd policies; adaptive and weighted-vote use them when > 0"
+        4,
+        "LMs: teacher demonstrations per student prompt (k) for icd policies; adaptive and weighted-vote use them when > 0",
+        only=(LM,),
     )
-    retriever: str = _f("auto", "LMs: demonstration search: dense (sentence embeddings), bm25, or auto (dense, else bm25)")
+    retriever: str = _f(
+        "auto", "LMs: demonstration search: dense (sentence embeddings), bm25, or auto (dense, else bm25)", only=(LM,)
+    )
     embedder: str = _f(
-        "all-minilm-l6-v2", "LMs: sentence model of dense retrieval (the packaged one, a directory or a cached hub id)"
+        "all-minilm-l6-v2",
+        "LMs: sentence model of dense retrieval (the packaged one, a directory or a cached hub id)",
+        only=(LM,),
     )
-    bank_verified: bool = _f(False, "LMs: keep only demonstrations whose teacher answer the task scored correct")
-    online: bool = _f(False, "LMs: the teacher's answers to deferred test queries join the bank for later queries")
-    query_batch: int = _f(32, "LMs: test queries routed per step, in order (with online the bank grows between steps)")
-    threshold: float = _f(-1.0, "LMs: use this agreement threshold instead of calibrating (-1 = calibrate on dev)")
-    budget: float = _f(0.0, "LMs: > 0 = calibrate to the most accurate threshold costing at most this share of teacher-only")
-    costs: dict = _f({}, "LMs: price per 1k tokens, {student: {input: P, output: P}, teacher: {...}}; {} = cost in FLOPs")
-    seed: int = _f(0, "seed")
+    bank_verified: bool = _f(False, "LMs: keep only demonstrations whose teacher answer the task scored correct", only=(LM,))
+    online: bool = _f(False, "LMs: the teacher's answers to deferred test queries join the bank for later queries", only=(LM,))
+    query_batch: int = _f(
+        32, "LMs: test queries routed per step, in order (with online the bank grows between steps)", only=(LM,)
+    )
+    threshold: float = _f(-1.0, "LMs: use this agreement threshold instead of calibrating (-1 = calibrate on dev)", only=(LM,))
+    budget: float = _f(
+        0.0, "LMs: > 0 = calibrate to the most accurate threshold costing at most this share of teacher-only", only=(LM,)
+    )
+    costs: dict = _f(
+        {}, "LMs: price per 1k tokens, {student: {input: P, output: P}, teacher: {...}}; {} = cost in FLOPs", only=(LM,)
+    )
+    seed: int = _f(0, "seed", only=(CLASSIFIER, LM))
 
 
 @dataclass
 class EvaluateConfig:
-    bins: int = _f(15, "equal-width confidence bins of ECE and the reliability diagram")
-    many_shot: int = _f(50, "classes with more train rows than this are 'many-shot'")
-    few_shot: int = _f(15, "classes with fewer train rows than this are 'few-shot' (the rest 'medium')")
-    split: str = _f("test", "split to evaluate on")
-    max_new_tokens: int = _f(16, "LMs: completion length when scoring answers")
-    samples: int = _f(1, "LMs: sampled completions per prompt for maj@n / pass@n and vote-share calibration (1 = greedy only)")
-    temperature: float = _f(1.0, "LMs: sampling temperature for samples > 1")
-    top_p: float = _f(1.0, "LMs: nucleus mass for samples > 1")
-    batch_size: int = _f(512, "rows per forward pass")
-    routing_segment: int = _f(16, "MoE LMs: segment length m of the routing metrics SRP and SCH (tokens)")
-    routing_cache: int = _f(0, "MoE LMs: SCH cache size in experts per layer (0 = 2 x experts per token)")
-    decode: str = _f("greedy", "LMs: greedy (the model's own choice) or scmoe (MoE self-contrast decoding, also for samples > 1)")
-    scmoe_beta: float = _f(0.5, "scmoe: contrast strength b in (1+b) z_strong - b z_weak (0 = the model's own choice)")
-    scmoe_alpha: float = _f(0.1, "scmoe: keep tokens with p_strong >= alpha * max p_strong, in (0, 1]")
-    scmoe_weak_rank: int = _f(2, "scmoe: the weak pass routes each token to its rank-th expert alone (1 = the top one)")
-    steps: int = _f(1, "generators: sampling steps (consistency students: 1, 2, 4...; diffusion teachers: ODE solver steps)")
-    solver: str = _f("ddim", "generators: ODE solver of diffusion teachers: ddim, euler or heun")
-    hybrid_first_step: str = _f(
-        "", "generators: a diffusion teacher directory that takes the first sampling step, the model the rest ('' = off)"
+    bins: int = _f(15, "equal-width confidence bins of ECE and the reliability diagram", only=(CLASSIFIER,))
+    many_shot: int = _f(50, "classes with more train rows than this are 'many-shot'", only=(CLASSIFIER,))
+    few_shot: int = _f(15, "classes with fewer train rows than this are 'few-shot' (the rest 'medium')", only=(CLASSIFIER,))
+    split: str = _f("test", "split to evaluate on", only=(CLASSIFIER, LM))
+    max_new_tokens: int = _f(16, "LMs: completion length when scoring answers", only=(LM,))
+    samples: int = _f(
+        1, "LMs: sampled completions per prompt for maj@n / pass@n and vote-share calibration (1 = greedy only)", only=(LM,)
     )
-    step_counts: list[int] = _f([], "generators: step counts of the evaluation table, one row per model and count ([] = [steps])")
-    n_samples: int = _f(2000, "generators: samples per model and step count (sample i from noise seed + i)")
-    teacher: str = _f("", "generators: diffusion teacher folder; paired error to its teacher_steps-step ODE samples ('' = none)")
-    teacher_steps: int = _f(50, "generators: ODE steps of the teacher's paired-error reference")
-    time_samples: int = _f(256, "generators: samples per timing call of seconds_per_1k (0 = no timing)")
+    temperature: float = _f(1.0, "LMs: sampling temperature for samples > 1", only=(LM,))
+    top_p: float = _f(1.0, "LMs: nucleus mass for samples > 1", only=(LM,))
+    batch_size: int = _f(512, "rows per forward pass", only=(CLASSIFIER, LM))
+    routing_segment: int = _f(16, "MoE LMs: segment length m of the routing metrics SRP and SCH (tokens)", only=(LM,))
+    routing_cache: int = _f(0, "MoE LMs: SCH cache size in experts per layer (0 = 2 x experts per token)", only=(LM,))
+    decode: str = _f(
+        "greedy", "LMs: greedy (the model's own choice) or scmoe (MoE self-contrast decoding, also for samples > 1)", only=(LM,)
+    )
+    scmoe_beta: float = _f(
+        0.5, "scmoe: contrast strength b in (1+b) z_strong - b z_weak (0 = the model's own choice)", only=(LM,)
+    )
+    scmoe_alpha: float = _f(0.1, "scmoe: keep tokens with p_strong >= alpha * max p_strong, in (0, 1]")
+    scmoe_weak_rank: int = _f(
+        2, "scmoe: the weak pass routes each token to its rank-th expert alone (1 = the top one)", only=(LM,)
+    )
+    steps: int = _f(
+        1,
+        "generators: sampling steps (consistency students: 1, 2, 4...; diffusion teachers: ODE solver steps)",
+        only=(DIFFUSION,),
+    )
+    solver: str = _f("ddim", "generators: ODE solver of diffusion teachers: ddim, euler or heun", only=(DIFFUSION,))
+    hybrid_first_step: str = _f(
+        "",
+        "generators: a diffusion teacher directory that takes the first sampling step, the model the rest ('' = off)",
+        only=(DIFFUSION,),
+    )
+    step_counts: list[int] = _f(
+        [], "generators: step counts of the evaluation table, one row per model and count ([] = [steps])", only=(DIFFUSION,)
+    )
+    n_samples: int = _f(2000, "generators: samples per model and step count (sample i from noise seed + i)", only=(DIFFUSION,))
+    teacher: str = _f(
+        "",
+        "generators: diffusion teacher folder; paired error to its teacher_steps-step ODE samples ('' = none)",
+        only=(DIFFUSION,),
+    )
+    teacher_steps: int = _f(50, "generators: ODE steps of the teacher's paired-error reference", only=(DIFFUSION,))
+    time_samples: int = _f(256, "generators: samples per timing call of seconds_per_1k (0 = no timing)", only=(DIFFUSION,))
     seed: int = _f(0, "seed")
-
-
-SECTIONS: dict[str, type] = {
-    "generate_teacher_data": GenerateTeacherDataConfig,
-    "select": SelectConfig,
-    "distill": DistillConfig,
-    "cascade": CascadeConfig,
-    "evaluate": EvaluateConfig,
-    "data": DataConfig,
-}
 
 
 def from_dict(cls: type[T], values: dict[str, Any] | None, where: str) -> T:
@@ -427,26 +506,49 @@ def read_params(path: Path | None) -> dict[str, Any]:
     return loaded
 
 
-def load_section(cls: type[T], params: dict[str, Any], section: str, overrides: dict[str, Any] | None = None) -> T:
-    """One stage's config: the section of the params file, then ``--set`` overrides on top."""
+def load_section(
+    cls: type[T], params: dict[str, Any], section: str, overrides: dict[str, Any] | None = None, *, shared: bool = False
+) -> T:
+    """One stage's config: the section of the params file, then ``--set`` overrides on top.
+
+    The keys given for this run are remembered for ``check_modality``: the overrides, and the
+    section's own keys unless ``shared`` (a command's default section, which runs of every
+    modality read, may hold settings of each)."""
     raw = params.get(section) or {}
     if not isinstance(raw, dict):
         raise DistilError(f"params section '{section}' must be a mapping")
-    return from_dict(cls, _merge(raw, overrides or {}), section)
+    cfg = from_dict(cls, _merge(raw, overrides or {}), section)
+    object.__setattr__(cfg, "_given", frozenset(overrides or {}) | (frozenset() if shared else frozenset(raw)))
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def describe(cls: type) -> list[tuple[str, Any, str]]:
-    """(key, default, help) for every field, nested keys dotted; used by `--help` epilogs and tests."""
-    rows = []
-    for f in dataclasses.fields(cls):
-        hint = get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
-            rows += [(f"{f.name}.{k}", d, h) for k, d, h in describe(hint)]
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((f.name, default, f.metadata.get("help", "")))
-    return rows
+RUNS = {"GenerateTeacherDataConfig": "teachers", "SelectConfig": "selections", "DistillConfig": "students",
+        "CascadeConfig": "cascades", "EvaluateConfig": "evaluations"}  # fmt: skip
+"""What a run of each stage is called in ``check_modality``'s message."""
+
+
+def check_modality(cfg: Any, modality: str) -> None:
+    """A setting given for this run that only another modality reads is an error naming the
+    modality it belongs to: it would otherwise be silently ignored. Given means set in the
+    run's params section or by ``--set`` (see ``load_section``); for a config built in code,
+    every value other than the default.
+
+    The nested sub-sections (``model`` for classifiers, ``lm``, ``diffusion``) are the
+    exception by design: one params section may hold one sub-section per modality, and a
+    run reads its own."""
+    given = getattr(cfg, "_given", None)
+    for f in dataclasses.fields(cfg):
+        owners = f.metadata.get("only", EVERY)
+        if modality in owners or dataclasses.is_dataclass(getattr(cfg, f.name)):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if (f.name in given) if given is not None else getattr(cfg, f.name) != default:
+            whose, what = " and ".join(MODALITY_NAMES[o] for o in owners), RUNS.get(type(cfg).__name__, "runs")
+            raise DistilError(
+                f"setting '{f.name}' is for {whose} {what}, not {MODALITY_NAMES[modality]} {what}; "
+                "drop it from the params section and --set"
+            )

@@ -1,191 +1,21 @@
-"""`distil select`: filter and weight teacher data into a new table.
-
-Selection never rewrites teacher data: it streams the input batch by batch and writes a
-new table with the same columns plus ``weight`` and ``reason``. Only rows of
-``cfg.splits`` (default: train) are filtered; dev and test rows pass through with weight
-1 so evaluation stays unbiased.
-"""
+"""`distil select`: the router. Filters and weights classifier or LM teacher data
+(``stages.<classifier|lm>.select.run``); ``--by uncertain`` picks LM prompts. Generator
+data has nothing to select."""
 
 from __future__ import annotations
 
-from collections import Counter
+from importlib import import_module
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
-
-from stages.artifacts import (
-    CLASSIFIER_TEACHER_DATA,
-    LM_SELECTION,
-    LM_TEACHER_DATA,
-    SELECTION,
-    Output,
-    TableWriter,
-    artifact_hash,
-    fingerprint,
-    inspect_table,
-    iter_batches,
-    read_manifest,
-    with_optional,
-    write_manifest,
-)
-from stages.config import DataConfig, SelectConfig, to_dict
-from stages.errors import DistilError
-from stages.progress import progress_bar
-from stages.selectors import SELECTORS
-from stages.selectors_lm import LM_SELECTORS, chained
+from stages.config import DataConfig, SelectConfig, check_modality
+from stages.modality import DIFFUSION, LM, of_data, refuse
 
 
 def run(cfg: SelectConfig, data, out: Path, *, student: Path | None = None, data_cfg: DataConfig | None = None,
         device: str = "auto", progress: bool = True) -> Path:  # fmt: skip
-    if cfg.by == "uncertain":
-        return _run_uncertain(
-            cfg, data, out, student=student, data_cfg=data_cfg or DataConfig(), device=device, progress=progress
-        )
-    if student is not None:
-        raise DistilError(f"--student is used by --by uncertain only, not '{cfg.by}'")
-    data = Path(data)
-    if Path(data).is_dir() and read_manifest(Path(data)).get("kind") == "lm_teacher_data":
-        return _run_lm(cfg, Path(data), out, progress=progress)
-    if cfg.by not in SELECTORS:
-        raise DistilError(f"unknown selection '{cfg.by}'; choose one of {', '.join(SELECTORS)}")
-    if not 0 <= cfg.threshold <= 1:
-        raise DistilError(f"threshold must be in [0, 1], got {cfg.threshold}")
-    _, _, total, manifest = inspect_table(data, CLASSIFIER_TEACHER_DATA, "teacher data")
-
-    params = {"select": to_dict(cfg)}
-    inputs = {"data": artifact_hash(Path(data))}
-    output = Output(out, fingerprint("select", params, inputs))
-    with output as work:
-        for stale in work.glob("part-*.parquet"):  # selection is cheap: restart rather than track batch offsets
-            stale.unlink()
-        writer = TableWriter(work, SELECTION)
-        strategy = SELECTORS[cfg.by]
-        kept_by_split: dict[str, list[int]] = {}
-        with progress_bar(progress) as bar:
-            task = bar.add_task(f"select {cfg.by}", total=total, info="")
-            for batch in iter_batches(data, CLASSIFIER_TEACHER_DATA.names, 4096):
-                splits = batch.column("split").to_numpy(zero_copy_only=False).astype(str)
-                keep, weight, reason = strategy(batch, cfg)
-                apply = np.isin(splits, cfg.splits)
-                keep = np.where(apply, keep, True)
-                weight = np.where(apply, weight, 1.0).astype(np.float32)
-                reason = np.where(apply, reason, "passthrough")
-                for s in np.unique(splits):
-                    k = kept_by_split.setdefault(str(s), [0, 0])
-                    k[0] += int(keep[splits == s].sum())
-                    k[1] += int((splits == s).sum())
-                chosen = pa.Table.from_batches([batch]).filter(pa.array(keep))
-                chosen = chosen.append_column("weight", pa.array(weight[keep])).append_column("reason", pa.array(reason[keep]))
-                writer.write(chosen)
-                bar.update(task, advance=batch.num_rows)
-        if writer.done_rows == 0 or not any(kept_by_split.get(s, [0])[0] for s in cfg.splits):
-            raise DistilError(f"selection '{cfg.by}' kept no rows of {cfg.splits}; lower the threshold")
-        stats = {s: {"kept": k, "rows": n, "share": k / n} for s, (k, n) in kept_by_split.items()}
-        write_manifest(
-            work, kind="selection", params=params, inputs=inputs, rows=writer.done_rows,
-            model=manifest.get("model", {}), extra={"task": manifest.get("task", {}), "selection": stats},
-        )  # fmt: skip
-        return output.commit()
-
-
-def _run_lm(cfg: SelectConfig, data: Path, out: Path, *, progress: bool) -> Path:
-    """LM teacher samples, one part at a time (parts hold whole prompts)."""
-    names = cfg.by.split("+")
-    if not all(n in LM_SELECTORS for n in names):
-        raise DistilError(
-            f"unknown selection '{cfg.by}' for LM teacher data; choose one of {', '.join(LM_SELECTORS)} (or chain them: majority+dedup)"
-        )
-    files, _, total, manifest = inspect_table(data, LM_TEACHER_DATA, "LM teacher data")
-    params = {"select": to_dict(cfg)}
-    inputs = {"data": artifact_hash(data)}
-    output = Output(out, fingerprint("select", params, inputs))
-    with output as work:
-        for stale in work.glob("part-*.parquet"):
-            stale.unlink()
-        writer = TableWriter(work, LM_SELECTION)
-        kept = {"train": [0, 0]}
-        with progress_bar(progress) as bar:
-            task = bar.add_task(f"select {cfg.by}", total=total, info="")
-            for f in files:
-                table = with_optional(pq.read_table(f), LM_TEACHER_DATA).select(LM_TEACHER_DATA.names).cast(LM_TEACHER_DATA)
-                keep, weight, reason = chained(names, table, cfg)
-                apply = np.isin(np.asarray(table.column("split").to_pylist()), cfg.splits)
-                keep = np.where(apply, keep, True)
-                weight = np.where(apply, weight, 1.0).astype(np.float32)
-                reason = np.where(apply, reason, "passthrough")
-                for s in cfg.splits:
-                    rows = np.asarray(table.column("split").to_pylist()) == s
-                    k = kept.setdefault(s, [0, 0])
-                    k[0] += int((keep & rows).sum())
-                    k[1] += int(rows.sum())
-                chosen = (
-                    table.filter(pa.array(keep))
-                    .append_column("weight", pa.array(weight[keep]))
-                    .append_column("reason", pa.array(reason[keep]))
-                )
-                writer.write(chosen)
-                bar.update(task, advance=table.num_rows)
-        if not any(k for k, _ in kept.values()):
-            raise DistilError(f"selection '{cfg.by}' kept no rows of {cfg.splits}; relax it (min_agreement, min_score, lengths)")
-        stats = {s: {"kept": k, "rows": n, "share": k / max(n, 1)} for s, (k, n) in kept.items()}
-        write_manifest(work, kind="lm_selection", params=params, inputs=inputs, rows=writer.done_rows, model=manifest.get("model", {}),
-                       extra={"task": manifest.get("task", {}), "top_k": manifest.get("top_k", 0), "selection": stats,
-                              "teachers": manifest.get("teachers", [])})  # fmt: skip
-        return output.commit()
-
-
-def _run_uncertain(
-    cfg: SelectConfig, data, out: Path, *, student: Path | None, data_cfg: DataConfig, device: str, progress: bool
-) -> Path:
-    """Test-time self-improvement's selection (Self-Improving LLM Agents at Test-Time,
-    TT-D): the student samples ``uncertain_samples`` answers per prompt; the prompts where
-    it agrees with itself least are the ones worth asking the teacher about. Writes a prompt
-    table (``kind: lm_prompts``) that ``generate-teacher-data`` takes as ``--data``."""
-    from stages.lm_training import sample
-    from stages.models import resolve_device
-    from stages.models.lm import lm_identity, load_lm
-    from stages.tasks import prompts_in_splits
-    from stages.tasks.reasoning import PROMPTS, extract_answer, normalise
-
-    if student is None:
-        raise DistilError("--by uncertain measures a student's consistency: pass --student DIR")
-    if cfg.uncertain_samples < 2 or not 0 < cfg.uncertain_share <= 1:
-        raise DistilError("uncertain_samples must be >= 2 and uncertain_share in (0, 1]")
-    dev_ = resolve_device(device)
-    model, tokenizer = load_lm(student, dev_)
-    rows, _ = prompts_in_splits(data, data_cfg, cfg.splits)
-    params = {"select": to_dict(cfg), "data": to_dict(data_cfg)}
-    inputs = {"data": str(data), "student": lm_identity(student)["sha256"]}
-    output = Output(out, fingerprint("select", params, inputs))
-    with output as work:
-        n = cfg.uncertain_samples
-        agreement = []
-        torch.manual_seed(cfg.seed)
-        with progress_bar(progress) as bar:
-            job = bar.add_task("student self-consistency", total=len(rows), info="prompts")
-            for i in range(0, len(rows), 16):
-                chunk = rows[i : i + 16]
-                gens = sample(model, tokenizer, [r["prompt"] for r in chunk], samples=n, temperature=1.0, top_p=1.0,
-                              max_new_tokens=cfg.max_new_tokens, top_k=0, device=dev_)  # fmt: skip
-                for j in range(len(chunk)):
-                    answers = [extract_answer(g["completion"])[0] for g in gens[j * n : (j + 1) * n]]
-                    votes = Counter(normalise(a) for a in answers if a is not None)
-                    agreement.append(votes.most_common(1)[0][1] / n if votes else 0.0)
-                bar.update(job, advance=len(chunk))
-        keep_n = max(1, round(cfg.uncertain_share * len(rows)))
-        order = sorted(range(len(rows)), key=lambda i: (agreement[i], i))[:keep_n]
-        kept = [rows[i] for i in sorted(order)]
-        chosen = pa.Table.from_pylist(kept, schema=PROMPTS)
-        chosen = chosen.append_column("weight", pa.array([1 - agreement[i] for i in sorted(order)], pa.float32()))
-        chosen = chosen.append_column("reason", pa.array([f"student agreement {agreement[i]:.2f}" for i in sorted(order)]))
-        TableWriter(work, chosen.schema).write(chosen)
-        manifest = read_manifest(Path(data)) if Path(data).is_dir() else {}
-        write_manifest(work, kind="lm_prompts", params=manifest.get("params", params) | {"select": to_dict(cfg)}, inputs=inputs,
-                       rows=chosen.num_rows, model=lm_identity(student),
-                       extra={"task": {"name": manifest.get("task", {}).get("name", str(data))},
-                              "selection": {"kept": chosen.num_rows, "rows": len(rows),
-                                            "mean_agreement_kept": float(np.mean([agreement[i] for i in order]))}})  # fmt: skip
-        return output.commit()
+    modality = LM if cfg.by == "uncertain" else of_data(data, data_cfg)
+    if modality == DIFFUSION:
+        raise refuse("select", DIFFUSION, "generator samples carry no answers to filter; distil from them directly")
+    check_modality(cfg, modality)
+    impl = import_module(f"stages.{modality}.select")
+    return impl.run(cfg, data, out, student=student, data_cfg=data_cfg, device=device, progress=progress)

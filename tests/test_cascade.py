@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 
-from stages.cascade import calibrate
+from stages.classifier.cascade import calibrate
 
 
 def test_calibrate_picks_the_lowest_threshold_that_meets_the_target():

@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from stages.cascade_cost import Pricer, break_even, pricers, sweep
-from stages.cascade_lm import ALWAYS_DEFER, LM_POLICIES, decide, first_round, leader_wins, majority, rounds, weighted_vote
 from stages.errors import DistilError
+from stages.lm.cascade import ALWAYS_DEFER, LM_POLICIES, decide, first_round, leader_wins, majority, rounds, weighted_vote
+from stages.lm.cascade_cost import Pricer, break_even, pricers, sweep
 
 SOUNDS = {"cat": "meow", "dog": "woof", "cow": "moo", "duck": "quack", "sheep": "baa", "owl": "hoot"}
 LM = ["--set", "lm.hidden=32", "--set", "lm.layers=1", "--set", "lm.heads=2", "--set", "batch_size=16", "--set", "lr=0.01", "-q"]
@@ -160,7 +160,7 @@ def test_prices_flops_and_break_even():
 
 
 def test_bank_puts_the_most_similar_demonstration_last_and_never_the_query_itself():
-    from stages.icd_bank import Bank, demo
+    from stages.lm.icd.bank import Bank, demo
 
     pairs = [("the cat says", "meow"), ("the dog says", "woof"), ("the cat number 3 says", "meow")]
     bank = Bank([demo(i, "train", "teacher_data", f"Question: {q}?\nAnswer:", a) for i, (q, a) in enumerate(pairs)],
@@ -214,7 +214,7 @@ def test_every_policy_writes_a_coherent_decisions_table(lm, tmp_path, policy):
 def _always_defer(lm, path: Path, policy: str) -> Path:
     """A policy file whose threshold no agreement reaches (calibration writes one when only the
     teacher meets the target)."""
-    from stages.models.lm import lm_identity
+    from stages.lm.models import lm_identity
 
     found = {"policy": policy, "samples": CASCADE["samples"], "student": lm_identity(lm["s"]), "teacher": lm_identity(lm["t"]),
              "threshold": ALWAYS_DEFER, "dev": None}  # fmt: skip
@@ -335,7 +335,7 @@ def test_reasoning_task_queries_are_scored_by_the_tasks_own_scorer(lm, tmp_path)
 
 
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(lm, tmp_path):
-    from stages.models.classifiers import build_classifier, save_classifier
+    from stages.classifier.models import build_classifier, save_classifier
 
     classifier = tmp_path / "clf"
     config = {"arch": "mlp", "width": 8, "depth": 1, "dropout": 0.0, "input_shape": [4], "num_classes": 3}

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from stages.config import DataConfig
+from stages.diffusion.data import GENERATOR_DATA, load_generator_data
 from stages.errors import DistilError
-from stages.tasks.generators import GENERATOR_DATA, is_generator_source, load_generator_data
+from stages.modality import of_data
 from stages.tasks.toy2d import TOY2D
 
 
@@ -60,7 +61,7 @@ def test_digits_images_are_in_range_and_upsample():
 
 def test_names_and_errors():
     assert set(GENERATOR_DATA) >= {"moons", "eight-gaussians", "checkerboard", "swiss-roll", "digits-images"}
-    assert is_generator_source("moons") and not is_generator_source("digits") and not is_generator_source("moonz")
+    assert of_data("moons") == "diffusion" and of_data("digits") != "diffusion" and of_data("moonz") != "diffusion"
     with pytest.raises(DistilError, match="not generator data"):
         load_generator_data("moonz", DataConfig())
     with pytest.raises(DistilError, match="sizes"):

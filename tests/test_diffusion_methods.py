@@ -18,17 +18,17 @@ from conftest import Cli, dies_on_call, write_params
 from diffusers import CMStochasticIterativeScheduler, DDIMScheduler, DiffusionPipeline, LCMScheduler
 
 from stages.config import DataConfig, DiffusionConfig
-from stages.diffusion.consistency_train import curriculum, lognormal_index
+from stages.diffusion.data import load_generator_data
 from stages.diffusion.generator import load_generator, save_generator
+from stages.diffusion.methods.consistency_train import curriculum, lognormal_index
+from stages.diffusion.methods.multistep import segment_grid
+from stages.diffusion.methods.progressive import rounds
+from stages.diffusion.metrics.distances import sliced_wasserstein
 from stages.diffusion.models import build_denoiser
-from stages.diffusion.multistep import segment_grid
 from stages.diffusion.pipeline import DistilGeneratorPipeline
-from stages.diffusion.progressive import rounds
 from stages.diffusion.sampling import consistency_fn, consistency_timesteps, sample_generator
 from stages.diffusion.schedule import KarrasSchedule, karras_sigmas
 from stages.errors import DistilError
-from stages.generator_metrics.distances import sliced_wasserstein
-from stages.tasks.generators import load_generator_data
 
 DATA = {"sizes": [1000, 100, 500], "limit": 0, "split_seed": 0}
 NET = {"width": 64, "depth": 2, "checkpoint_every": 50, "eval_samples": 256}
@@ -127,7 +127,7 @@ def test_trajectory_student_beats_the_teacher_at_one_and_two_steps(moons):
 
 
 def test_trajectory_never_reads_the_dataset(moons, monkeypatch, tmp_path):
-    import stages.tasks.generators as generators
+    import stages.diffusion.data as generators
 
     def no_images(*args, **kwargs):
         raise AssertionError("the trajectory method read the training data")

@@ -10,8 +10,8 @@ import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, LCMScheduler, UNet2DModel
 
 from stages.config import DiffusionConfig
-from stages.diffusion.consistency import student_scheduler
 from stages.diffusion.generator import load_generator, save_generator
+from stages.diffusion.methods.consistency import student_scheduler
 from stages.diffusion.models import MLPDenoiser, build_denoiser
 from stages.diffusion.pipeline import DistilGeneratorPipeline
 from stages.diffusion.sampling import sample

@@ -8,8 +8,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from stages.config import DiffusionConfig
-from stages.diffusion.consistency import student_scheduler
 from stages.diffusion.generator import load_generator, save_generator
+from stages.diffusion.methods.consistency import student_scheduler
 from stages.diffusion.models import build_denoiser
 from stages.diffusion.sampling import (
     SampleNoise,

@@ -1,5 +1,5 @@
-"""Generator metrics (stages.generator_metrics) and the generator evaluation table
-(stages.evaluate_generators), with a fake sampler: no diffusion model is trained here."""
+"""Generator metrics (stages.diffusion.metrics) and the generator evaluation table
+(stages.diffusion.evaluate), with a fake sampler: no diffusion model is trained here."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ import torch
 from PIL import Image
 
 from stages.config import DataConfig, EvaluateConfig
-from stages.errors import DistilError
-from stages.evaluate_generators import evaluate_generators, is_generator_dir
-from stages.generator_metrics.digits_features import (
+from stages.diffusion.evaluate import evaluate_generators
+from stages.diffusion.metrics.digits_features import (
     DigitsClassifier,
     accuracy,
     class_coverage,
@@ -26,7 +25,7 @@ from stages.generator_metrics.digits_features import (
     save_digits_classifier,
     train_digits_classifier,
 )
-from stages.generator_metrics.distances import (
+from stages.diffusion.metrics.distances import (
     frechet_between,
     frechet_distance,
     holdout_split,
@@ -35,9 +34,11 @@ from stages.generator_metrics.distances import (
     paired_error,
     sliced_wasserstein,
 )
-from stages.generator_metrics.plots import grid_size, write_image_grid, write_scatter_grid
-from stages.generator_metrics.timing import seconds_per_1k
-from stages.generator_metrics.toy_modes import mode_coverage, normalised_entropy, toy_modes
+from stages.diffusion.metrics.plots import grid_size, write_image_grid, write_scatter_grid
+from stages.diffusion.metrics.timing import seconds_per_1k
+from stages.diffusion.metrics.toy_modes import mode_coverage, normalised_entropy, toy_modes
+from stages.errors import DistilError
+from stages.modality import of_model
 from stages.tasks.digits_images import digits_images
 from stages.tasks.toy2d import TOY2D
 
@@ -360,11 +361,11 @@ def test_bad_generator_input(tmp_path):
     with pytest.raises(DistilError, match="returned shape"):
         evaluate_generators([g], "moons", [1], cfg, tmp_path / "o", sampler=lambda p, n, k, s: np.zeros((n - 1, 2)), real=real)
     assert not (tmp_path / "o").exists()
-    assert is_generator_dir(g) and not is_generator_dir(tmp_path / "plain")
+    assert of_model(g) == "diffusion" and of_model(tmp_path / "plain") != "diffusion"
 
 
 def test_cli_evaluate_dispatches_generator_folders(tmp_path, cli, monkeypatch):
-    import stages.evaluate_generators as eg
+    import stages.diffusion.evaluate as eg
 
     monkeypatch.setattr(eg, "_default_sampler", lambda: FakeSampler(toy("moons", 500)))
     g1, g2 = _generator(tmp_path, "good"), _generator(tmp_path, "bad")

@@ -155,7 +155,7 @@ def test_evaluate_on_teacher_data_reports_sampling_metrics(cli, lm_dir, lm_teach
 def test_lm_training_resumes_after_a_kill(tmp_path):
     from conftest import dies_on_call
 
-    import stages.lm_training as mod
+    import stages.lm.training as mod
     from stages import distill
     from stages.artifacts import load_tensors
     from stages.config import DataConfig, DistillConfig, LMConfig
@@ -177,7 +177,7 @@ def test_token_selection_keeps_tokens_where_the_teacher_is_more_confident():
     import torch
 
     from stages.config import DistillConfig
-    from stages.distill_lm import _token_selection
+    from stages.lm.distill import _token_selection
 
     # two positions over a 3-token vocabulary; the teacher's top-1 is token 0 with p = 0.9 at both
     ids = torch.tensor([[[0, 1], [0, 1]]])
@@ -211,9 +211,9 @@ def test_on_policy_trains_against_a_live_teacher(cli, lm_dir, tmp_path):
 def test_student_samples_keep_the_prompt_and_mask_it():
     import torch
 
-    from stages.distill_lm import _student_samples
-    from stages.lm_training import IGNORE
-    from stages.models.lm import LMSize, build_lm, train_tokenizer
+    from stages.lm.distill import _student_samples
+    from stages.lm.models import LMSize, build_lm, train_tokenizer
+    from stages.lm.training import IGNORE
 
     tok = train_tokenizer(["Question: 1 + 1\\nAnswer: 2"] * 20, vocab_size=300)
     model = build_lm("llama", LMSize(hidden=16, layers=1, heads=2, context=32), tok)
@@ -282,9 +282,9 @@ def test_uncertain_picks_the_prompts_the_student_agrees_on_least(cli, lm_dir, tm
 def test_each_lm_method_trains_with_its_own_loss(lm_teacher_data, tmp_path, monkeypatch, method):
     """The loss that reaches the training loop is the method's: the divergence against the
     stored top-k for kd / tsd (its value on a batch differs from plain next-token CE)."""
-    import stages.distill_lm as mod
+    import stages.lm.distill as mod
     from stages.config import DataConfig, DistillConfig, LMConfig
-    from stages.lm_training import collate, token_ce
+    from stages.lm.training import collate, token_ce
 
     seen = {}
 
@@ -295,7 +295,7 @@ def test_each_lm_method_trains_with_its_own_loss(lm_teacher_data, tmp_path, monk
     monkeypatch.setattr(mod, "fit_lm", capture)
     cfg = DistillConfig(method=method, alpha=1.0, lm=LMConfig(hidden=16, layers=1, heads=2))
     with pytest.raises(KeyboardInterrupt):
-        mod.run_lm(cfg, lm_teacher_data, tmp_path / "s", data_cfg=DataConfig(), progress=False)
+        mod.run(cfg, lm_teacher_data, tmp_path / "s", data_cfg=DataConfig(), progress=False)
     if method == "sft":
         assert seen["loss_fn"] is None  # fit_lm's default: next-token CE
         return
@@ -332,8 +332,8 @@ def test_a_step_budget_sets_the_epochs_from_the_data_size(cli, tmp_path):
 
 
 def test_an_icd_ready_student_trains_on_prompts_with_retrieved_demonstrations(cli, lm_teacher_data, tmp_path, monkeypatch):
-    import stages.distill_lm as distill_lm
-    from stages.icd_bank import SEPARATOR
+    import stages.lm.distill as distill_lm
+    from stages.lm.icd.bank import SEPARATOR
 
     seen = []
     encode = distill_lm.encode

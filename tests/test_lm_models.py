@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages.errors import DistilError
-from stages.lm_training import RouterAuxLoss
-from stages.models.lm import LMSize, active_parameters, build_lm, check_same_tokenizer, is_moe, load_lm, train_tokenizer
+from stages.lm.models import LMSize, active_parameters, build_lm, check_same_tokenizer, is_moe, load_lm, train_tokenizer
+from stages.lm.training import RouterAuxLoss
 from stages.tasks.reasoning import ReasoningTask
 
 TEXTS = [r["prompt"] + " " + r["answer"] for r in ReasoningTask("basic_arithmetic", sizes=(200, 10, 10)).table().to_pylist()]

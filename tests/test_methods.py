@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from stages.methods import METHODS
-from stages.models.classifiers import load_classifier
+from stages.classifier.methods import METHODS
+from stages.classifier.models import load_classifier
 
 FAST = ["--set", "epochs=2", "-q"]
 

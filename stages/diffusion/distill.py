@@ -13,21 +13,21 @@ from pathlib import Path
 
 from stages.artifacts import Output, fingerprint, write_json, write_manifest
 from stages.config import DataConfig, DistillConfig, to_dict
-from stages.diffusion.generator import CONSISTENCY_SCHEDULERS, generator_hash, is_generator, save_generator
-from stages.diffusion.methods import DIFFUSION_METHODS
-from stages.errors import DistilError
-from stages.models import resolve_device
-from stages.progress import progress_bar
-from stages.tasks.generators import (
+from stages.devices import resolve_device
+from stages.diffusion.data import (
     GENERATOR_DATA,
     generator_identity,
     is_generator_source,
     is_teacher_data,
     load_generator_data,
 )
+from stages.diffusion.generator import CONSISTENCY_SCHEDULERS, generator_hash, is_generator, save_generator
+from stages.diffusion.methods import DIFFUSION_METHODS
+from stages.errors import DistilError
+from stages.progress import progress_bar
 
 
-def run_diffusion(
+def run(
     cfg: DistillConfig,
     data: str | Path,
     out: Path,
@@ -48,7 +48,7 @@ def run_diffusion(
         )
     method = DIFFUSION_METHODS[cfg.method]
     if method.trajectories_only and not is_teacher_data(data):
-        from stages.diffusion.trajectory import IMAGE_FREE
+        from stages.diffusion.methods.trajectory import IMAGE_FREE
 
         raise DistilError(f"{IMAGE_FREE}, got '{data}'")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.steps < 0:

@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 
 from stages.config import DistillConfig
+from stages.diffusion.data import GeneratorData
 from stages.diffusion.generator import Generator, check_same_shape, load_generator
 from stages.diffusion.models import build_denoiser, sample_shape_of
 from stages.diffusion.sampling import SOLVERS, Denoise, SampleNoise, ode_sample
 from stages.diffusion.training import EMA
 from stages.errors import DistilError, one_of
 from stages.losses.consistency import CONSISTENCY_LOSSES
-from stages.tasks.generators import GeneratorData
 
 EVAL_SEED = 1_000_000_007
 """Noise seeds of the paired-error batch: apart from the seeds samples are drawn from."""

@@ -32,12 +32,12 @@ from stages.artifacts import (
     write_manifest,
 )
 from stages.config import DataConfig, GenerateTeacherDataConfig, to_dict
+from stages.devices import resolve_device
+from stages.diffusion.data import TEACHER_DATA_KIND, generator_identity, is_generator_source, load_generator_data
 from stages.diffusion.generator import check_same_shape, load_generator
 from stages.diffusion.sampling import check_hybrid, check_sampling, consistency_timesteps, ode_timesteps, sample
 from stages.errors import DistilError
-from stages.models import resolve_device
 from stages.progress import progress_bar
-from stages.tasks.generators import TEACHER_DATA_KIND, generator_identity, is_generator_source, load_generator_data
 
 STATES = "_states"
 """Subdirectory of the safetensors shards."""
@@ -47,7 +47,7 @@ def _kept_steps(steps: int, save_every: int) -> list[int]:
     return [0] + ([i for i in range(1, steps) if i % save_every == 0] if save_every > 0 else [])
 
 
-def run_generator(
+def run(
     cfg: GenerateTeacherDataConfig,
     teacher: Path | list[Path],
     data: str | Path,

@@ -22,8 +22,13 @@ from stages.errors import DistilError
 from stages.tasks.digits import load_digits
 from stages.tasks.splits import long_tail_keep
 from stages.tasks.tabular import load_user_table
+from stages.tasks.toy2d import TOY2D
 
 BUILTIN = {"digits": load_digits}
+"""Built-in classifier tasks, by the name ``--data`` takes."""
+IMAGES = ("digits-images",)
+GENERATOR_DATA = (*TOY2D, *IMAGES)
+"""Built-in generator datasets (``stages.diffusion.data`` loads them), by the name ``--data`` takes."""
 
 
 @dataclass

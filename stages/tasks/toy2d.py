@@ -2,7 +2,7 @@
 swiss roll, drawn with numpy / scikit-learn from a fixed seed (no download).
 
 The shapes follow the toy sets of the FFJORD and flow-matching literature; every set is
-standardised afterwards (``stages.tasks.generators``), so their raw scales do not matter.
+standardised afterwards (``stages.diffusion.data``), so their raw scales do not matter.
 """
 
 from __future__ import annotations

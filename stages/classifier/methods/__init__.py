@@ -1,0 +1,50 @@
+"""Classifier distillation methods and the one explicit name -> method table.
+
+A method is a function ``train(ctx) -> Trained``: it builds its model(s) from the
+context, trains them with ``stages.classifier.training.fit`` and returns the model to save. What a
+method needs from its inputs is declared here, so ``distill`` validates before training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from stages.classifier.methods import experts, logit, representation, self_distill
+from stages.classifier.methods.common import Trained
+from stages.classifier.training import Context
+
+
+@dataclass(frozen=True)
+class Method:
+    help: str
+    train: Callable[[Context], Trained]
+    teacher: str = "none"
+    """'none'; 'one' (stored logits or one live --teacher); 'many' (several live --teacher)."""
+    label_free: bool = False
+    """Trains on every train row, labelled or not (see distill.labeled_fraction)."""
+
+
+METHODS: dict[str, Method] = {
+    "ce": Method("cross-entropy on gold labels (trains teachers and baselines; needs no teacher data)", logit.ce),
+    "kd": Method("Hinton KD: T^2 KL(p_t || p_s) mixed with CE", logit.divergence("kd"), "one"),
+    "reverse-kl": Method("reverse KL(p_s || p_t), mode seeking", logit.divergence("reverse-kl"), "one"),
+    "jsd": Method("generalised Jensen-Shannon divergence with beta (GKD)", logit.divergence("jsd"), "one"),
+    "skew-kl": Method("skew KL of DistiLLM (reverse_skew for the reverse variant)", logit.divergence("skew-kl"), "one"),
+    "tvd": Method("total variation distance", logit.divergence("tvd"), "one"),
+    "pld": Method("Plackett-Luce list-wise distillation: gold first, then the teacher's ranking", logit.pld, "one"),
+    "ssld": Method("label-free symmetric KL to the teacher; uses unlabelled rows too", logit.ssld, "one", label_free=True),
+    "pskd": Method("progressive self-KD: targets mix one-hot and the model's own previous-epoch predictions", self_distill.pskd),
+    "self-distill": Method(
+        "iterative self-distillation over `generations`; gold weight fixed or closed-form", self_distill.iterate
+    ),
+    "anchored": Method(
+        "recursive distillation anchored to the base teacher; records KL to it per round", self_distill.anchored, "one"
+    ),
+    "random-teacher": Method(
+        "distil a frozen random teacher (no labels), then a linear probe", representation.random_teacher, label_free=True
+    ),
+    "sla-sd": Method("self-supervised label augmentation (rotations) self-distilled into one pass", representation.sla_sd),
+    "mdcs": Method("E experts: logit-adjusted diversity + consistency self-distillation (long tail)", experts.mdcs),
+    "mst": Method("mixture of specialised teachers: a gate picks the top-k teachers per row", experts.mst, "many"),
+}

@@ -1,0 +1,63 @@
+"""The diffusion methods of ``distil distill``: one explicit name -> method table.
+
+Kept free of heavy imports (diffusers loads only when a method runs), so the CLI lists
+the methods in ``--help`` without paying for them. A method's module defines
+``train(cfg, data, teacher, work, device=, bar=, live=) -> (model, scheduler, summary)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DiffusionMethod:
+    help: str
+    module: str
+    teacher: bool
+    """Needs one diffusion teacher (--teacher DIR)."""
+    trajectories_only: bool = False
+    """Learns from generate-teacher-data trajectories alone: --data must be such a folder
+    (checked before anything is read), never a dataset."""
+
+    @property
+    def train(self) -> Callable:
+        return importlib.import_module(self.module).train
+
+
+DIFFUSION_METHODS = {
+    "denoise": DiffusionMethod(
+        "train a diffusion teacher on generator data (moons, digits-images, ...): DDPM loss, epsilon or v prediction, "
+        "EMA weights; MLP for 2-D points, UNet2DModel for images; saved in diffusers' layout",
+        "stages.diffusion.methods.denoise", False,
+    ),
+    "consistency-distill": DiffusionMethod(
+        "consistency distillation (CD / LCM) from a --teacher: one teacher DDIM step skipping k timesteps, EMA target "
+        "(0.95), c_skip/c_out boundary scalings, l2 or pseudo-Huber; a 1-4 step student saved with an LCMScheduler",
+        "stages.diffusion.methods.consistency", True,
+    ),
+    "multistep": DiffusionMethod(
+        "multistep consistency distillation (MCM / MLCM; Hyper-SD's trajectory segmented CD) from a --teacher: the time "
+        "axis cut into diffusion.segments segments, consistency within each towards its start; sampled in that many "
+        "deterministic DDIM steps along the boundaries (saved with a DDIMScheduler)",
+        "stages.diffusion.methods.multistep", True,
+    ),
+    "consistency-train": DiffusionMethod(
+        "improved consistency training (iCT) from data, no teacher: Karras noise levels, lognormal level sampling, "
+        "pseudo-Huber loss weighted 1/(sigma_{i+1} - sigma_i), levels doubling 10 -> 1280, no EMA target; saved with a "
+        "CMStochasticIterativeScheduler",
+        "stages.diffusion.methods.consistency_train", False,
+    ),
+    "trajectory": DiffusionMethod(
+        "image-free consistency distillation (TBCM) from pairs on the --teacher's own ODE trajectories: --data is its "
+        "generate-teacher-data output (an even grid of saved steps), never a dataset; saved with an LCMScheduler",
+        "stages.diffusion.methods.trajectory", True, trajectories_only=True,
+    ),
+    "progressive": DiffusionMethod(
+        "progressive distillation (Salimans & Ho) of a --teacher: rounds in which a student matches two DDIM steps of "
+        "its teacher with one, halving diffusion.teacher_steps down to target_steps; saved with a DDIMScheduler",
+        "stages.diffusion.methods.progressive", True,
+    ),
+}  # fmt: skip

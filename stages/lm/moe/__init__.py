@@ -1,0 +1,1 @@
+"""Mixture-of-experts LMs: recording router choices, routing metrics and SCMoE decoding."""

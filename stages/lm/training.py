@@ -1,0 +1,347 @@
+"""Language-model training shared by the LM methods: sequence encoding with the prompt
+masked out of the loss, padding, and an epoch loop through accelerate (device placement,
+bf16 mixed precision on GPU, gradient accumulation) with best/last checkpoint selection
+on dev loss and per-epoch resumable checkpoints (safetensors + JSON, never pickle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.artifacts import load_state, load_tensors, save_state, save_tensors
+from stages.config import DistillConfig
+from stages.errors import DistilError
+from stages.lm.moe.routing import RouterRecorder
+
+IGNORE = -100
+
+
+def encode(tokenizer, prompt: str, completion: str, max_len: int) -> tuple[list[int], list[int]]:
+    """(input ids, labels) for prompt + " " + completion + eos; labels are IGNORE on the
+    prompt, so the loss counts only the completion. Raises if the prompt cannot fit."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c = tokenizer(" " + completion.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(p) + 1 >= max_len:
+        raise DistilError(
+            f"a prompt is {len(p)} tokens, longer than the context of {max_len}; raise lm.context or shorten the prompts"
+        )
+    c = c[: max_len - len(p)]
+    return p + c, [IGNORE] * len(p) + c
+
+
+def encode_tokens(prompt_ids: list[int], completion_ids: list[int], max_len: int) -> tuple[list[int], list[int]]:
+    """``encode`` for a completion already in token ids (teacher samples)."""
+    if len(prompt_ids) + 1 >= max_len:
+        raise DistilError(f"a prompt is {len(prompt_ids)} tokens, longer than the context of {max_len}; raise lm.context")
+    c = completion_ids[: max_len - len(prompt_ids)]
+    return prompt_ids + c, [IGNORE] * len(prompt_ids) + c
+
+
+def collate(rows: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch of rows ``(ids, labels[, topk_ids, topk_logprobs[, weight]])``.
+
+    ``topk_*`` are [n_completion, k] arrays aligned with the completion tokens (or None):
+    they become ``t_ids`` / ``t_logprobs`` [B, T, k] at the positions that predict each
+    token. ``w`` [B] holds the row weights (1 without them)."""
+    width = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    sparse = len(rows[0]) >= 4 and rows[0][2] is not None
+    if sparse:
+        k = rows[0][2].shape[1]
+        t_ids = torch.zeros((len(rows), width, k), dtype=torch.long)
+        t_lp = torch.full((len(rows), width, k), -1e4, dtype=torch.float32)
+    for i, r in enumerate(rows):
+        x, y = r[0], r[1]
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+        if sparse:
+            start = next(j for j, v in enumerate(y) if v != IGNORE) - 1  # the position predicting the first completion token
+            n = min(len(r[2]), len(x) - 1 - start)
+            t_ids[i, start : start + n] = torch.as_tensor(r[2][:n], dtype=torch.long)
+            t_lp[i, start : start + n] = torch.as_tensor(r[3][:n], dtype=torch.float32)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+             "w": torch.tensor([float(r[4]) if len(r) > 4 else 1.0 for r in rows])}  # fmt: skip
+    if sparse:
+        batch.update(t_ids=t_ids, t_logprobs=t_lp)
+    return batch
+
+
+class RowSource:
+    """The encoded rows of one split, read part by part so memory holds one part at a time.
+
+    ``parts`` are callables returning raw rows (dicts); ``encode_row`` turns a raw row into
+    the tuple ``collate`` takes. An epoch visits the parts in a seeded order and shuffles
+    rows within each part: deterministic for resuming, bounded in memory."""
+
+    def __init__(self, parts: list, counts: list[int], encode_row):
+        self.parts, self.counts, self.encode_row = parts, counts, encode_row
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    def raw(self):
+        for load in self.parts:
+            yield from load()
+
+    def epoch(self, seed: int | None = None):
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        order = torch.randperm(len(self.parts), generator=g).tolist() if g is not None else range(len(self.parts))
+        for p in order:
+            rows = [self.encode_row(r) for r in self.parts[p]()]
+            idx = torch.randperm(len(rows), generator=g).tolist() if g is not None else range(len(rows))
+            for i in idx:
+                yield rows[i]
+
+
+def batches(rows, size: int):
+    batch = []
+    for r in rows:
+        batch.append(r)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def token_ce(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy over completion tokens (logits[t] predicts labels[t+1]),
+    averaged over tokens, each token weighted by its row's ``weight`` [B] when given."""
+    target = labels[:, 1:]
+    per = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).view(target.shape)
+    w = (target != IGNORE).float()
+    if weight is not None:
+        w = w * weight[:, None].to(w.dtype)
+    return (per * w).sum() / w.sum().clamp_min(1e-12)
+
+
+class RouterAuxLoss:
+    """The load-balancing loss of an MoE model's routers (Switch Transformer eq. 4, as
+    transformers computes it from ``output_router_logits``), weighted by the config's
+    ``router_aux_loss_coef`` and added to the training loss of the forward pass that made
+    it. A no-op for dense models. Only grad-enabled training forwards count, so sampling
+    and dev-loss passes do not leak into the loss."""
+
+    def __init__(self, model):
+        from stages.lm.models import is_moe
+
+        self.model, self.value, self.handle = model, None, None
+        if is_moe(model):
+            model.config.output_router_logits = True
+            self.coef = float(getattr(model.config, "router_aux_loss_coef", 0.0))
+            self.handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        if module.training and torch.is_grad_enabled() and getattr(output, "aux_loss", None) is not None:
+            self.value = output.aux_loss
+
+    def add_to(self, loss: torch.Tensor) -> torch.Tensor:
+        if self.value is None:
+            return loss
+        loss, self.value = loss + self.coef * self.value.to(loss.device), None
+        return loss
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.model.config.output_router_logits = False  # saved configs decode without router outputs
+
+
+def fit_lm(
+    model,
+    train: RowSource,
+    dev: RowSource,
+    cfg: DistillConfig,
+    work: Path,
+    *,
+    pad_id: int,
+    device: torch.device,
+    loss_fn: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    bar=None,
+    live=None,
+) -> dict[str, Any]:
+    """Train ``model`` in place (ending with its selected weights); return a summary."""
+    from accelerate import Accelerator
+
+    precision = cfg.lm.precision
+    if precision not in ("auto", "fp32", "bf16"):
+        raise DistilError(f"lm.precision must be auto, fp32 or bf16, got '{precision}'")
+    mixed = "bf16" if (precision == "bf16" or (precision == "auto" and device.type == "cuda")) else "no"
+    acc = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed, gradient_accumulation_steps=cfg.grad_accum)
+    loss_fn = loss_fn or (
+        lambda m, b: token_ce(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_epoch = -(-len(train) // (cfg.batch_size * cfg.grad_accum))
+    epochs = max(1, round(cfg.steps / per_epoch)) if cfg.steps > 0 else cfg.epochs
+    steps = epochs * per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * max(0.0, 1 - s / max(steps, 1))
+    )
+    aux = RouterAuxLoss(model)
+    model, opt = acc.prepare(model, opt)
+    progress = {"epoch": 0, "best_loss": float("inf"), "best_epoch": -1, "history": [], "seconds": 0.0}
+    ckpt = work / "checkpoint"
+    if (ckpt / "state.json").exists():
+        saved = load_state(ckpt / "state")
+        acc.unwrap_model(model).load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        progress = saved["progress"]
+        torch.set_rng_state(saved["rng"])
+    ckpt.mkdir(parents=True, exist_ok=True)
+    task = bar.add_task(f"{cfg.method} (lm)", total=epochs, completed=progress["epoch"], info="") if bar else None
+    for epoch in range(progress["epoch"], epochs):
+        t0 = time.perf_counter()
+        model.train()
+        total, count = 0.0, 0
+        for rows in batches(train.epoch(cfg.seed * 100_003 + epoch), cfg.batch_size):
+            batch = {k: v.to(acc.device) for k, v in collate(rows, pad_id).items()}
+            with acc.accumulate(model):
+                loss = aux.add_to(loss_fn(model, batch))
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.max_grad_norm > 0:
+                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                opt.step()
+                if acc.sync_gradients:
+                    sched.step()
+                opt.zero_grad(set_to_none=True)
+            total += float(loss.detach())
+            count += 1
+        dev_loss = evaluate_loss(model, dev, cfg.batch_size, pad_id, acc.device)
+        progress["seconds"] += time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "train_loss": total / max(count, 1), "dev_loss": dev_loss}
+        progress["history"].append(row)
+        if live is not None:
+            live.log_metric("train_loss", row["train_loss"])
+            live.log_metric("dev_loss", dev_loss)
+            live.next_step()
+        if cfg.checkpoint == "last" or dev_loss < progress["best_loss"]:
+            progress.update(best_loss=dev_loss, best_epoch=epoch + 1)
+            save_tensors(ckpt / "best.safetensors", acc.unwrap_model(model).state_dict())
+        progress["epoch"] = epoch + 1
+        save_state(ckpt / "state", {
+            "model": acc.unwrap_model(model).state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "progress": progress, "rng": torch.get_rng_state(),
+        })  # fmt: skip
+        if task is not None:
+            bar.update(task, advance=1, info=f"loss {row['train_loss']:.3f}  dev loss {dev_loss:.3f}")
+    model = acc.unwrap_model(model)
+    aux.close()
+    model.load_state_dict(load_tensors(ckpt / "best.safetensors"), strict=False)
+    return {"best_epoch": progress["best_epoch"], "dev_loss": progress["best_loss"], "train_seconds": progress["seconds"],
+            "history": progress["history"]}  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate_loss(model, rows: RowSource, batch_size: int, pad_id: int, device) -> float:
+    model.eval()
+    total, tokens = 0.0, 0
+    for chunk in batches(rows.epoch(), batch_size):
+        b = {k: v.to(device) for k, v in collate([r[:2] for r in chunk], pad_id).items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        n = int((b["labels"][:, 1:] != IGNORE).sum())
+        total += float(token_ce(logits, b["labels"])) * n
+        tokens += n
+    return total / max(tokens, 1)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int, device, decode=None) -> list[str]:
+    """Greedy completions (left-padded batches, KV cache), decoded without the prompt.
+    ``decode(model, attention_mask)``, when given, makes the logits processors of each
+    batch (``stages.lm.moe.scmoe.SCMoE``: greedy SCMoE)."""
+    model.eval()
+    tokenizer.padding_side = "left"
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id,
+                             logits_processor=decode(model, enc["attention_mask"]) if decode is not None else None)  # fmt: skip
+        out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return out
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], *, samples: int, temperature: float, top_p: float, max_new_tokens: int,
+           top_k: int, device, decode=None, routing: bool = False, prompt_routing: bool = False) -> list[dict]:  # fmt: skip
+    """``samples`` completions per prompt (temperature 0: greedy) with, per generated token,
+    the top-k log-probs of the untempered distribution; prompt-major order. ``decode(model,
+    attention_mask)``, when given, makes logits processors that rescore each step before
+    temperature and top-p (``stages.lm.moe.scmoe.SCMoE``); the stored log-probs stay the model's own.
+
+    ``routing`` (MoE models): each row also gets ``expert_ids`` (flat list, token-major then
+    layer then rank, ``n_tokens * layers * k`` values) and ``expert_weights`` (float16) of
+    the input position that predicted each generated token (``stages.lm.moe.routing``); with
+    ``prompt_routing`` also ``prompt_expert_ids`` / ``prompt_expert_weights`` for the prompt
+    positions before (padding dropped), so prompt part + generated part cover every input
+    position in order. Without ``routing`` nothing is hooked."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    greedy = temperature <= 0
+    with RouterRecorder(model) if routing else contextlib.nullcontext() as recorder:
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=None if greedy else temperature,
+            top_p=None if greedy else top_p, num_return_sequences=samples, output_logits=True,
+            return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            logits_processor=decode(model, enc["attention_mask"]) if decode is not None else None,
+        )  # fmt: skip
+    gen = out.sequences[:, enc["input_ids"].shape[1] :]
+    # raw (untempered) logits per step; reduced step by step to the chosen token's log-prob
+    # and the top-k, so no [batch, steps, vocab] tensor is ever built on top of them
+    k = min(top_k, out.logits[0].shape[-1])
+    chosen, top_ids, top_lp = [], [], []
+    for t, step in enumerate(out.logits):
+        lp = torch.log_softmax(step.float(), dim=-1)
+        chosen.append(lp.gather(-1, gen[:, t : t + 1]).squeeze(-1))
+        if k:
+            v, i = lp.topk(k, dim=-1)
+            top_ids.append(i)
+            top_lp.append(v)
+    chosen = torch.stack(chosen, dim=1)
+    top = (torch.stack(top_ids, 1), torch.stack(top_lp, 1)) if k else None
+    rows = []
+    for i in range(gen.shape[0]):
+        ids = gen[i].tolist()
+        n = ids.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in ids else len(ids)
+        rows.append({
+            "token_ids": ids[:n],
+            "seq_logprob": float(chosen[i, :n].sum()),
+            "topk_ids": top[0][i, :n].flatten().int().tolist() if top is not None else [],
+            "topk_logprobs": top[1][i, :n].flatten().cpu().numpy().astype(np.float16) if top is not None else np.zeros(0, np.float16),
+            "completion": tokenizer.decode(ids[:n], skip_special_tokens=True),
+        })  # fmt: skip
+    if routing:
+        _attach_routing(rows, recorder, enc["attention_mask"], samples, prompt_routing)
+    return rows
+
+
+def _attach_routing(rows: list[dict], recorder, attention_mask: torch.Tensor, samples: int, prompt_routing: bool) -> None:
+    """Per row, the recorded routing of its generated tokens (and prompt) as flat arrays.
+    ``generate`` repeats each prompt ``samples`` times in place (row r is prompt r // samples),
+    which is the order the routers saw."""
+    p_ids, p_w, g_ids, g_w = recorder.generation()
+    lengths = attention_mask.sum(-1).repeat_interleave(samples).tolist()
+    for i, row in enumerate(rows):
+        n = len(row["token_ids"])
+        if g_ids.shape[1] < n:
+            raise RuntimeError(f"routing recorded {g_ids.shape[1]} decoding steps for {n} generated tokens")
+        row["expert_ids"] = g_ids[i, :n].reshape(-1).tolist()
+        row["expert_weights"] = g_w[i, :n].reshape(-1).astype(np.float16)
+        if prompt_routing:
+            start = p_ids.shape[1] + 1 - int(lengths[i])  # left padding: a prompt's real positions come last
+            row["prompt_expert_ids"] = p_ids[i, start:].reshape(-1).tolist()
+            row["prompt_expert_weights"] = p_w[i, start:].reshape(-1).astype(np.float16)
