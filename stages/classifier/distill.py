@@ -14,20 +14,19 @@ stopped (same data, params and seed give the same result as an uninterrupted run
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from stages.artifacts import Output, fingerprint, list_column_to_numpy, write_json, write_manifest
+from stages.artifacts import Kind, Output, fingerprint, list_column_to_numpy
 from stages.classifier.methods import METHODS
 from stages.classifier.models import Classifier, check_compatible, identity, load_classifier, param_count, save_classifier
 from stages.classifier.training import Context
 from stages.config import DataConfig, DistillConfig, to_dict
 from stages.devices import resolve_device
 from stages.errors import DistilError
-from stages.progress import progress_bar
+from stages.runlog import finish, logged
 from stages.tasks import Examples, load_examples, source_identity
 from stages.tasks.augment import STRENGTHS
 from stages.tasks.splits import stratified_split
@@ -135,13 +134,7 @@ def run(
     inputs = {"data": source_identity(data), "teachers": [identity(t)["sha256"] for t in teachers]}
     output = Output(out, fingerprint("distill", params, inputs))
     with output as work:
-        from dvclive import Live
-
-        resuming = (work / "checkpoint").exists() or (work / "fits").exists()
-        with (
-            Live(dir=str(work / "dvclive"), save_dvc_exp=False, dvcyaml=None, resume=resuming, report=None) as logger,
-            progress_bar(progress) as bar,
-        ):
+        with logged(work, progress) as (logger, bar):
             ctx = Context(cfg, ex, train, dev, dev_, work, logger, bar, live, live_cfgs)
             trained = method.train(ctx)
         save_classifier(work, trained.model, _model_config(trained.model, ex, cfg, class_counts))
@@ -154,9 +147,5 @@ def run(
             "labeled_rows": int(train["labeled"].sum()),
             **trained.summary,
         }
-        write_json(work / "training.json", summary)
-        shutil.rmtree(work / "checkpoint", ignore_errors=True)
-        shutil.rmtree(work / "fits", ignore_errors=True)
-        headline = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
-        write_manifest(work, kind="model", params=params, inputs=inputs, extra={"task": ex.meta()["task"], "training": headline})
+        finish(work, summary, kind=Kind.MODEL, params=params, inputs=inputs, extra={"task": ex.meta()["task"]})
         return output.commit()

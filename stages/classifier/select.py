@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from stages.artifacts import (
     CLASSIFIER_TEACHER_DATA,
     SELECTION,
+    Kind,
     Output,
     TableWriter,
     artifact_hash,
@@ -28,6 +28,7 @@ from stages.classifier.selectors import SELECTORS
 from stages.config import DataConfig, SelectConfig, to_dict
 from stages.errors import DistilError
 from stages.progress import progress_bar
+from stages.selection import Tally
 
 
 def run(cfg: SelectConfig, data, out: Path, *, student: Path | None = None, data_cfg: DataConfig | None = None,
@@ -49,29 +50,16 @@ def run(cfg: SelectConfig, data, out: Path, *, student: Path | None = None, data
             stale.unlink()
         writer = TableWriter(work, SELECTION)
         strategy = SELECTORS[cfg.by]
-        kept_by_split: dict[str, list[int]] = {}
+        tally = Tally(cfg.splits)
         with progress_bar(progress) as bar:
             task = bar.add_task(f"select {cfg.by}", total=total, info="")
             for batch in iter_batches(data, CLASSIFIER_TEACHER_DATA.names, 4096):
-                splits = batch.column("split").to_numpy(zero_copy_only=False).astype(str)
-                keep, weight, reason = strategy(batch, cfg)
-                apply = np.isin(splits, cfg.splits)
-                keep = np.where(apply, keep, True)
-                weight = np.where(apply, weight, 1.0).astype(np.float32)
-                reason = np.where(apply, reason, "passthrough")
-                for s in np.unique(splits):
-                    k = kept_by_split.setdefault(str(s), [0, 0])
-                    k[0] += int(keep[splits == s].sum())
-                    k[1] += int((splits == s).sum())
-                chosen = pa.Table.from_batches([batch]).filter(pa.array(keep))
-                chosen = chosen.append_column("weight", pa.array(weight[keep])).append_column("reason", pa.array(reason[keep]))
-                writer.write(chosen)
+                writer.write(tally.apply(pa.Table.from_batches([batch]), *strategy(batch, cfg)))
                 bar.update(task, advance=batch.num_rows)
-        if writer.done_rows == 0 or not any(kept_by_split.get(s, [0])[0] for s in cfg.splits):
+        if writer.done_rows == 0 or not tally.kept_any:
             raise DistilError(f"selection '{cfg.by}' kept no rows of {cfg.splits}; lower the threshold")
-        stats = {s: {"kept": k, "rows": n, "share": k / n} for s, (k, n) in kept_by_split.items()}
         write_manifest(
-            work, kind="selection", params=params, inputs=inputs, rows=writer.done_rows,
-            model=manifest.get("model", {}), extra={"task": manifest.get("task", {}), "selection": stats},
+            work, kind=Kind.SELECTION, params=params, inputs=inputs, rows=writer.done_rows,
+            model=manifest.get("model", {}), extra={"task": manifest.get("task", {}), "selection": tally.stats()},
         )  # fmt: skip
         return output.commit()

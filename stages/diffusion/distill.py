@@ -8,10 +8,9 @@ a killed run resumes; ``training.json`` holds the per-epoch history.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from stages.artifacts import Output, fingerprint, write_json, write_manifest
+from stages.artifacts import Kind, Output, fingerprint
 from stages.config import DataConfig, DistillConfig, to_dict
 from stages.devices import resolve_device
 from stages.diffusion.data import (
@@ -24,7 +23,7 @@ from stages.diffusion.data import (
 from stages.diffusion.generator import CONSISTENCY_SCHEDULERS, generator_hash, is_generator, save_generator
 from stages.diffusion.methods import DIFFUSION_METHODS
 from stages.errors import DistilError
-from stages.progress import progress_bar
+from stages.runlog import finish, logged
 
 
 def run(
@@ -69,23 +68,14 @@ def run(
     inputs = {"data": generator_identity(data), "teacher": generator_hash(teachers[0]) if teachers else ""}
     output = Output(out, fingerprint("distill", params, inputs))
     with output as work:
-        from dvclive import Live
-
-        resuming = (work / "checkpoint").exists()
-        with (
-            Live(dir=str(work / "dvclive"), save_dvc_exp=False, dvcyaml=None, resume=resuming, report=None) as live,
-            progress_bar(progress) as bar,
-        ):
+        with logged(work, progress) as (live, bar):
             model, scheduler, summary = method.train(cfg, gdata, teachers[0] if teachers else None, work, device=dev,
                                                      bar=bar, live=live)  # fmt: skip
         save_generator(work, model.cpu(), scheduler)
         summary = {"method": cfg.method, "params": sum(p.numel() for p in model.parameters()),
                    "train_rows": len(gdata.splits["train"]), **summary}  # fmt: skip
-        write_json(work / "training.json", summary)
-        shutil.rmtree(work / "checkpoint", ignore_errors=True)
-        headline = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
         kind = "consistency" if type(scheduler).__name__ in CONSISTENCY_SCHEDULERS else "diffusion"
-        write_manifest(work, kind="generator", params=params, inputs=inputs,
-                       extra={"data": gdata.describe(), "generator": {"kind": kind, "sample_shape": gdata.sample_shape,
-                              "scheduler": type(scheduler).__name__}, "training": headline})  # fmt: skip
+        finish(work, summary, kind=Kind.GENERATOR, params=params, inputs=inputs,
+               extra={"data": gdata.describe(), "generator": {"kind": kind, "sample_shape": gdata.sample_shape,
+                      "scheduler": type(scheduler).__name__}})  # fmt: skip
         return output.commit()

@@ -12,7 +12,6 @@ teacher a gate picks per prompt, on teacher data from several teachers (``stages
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from stages.artifacts import Output, fingerprint, read_manifest, write_json, write_manifest
+from stages.artifacts import Kind, Output, fingerprint, read_manifest
 from stages.config import DataConfig, DistillConfig, to_dict
 from stages.devices import resolve_device
 from stages.errors import DistilError
@@ -29,7 +28,7 @@ from stages.lm.models import LMSize, build_lm, check_same_tokenizer, lm_identity
 from stages.lm.teachers.vocabulary import shared_tokenizer
 from stages.lm.training import IGNORE, RowSource, collate, encode, encode_tokens, fit_lm, token_ce
 from stages.losses import DIVERGENCES, divergence_hyper
-from stages.progress import progress_bar
+from stages.runlog import finish, logged
 from stages.tasks import load_prompts, source_identity
 
 
@@ -255,13 +254,7 @@ def run(
               "teacher": lm_identity(teachers[0])["sha256"] if on_policy else ""}  # fmt: skip
     output = Output(out, fingerprint("distill", params, inputs))
     with output as work:
-        from dvclive import Live
-
-        resuming = (work / "checkpoint").exists()
-        with (
-            Live(dir=str(work / "dvclive"), save_dvc_exp=False, dvcyaml=None, resume=resuming, report=None) as live,
-            progress_bar(progress) as bar,
-        ):
+        with logged(work, progress) as (live, bar):
             torch.manual_seed(cfg.seed)
             summary = fit_lm(model, pairs["train"], pairs["dev"], cfg, work, pad_id=tokenizer.pad_token_id, device=dev_,
                              loss_fn=loss_fn, bar=bar, live=live)  # fmt: skip
@@ -277,8 +270,5 @@ def run(
             **gated,
             **summary,
         }
-        write_json(work / "training.json", summary)
-        shutil.rmtree(work / "checkpoint", ignore_errors=True)
-        headline = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
-        write_manifest(work, kind="lm", params=params, inputs=inputs, extra={"task": {"name": str(data)}, "training": headline})
+        finish(work, summary, kind=Kind.LM_MODEL, params=params, inputs=inputs, extra={"task": {"name": str(data)}})
         return output.commit()

@@ -20,6 +20,7 @@ import torch
 from stages.artifacts import (
     LM_SELECTION,
     LM_TEACHER_DATA,
+    Kind,
     Output,
     TableWriter,
     artifact_hash,
@@ -33,6 +34,7 @@ from stages.config import DataConfig, SelectConfig, to_dict
 from stages.errors import DistilError
 from stages.lm.selectors import LM_SELECTORS, chained
 from stages.progress import progress_bar
+from stages.selection import Tally
 
 
 def run(cfg: SelectConfig, data, out: Path, *, student: Path | None = None, data_cfg: DataConfig | None = None,
@@ -61,33 +63,17 @@ def _run_samples(cfg: SelectConfig, data: Path, out: Path, *, progress: bool) ->
         for stale in work.glob("part-*.parquet"):
             stale.unlink()
         writer = TableWriter(work, LM_SELECTION)
-        kept = {"train": [0, 0]}
+        tally = Tally(cfg.splits)
         with progress_bar(progress) as bar:
             task = bar.add_task(f"select {cfg.by}", total=total, info="")
-            for f in files:
+            for f in files:  # parts hold whole prompts: per-prompt strategies see every sample of a prompt
                 table = with_optional(pq.read_table(f), LM_TEACHER_DATA).select(LM_TEACHER_DATA.names).cast(LM_TEACHER_DATA)
-                keep, weight, reason = chained(names, table, cfg)
-                apply = np.isin(np.asarray(table.column("split").to_pylist()), cfg.splits)
-                keep = np.where(apply, keep, True)
-                weight = np.where(apply, weight, 1.0).astype(np.float32)
-                reason = np.where(apply, reason, "passthrough")
-                for s in cfg.splits:
-                    rows = np.asarray(table.column("split").to_pylist()) == s
-                    k = kept.setdefault(s, [0, 0])
-                    k[0] += int((keep & rows).sum())
-                    k[1] += int(rows.sum())
-                chosen = (
-                    table.filter(pa.array(keep))
-                    .append_column("weight", pa.array(weight[keep]))
-                    .append_column("reason", pa.array(reason[keep]))
-                )
-                writer.write(chosen)
+                writer.write(tally.apply(table, *chained(names, table, cfg)))
                 bar.update(task, advance=table.num_rows)
-        if not any(k for k, _ in kept.values()):
+        if not tally.kept_any:
             raise DistilError(f"selection '{cfg.by}' kept no rows of {cfg.splits}; relax it (min_agreement, min_score, lengths)")
-        stats = {s: {"kept": k, "rows": n, "share": k / max(n, 1)} for s, (k, n) in kept.items()}
-        write_manifest(work, kind="lm_selection", params=params, inputs=inputs, rows=writer.done_rows, model=manifest.get("model", {}),
-                       extra={"task": manifest.get("task", {}), "top_k": manifest.get("top_k", 0), "selection": stats,
+        write_manifest(work, kind=Kind.LM_SELECTION, params=params, inputs=inputs, rows=writer.done_rows, model=manifest.get("model", {}),
+                       extra={"task": manifest.get("task", {}), "top_k": manifest.get("top_k", 0), "selection": tally.stats(),
                               "teachers": manifest.get("teachers", [])})  # fmt: skip
         return output.commit()
 
