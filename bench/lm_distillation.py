@@ -82,7 +82,7 @@ def _sparse_vs_full(n: int = 256, vocab: int = 32_000, k: int = 32) -> dict:
 
 
 def _generation(model, tok, prompts: list[str]) -> dict:
-    from stages.lm.training import sample
+    from stages.lm.generation import sample
 
     def batched():
         return sample(model, tok, prompts, samples=1, temperature=0.0, top_p=1.0, max_new_tokens=16, top_k=0, device="cpu")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
@@ -447,6 +448,9 @@ def from_dict(cls: type[T], values: dict[str, Any] | None, where: str) -> T:
     return cls(**kwargs)
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = getattr(hint, "__origin__", None)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -455,13 +459,16 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return value
     if hint is str and isinstance(value, bool):  # YAML 1.1 reads on/off (yes/no) as booleans; text settings mean the words
         return "on" if value else "off"
+    if hint is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 1e-3 as text
+        return float(value)
     if origin is list and isinstance(value, list):
         inner = hint.__args__[0]
         return [_coerce(v, inner, where) for v in value]
     if hint is dict and isinstance(value, dict):
         return value
-    if origin is list and isinstance(value, str):
-        return [v for v in value.split(",") if v]
+    if origin is list and isinstance(value, str):  # --set splits=train,dev or sizes=20,4,4
+        inner = hint.__args__[0]
+        return [v if inner is str else _coerce(yaml.safe_load(v), inner, where) for v in value.split(",") if v]
     raise DistilError(f"params '{where}' must be {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
@@ -476,6 +483,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise DistilError(f"--set {key}: '{p}' was already set to a value; set either {p} or its keys")
+        if isinstance(node.get(leaf), dict):
+            raise DistilError(f"--set {key}: its keys were already set; set either {key} or its keys")
         node[leaf] = yaml.safe_load(raw) if raw else ""
     return out
 

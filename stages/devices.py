@@ -1,4 +1,4 @@
-"""Loading and saving teachers and students."""
+"""Where models run: `--device auto|cpu|cuda[:N]` resolved to a torch device, or a clear error."""
 
 import torch
 

@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages.errors import DistilError
-from stages.lm.cascade import ALWAYS_DEFER, LM_POLICIES, decide, first_round, leader_wins, majority, rounds, weighted_vote
+from stages.lm.cascade import ALWAYS_DEFER, LM_POLICIES, decide, first_round, leader_wins, rounds, weighted_vote
 from stages.lm.cascade_cost import Pricer, break_even, pricers, sweep
+from stages.lm.scoring import majority
 
 SOUNDS = {"cat": "meow", "dog": "woof", "cow": "moo", "duck": "quack", "sheep": "baa", "owl": "hoot"}
 LM = ["--set", "lm.hidden=32", "--set", "lm.layers=1", "--set", "lm.heads=2", "--set", "batch_size=16", "--set", "lr=0.01", "-q"]

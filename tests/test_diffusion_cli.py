@@ -15,10 +15,9 @@ from conftest import Cli, dies_on_call, write_params
 from diffusers import DiffusionPipeline, LCMScheduler
 
 from stages.config import DataConfig
-from stages.diffusion.data import load_generator_data
+from stages.diffusion.data import load_generator_data, read_final_samples, read_trajectories
 from stages.diffusion.pipeline import DistilGeneratorPipeline
 from stages.diffusion.sampling import sample_generator
-from stages.diffusion.teacher_data import read_final_samples, read_trajectories
 
 DATA = {"sizes": [1000, 100, 500], "limit": 0, "split_seed": 0}
 PARAMS = {

@@ -177,7 +177,7 @@ def test_token_selection_keeps_tokens_where_the_teacher_is_more_confident():
     import torch
 
     from stages.config import DistillConfig
-    from stages.lm.distill import _token_selection
+    from stages.lm.methods.token_level import _token_selection
 
     # two positions over a 3-token vocabulary; the teacher's top-1 is token 0 with p = 0.9 at both
     ids = torch.tensor([[[0, 1], [0, 1]]])
@@ -211,7 +211,7 @@ def test_on_policy_trains_against_a_live_teacher(cli, lm_dir, tmp_path):
 def test_student_samples_keep_the_prompt_and_mask_it():
     import torch
 
-    from stages.lm.distill import _student_samples
+    from stages.lm.methods.on_policy import _student_samples
     from stages.lm.models import LMSize, build_lm, train_tokenizer
     from stages.lm.training import IGNORE
 
@@ -292,12 +292,12 @@ def test_each_lm_method_trains_with_its_own_loss(lm_teacher_data, tmp_path, monk
         seen["loss_fn"], seen["batch"], seen["model"] = loss_fn, collate(list(train.epoch(0))[:4], pad_id), model
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mod, "fit_lm", capture)
+    monkeypatch.setattr(mod, "fit", capture)
     cfg = DistillConfig(method=method, alpha=1.0, lm=LMConfig(hidden=16, layers=1, heads=2))
     with pytest.raises(KeyboardInterrupt):
         mod.run(cfg, lm_teacher_data, tmp_path / "s", data_cfg=DataConfig(), progress=False)
     if method == "sft":
-        assert seen["loss_fn"] is None  # fit_lm's default: next-token CE
+        assert seen["loss_fn"] is None  # fit's default: next-token CE
         return
     b, m = seen["batch"], seen["model"]
     ce = token_ce(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])

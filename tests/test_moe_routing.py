@@ -88,7 +88,7 @@ def tiny_mixtral():
 
 @pytest.mark.parametrize("samples,temperature", [(1, 0.0), (3, 1.0)])
 def test_recorder_rows_align_with_generated_tokens(tiny_mixtral, samples, temperature):
-    from stages.lm.training import sample
+    from stages.lm.generation import sample
 
     model, tok = tiny_mixtral
     prompts = ["12+7=", "what is 5+5? and 3+4", "3"]  # different lengths: left padding in the prefill
@@ -121,8 +121,8 @@ def test_recorder_rows_align_with_generated_tokens(tiny_mixtral, samples, temper
 def test_scmoe_weak_passes_are_not_recorded(tiny_mixtral):
     """SCMoE runs an extra weak forward per step inside generate; with beta = 0 it picks the
     model's own tokens, so the recorded routing must be exactly plain greedy's."""
+    from stages.lm.generation import sample
     from stages.lm.moe.scmoe import SCMoE
-    from stages.lm.training import sample
 
     model, tok = tiny_mixtral
     kw = dict(samples=1, temperature=0.0, top_p=1.0, max_new_tokens=4, top_k=0, device="cpu", routing=True, prompt_routing=True)

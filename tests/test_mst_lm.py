@@ -91,7 +91,7 @@ def test_the_manifest_rebuilds_the_mixture(mst):
     from stages.artifacts import read_manifest
     from stages.config import DataConfig
     from stages.tasks import load_prompts
-    from stages.tasks.reasoning import task_from_manifest
+    from stages.tasks.mixture import task_from_manifest
 
     manifest = read_manifest(mst / "td")
     assert manifest["task"]["name"] == MIX

@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
+from stages.lm.generation import generate, sample
 from stages.lm.models import LMSize, build_lm, routers, train_tokenizer
 from stages.lm.moe.scmoe import SCMoE, SCMoELogitsProcessor, contrast, weak_routing
-from stages.lm.training import generate, sample
 
 TEXT = ["Question: Calculate 2 - -1.\nAnswer: 3", "Question: What is 17 + 25?\nAnswer: 42", "compute 3 * 4 = 12"] * 10
 SIZE = LMSize(hidden=32, layers=2, heads=2, intermediate=48, experts=4, experts_per_token=2, context=64)

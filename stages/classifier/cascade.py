@@ -34,6 +34,7 @@ from torch import nn
 from stages.artifacts import (
     CASCADE_DECISIONS,
     DECISIONS,
+    Kind,
     Output,
     TableWriter,
     fingerprint,
@@ -141,22 +142,9 @@ def run(
     progress: bool = True,
 ) -> Path:
     """Route the test split between student and teacher."""
-    if models or cfg.online:
-        raise DistilError("--model and --online apply to language-model cascades; drop them for classifiers")
-    if cfg.policy == "auto":
-        cfg = dataclasses.replace(cfg, policy="confidence")
-    if cfg.policy not in POLICIES:
-        raise DistilError(f"unknown policy '{cfg.policy}'; choose one of {', '.join(POLICIES)}")
-    if cfg.policy == "views" and cfg.views < 2:
-        raise DistilError("policy views needs views >= 2")
+    cfg = _checked(cfg, models)
     dev_ = resolve_device(device)
-    s_model, s_cfg = load_classifier(student, dev_)
-    t_model, t_cfg = load_classifier(teacher, dev_)
-    if s_cfg["num_classes"] != t_cfg["num_classes"] or s_cfg["input_shape"] != t_cfg["input_shape"]:
-        raise DistilError("student and teacher disagree on classes or input shape; cascade models trained on the same task")
-    ex = load_examples(data, data_cfg)
-    check_compatible(s_cfg, ex.num_classes, ex.input_shape, f"student {student}", data)
-    shape = s_cfg["input_shape"]
+    s_model, t_model, ex, shape = _load_pair(student, teacher, data, data_cfg, dev_)
     split = {s: ex.split(s) for s in ("dev", "test")}
     if split["test"].num_rows == 0:
         raise DistilError(f"{data} has no test rows; the cascade runs on the test split")
@@ -164,41 +152,12 @@ def run(
     y = {s: t.column("label").to_numpy() for s, t in split.items()}
 
     if policy_file is not None:
-        try:
-            policy = json.loads(Path(policy_file).read_text())
-            threshold = float(policy["threshold"])
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise DistilError(f"{policy_file} is not a cascade policy file; calibrate one with `distil cascade`") from None
-        if policy.get("policy") != cfg.policy:
-            raise DistilError(
-                f"{policy_file} calibrates policy '{policy.get('policy')}', not '{cfg.policy}'; pass a matching --policy"
-            )
-        curve: list[dict] = []
+        policy, curve = _read_policy(policy_file, cfg), []
     else:
         if split["dev"].num_rows == 0:
             raise DistilError(f"{data} has no dev rows to calibrate on; pass --policy-file or add a dev split")
-        s_ans, conf = student_votes(s_model, x["dev"], cfg, shape)
-        t_ans = predict_logits(t_model, x["dev"], cfg.batch_size).argmax(1).numpy()
-        teacher_acc = float((t_ans == y["dev"]).mean())
-        relative = cfg.target_accuracy < 0
-        target = teacher_acc - cfg.margin if relative else cfg.target_accuracy
-        threshold, curve = calibrate(conf, s_ans, t_ans, y["dev"], target, margin=cfg.margin if relative else None,
-                                     level=cfg.confidence, seed=cfg.seed)  # fmt: skip
-        dev_route = conf >= threshold
-        policy = {
-            "policy": cfg.policy,
-            "threshold": threshold,
-            "target_accuracy": target,
-            "confidence": cfg.confidence,
-            "dev": {
-                "accuracy": float((np.where(dev_route, s_ans, t_ans) == y["dev"]).mean()),
-                "teacher_rate": float((~dev_route).mean()),
-                "teacher_accuracy": teacher_acc,
-                "student_accuracy": float((s_ans == y["dev"]).mean()),
-            },
-            "student": identity(student),
-            "teacher": identity(teacher),
-        }
+        policy, curve = _calibrate_policy(cfg, s_model, t_model, x["dev"], y["dev"], shape)
+        policy.update(student=identity(student), teacher=identity(teacher))
 
     params = {"cascade": to_dict(cfg), "data": to_dict(data_cfg)}
     inputs = {"student": identity(student)["sha256"], "teacher": identity(teacher)["sha256"], "data": source_identity(data),
@@ -208,57 +167,154 @@ def run(
         decisions = work / DECISIONS
         shutil.rmtree(decisions, ignore_errors=True)  # routing is cheap to redo: no partial resume
         decisions.mkdir()
-
-        xt, yt = x["test"], y["test"]
-        n = len(yt)
-        (s_ans, conf), s_sec = _timed(student_votes, s_model, xt, cfg, shape)
-        deferred = ~(conf >= policy["threshold"])
-        answer = s_ans.copy()
-        t_sec = 0.0
-        if deferred.any():
-            t_logits, t_sec = _timed(predict_logits, t_model, xt[torch.from_numpy(deferred)], cfg.batch_size)
-            answer[deferred] = t_logits.argmax(1).numpy()
-        # teacher-only reference (not part of the cascade's cost): answers and time for every row
-        t_all, t_all_sec = _timed(predict_logits, t_model, xt, cfg.batch_size)
-        t_all = t_all.argmax(1).numpy()
-        views = cfg.views if cfg.policy == "views" else 1
-        s_flops, t_flops = count_flops(s_model, shape) * views, count_flops(t_model, shape)
-        row_sec = s_sec / n + np.where(deferred, t_sec / max(int(deferred.sum()), 1), 0.0)
-        row_flops = s_flops + np.where(deferred, t_flops, 0)
-        correct = answer == yt
-        TableWriter(decisions, CASCADE_DECISIONS).write(
-            {
-                "id": split["test"].column("id").to_numpy(),
-                "split": ["test"] * n,
-                "label": yt,
-                "route": np.where(deferred, "teacher", "student").tolist(),
-                "confidence": conf.astype(np.float32),
-                "answer": answer,
-                "correct": correct,
-                "cost_seconds": row_sec,
-                "cost_flops": row_flops.astype(np.float64),
-            }
-        )
-        metrics = {
-            "policy": cfg.policy,
-            "threshold": policy["threshold"],
-            "accuracy": float(correct.mean()),
-            "teacher_rate": float(deferred.mean()),
-            "student_accuracy": float((s_ans == yt).mean()),
-            "teacher_accuracy": float((t_all == yt).mean()),
-            "flops_per_row": float(row_flops.mean()),
-            "seconds_per_1k_rows": float(row_sec.mean() * 1000),
-            "cost_vs_teacher_flops": float(row_flops.mean() / t_flops),
-            "cost_vs_teacher_seconds": float(row_sec.mean() / (t_all_sec / n)),
-            "rows": n,
-        }
+        routed = _route(cfg, s_model, t_model, x["test"], shape, policy["threshold"])
+        yt = y["test"]
+        TableWriter(decisions, CASCADE_DECISIONS).write(_decision_columns(split["test"].column("id").to_numpy(), yt, routed))
+        metrics = _metrics(cfg, policy["threshold"], routed, yt)
         write_json(work / "policy.json", policy)
         write_json(work / "metrics.json", metrics)
-        with open(work / "calibration.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["threshold", "teacher_rate", "accuracy", "target_met"])
-            w.writeheader()
-            w.writerows(curve)
-        write_manifest(decisions, kind="cascade_decisions", params=params, inputs=inputs, rows=n,
+        _write_curve(work / "calibration.csv", curve)
+        write_manifest(decisions, kind=Kind.CASCADE_DECISIONS, params=params, inputs=inputs, rows=len(yt),
                        model={"student": identity(student), "teacher": identity(teacher)},
                        extra={"task": ex.meta()["task"], "metrics": metrics})  # fmt: skip
         return output.commit()
+
+
+def _checked(cfg: CascadeConfig, models: list[Path] | tuple) -> CascadeConfig:
+    """The config with ``auto`` resolved, once its policy is known to apply to classifiers."""
+    if models or cfg.online:
+        raise DistilError("--model and --online apply to language-model cascades; drop them for classifiers")
+    if cfg.policy == "auto":
+        cfg = dataclasses.replace(cfg, policy="confidence")
+    if cfg.policy not in POLICIES:
+        raise DistilError(f"unknown policy '{cfg.policy}'; choose one of {', '.join(POLICIES)}")
+    if cfg.policy == "views" and cfg.views < 2:
+        raise DistilError("policy views needs views >= 2")
+    return cfg
+
+
+def _load_pair(student: Path, teacher: Path, data: str | Path, data_cfg: DataConfig, device) -> tuple:
+    """(student model, teacher model, examples, input shape), checked to share one task."""
+    s_model, s_cfg = load_classifier(student, device)
+    t_model, t_cfg = load_classifier(teacher, device)
+    if s_cfg["num_classes"] != t_cfg["num_classes"] or s_cfg["input_shape"] != t_cfg["input_shape"]:
+        raise DistilError("student and teacher disagree on classes or input shape; cascade models trained on the same task")
+    ex = load_examples(data, data_cfg)
+    check_compatible(s_cfg, ex.num_classes, ex.input_shape, f"student {student}", data)
+    return s_model, t_model, ex, s_cfg["input_shape"]
+
+
+def _read_policy(policy_file: Path, cfg: CascadeConfig) -> dict[str, Any]:
+    """A policy calibrated by an earlier ``distil cascade``, for the same policy kind."""
+    try:
+        policy = json.loads(Path(policy_file).read_text())
+        float(policy["threshold"])  # a number, or this is no policy file
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise DistilError(f"{policy_file} is not a cascade policy file; calibrate one with `distil cascade`") from None
+    if policy.get("policy") != cfg.policy:
+        raise DistilError(
+            f"{policy_file} calibrates policy '{policy.get('policy')}', not '{cfg.policy}'; pass a matching --policy"
+        )
+    return policy
+
+
+def _calibrate_policy(
+    cfg: CascadeConfig, s_model: nn.Module, t_model: nn.Module, x: torch.Tensor, y: np.ndarray, shape: list[int]
+) -> tuple[dict[str, Any], list[dict]]:
+    """The policy calibrated on the dev rows (without the model identities), and its curve."""
+    s_ans, conf = student_votes(s_model, x, cfg, shape)
+    t_ans = predict_logits(t_model, x, cfg.batch_size).argmax(1).numpy()
+    teacher_acc = float((t_ans == y).mean())
+    relative = cfg.target_accuracy < 0
+    target = teacher_acc - cfg.margin if relative else cfg.target_accuracy
+    threshold, curve = calibrate(conf, s_ans, t_ans, y, target, margin=cfg.margin if relative else None,
+                                 level=cfg.confidence, seed=cfg.seed)  # fmt: skip
+    dev_route = conf >= threshold
+    policy = {
+        "policy": cfg.policy,
+        "threshold": threshold,
+        "target_accuracy": target,
+        "confidence": cfg.confidence,
+        "dev": {
+            "accuracy": float((np.where(dev_route, s_ans, t_ans) == y).mean()),
+            "teacher_rate": float((~dev_route).mean()),
+            "teacher_accuracy": teacher_acc,
+            "student_accuracy": float((s_ans == y).mean()),
+        },
+    }
+    return policy, curve
+
+
+@dataclasses.dataclass
+class _Routed:
+    """The test rows routed: the student's answers and confidence, the cascade's answers,
+    per-row costs, and the teacher-only reference (answers and total time)."""
+
+    student_answer: np.ndarray
+    confidence: np.ndarray
+    deferred: np.ndarray
+    answer: np.ndarray
+    row_seconds: np.ndarray
+    row_flops: np.ndarray
+    teacher_answer: np.ndarray
+    teacher_seconds: float
+    teacher_flops: int
+
+
+def _route(cfg: CascadeConfig, s_model: nn.Module, t_model: nn.Module, xt: torch.Tensor, shape: list[int],
+           threshold: float) -> _Routed:  # fmt: skip
+    """Run the student on every row and the teacher on the deferred ones."""
+    n = len(xt)
+    (s_ans, conf), s_sec = _timed(student_votes, s_model, xt, cfg, shape)
+    deferred = ~(conf >= threshold)
+    answer = s_ans.copy()
+    t_sec = 0.0
+    if deferred.any():
+        t_logits, t_sec = _timed(predict_logits, t_model, xt[torch.from_numpy(deferred)], cfg.batch_size)
+        answer[deferred] = t_logits.argmax(1).numpy()
+    # teacher-only reference (not part of the cascade's cost): answers and time for every row
+    t_all, t_all_sec = _timed(predict_logits, t_model, xt, cfg.batch_size)
+    views = cfg.views if cfg.policy == "views" else 1
+    s_flops, t_flops = count_flops(s_model, shape) * views, count_flops(t_model, shape)
+    row_sec = s_sec / n + np.where(deferred, t_sec / max(int(deferred.sum()), 1), 0.0)
+    row_flops = s_flops + np.where(deferred, t_flops, 0)
+    return _Routed(s_ans, conf, deferred, answer, row_sec, row_flops, t_all.argmax(1).numpy(), t_all_sec, t_flops)
+
+
+def _decision_columns(ids: np.ndarray, labels: np.ndarray, r: _Routed) -> dict[str, Any]:
+    n = len(labels)
+    return {
+        "id": ids,
+        "split": ["test"] * n,
+        "label": labels,
+        "route": np.where(r.deferred, "teacher", "student").tolist(),
+        "confidence": r.confidence.astype(np.float32),
+        "answer": r.answer,
+        "correct": r.answer == labels,
+        "cost_seconds": r.row_seconds,
+        "cost_flops": r.row_flops.astype(np.float64),
+    }
+
+
+def _metrics(cfg: CascadeConfig, threshold: float, r: _Routed, labels: np.ndarray) -> dict[str, Any]:
+    n = len(labels)
+    return {
+        "policy": cfg.policy,
+        "threshold": threshold,
+        "accuracy": float((r.answer == labels).mean()),
+        "teacher_rate": float(r.deferred.mean()),
+        "student_accuracy": float((r.student_answer == labels).mean()),
+        "teacher_accuracy": float((r.teacher_answer == labels).mean()),
+        "flops_per_row": float(r.row_flops.mean()),
+        "seconds_per_1k_rows": float(r.row_seconds.mean() * 1000),
+        "cost_vs_teacher_flops": float(r.row_flops.mean() / r.teacher_flops),
+        "cost_vs_teacher_seconds": float(r.row_seconds.mean() / (r.teacher_seconds / n)),
+        "rows": n,
+    }
+
+
+def _write_curve(path: Path, curve: list[dict]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["threshold", "teacher_rate", "accuracy", "target_met"])
+        w.writeheader()
+        w.writerows(curve)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from stages.artifacts import Kind, Output, fingerprint, list_column_to_numpy
-from stages.classifier.methods import METHODS
+from stages.classifier.methods import METHODS, Method
 from stages.classifier.models import Classifier, check_compatible, identity, load_classifier, param_count, save_classifier
 from stages.classifier.training import Context
 from stages.config import DataConfig, DistillConfig, to_dict
@@ -92,24 +92,8 @@ def run(
     teacher is patient and consistent", CVPR 2022, section 3). Without them, the stored
     ``logits`` column of the data is the teacher.
     """
-    if cfg.method not in METHODS:
-        raise DistilError(f"unknown method '{cfg.method}'; choose one of {', '.join(METHODS)}")
-    method = METHODS[cfg.method]
-    if cfg.augment not in STRENGTHS:
-        raise DistilError(f"unknown augment '{cfg.augment}'; choose one of {', '.join(STRENGTHS)}")
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        raise DistilError("epochs, batch_size and lr must be positive")
-    if cfg.checkpoint not in ("best", "last"):
-        raise DistilError(f"checkpoint must be best or last, got '{cfg.checkpoint}'")
-    if not 0 < cfg.labeled_fraction <= 1:
-        raise DistilError(f"labeled_fraction must be in (0, 1], got {cfg.labeled_fraction}")
     teachers = [Path(t) for t in teachers]
-    if method.teacher == "none" and teachers:
-        raise DistilError(f"method '{cfg.method}' uses no teacher; drop --teacher")
-    if method.teacher == "one" and len(teachers) > 1:
-        raise DistilError(f"method '{cfg.method}' learns from one teacher, got {len(teachers)}; use mst for several")
-    if method.teacher == "many" and len(teachers) < 2:
-        raise DistilError(f"method '{cfg.method}' needs at least two teachers; pass --teacher DIR several times")
+    method = _checked_method(cfg, teachers)
     dev_ = resolve_device(device)
     ex = load_examples(data, data_cfg)
     live, live_cfgs = _load_teachers(teachers, ex, data, dev_)
@@ -122,12 +106,7 @@ def run(
     train, dev = _tensors(ex, "train", need_logits), _tensors(ex, "dev", need_logits)
     if len(train["y"]) == 0 or len(dev["y"]) == 0:
         raise DistilError(f"{data} needs rows in both the train and dev splits; check the split column or data.limit")
-    train["labeled"] = torch.ones(len(train["y"]), dtype=torch.bool)
-    if cfg.labeled_fraction < 1:
-        split = stratified_split(train["y"].numpy(), 0.0, 1 - cfg.labeled_fraction, data_cfg.split_seed)
-        train["labeled"] = torch.from_numpy(split == "train")
-        if not method.label_free:
-            train = {k: v[train["labeled"]] for k, v in train.items()}
+    train = _mark_labeled(train, cfg, data_cfg, keep_unlabeled=method.label_free)
     class_counts = torch.bincount(train["y"][train["labeled"]], minlength=ex.num_classes).tolist()
 
     params = {"distill": to_dict(cfg), "data": to_dict(data_cfg)}
@@ -149,3 +128,39 @@ def run(
         }
         finish(work, summary, kind=Kind.MODEL, params=params, inputs=inputs, extra={"task": ex.meta()["task"]})
         return output.commit()
+
+
+def _checked_method(cfg: DistillConfig, teachers: list[Path]) -> Method:
+    """The method of ``cfg``, once the settings and the number of teachers suit it."""
+    if cfg.method not in METHODS:
+        raise DistilError(f"unknown method '{cfg.method}'; choose one of {', '.join(METHODS)}")
+    method = METHODS[cfg.method]
+    if cfg.augment not in STRENGTHS:
+        raise DistilError(f"unknown augment '{cfg.augment}'; choose one of {', '.join(STRENGTHS)}")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+        raise DistilError("epochs, batch_size and lr must be positive")
+    if cfg.checkpoint not in ("best", "last"):
+        raise DistilError(f"checkpoint must be best or last, got '{cfg.checkpoint}'")
+    if not 0 < cfg.labeled_fraction <= 1:
+        raise DistilError(f"labeled_fraction must be in (0, 1], got {cfg.labeled_fraction}")
+    if method.teacher == "none" and teachers:
+        raise DistilError(f"method '{cfg.method}' uses no teacher; drop --teacher")
+    if method.teacher == "one" and len(teachers) > 1:
+        raise DistilError(f"method '{cfg.method}' learns from one teacher, got {len(teachers)}; use mst for several")
+    if method.teacher == "many" and len(teachers) < 2:
+        raise DistilError(f"method '{cfg.method}' needs at least two teachers; pass --teacher DIR several times")
+    return method
+
+
+def _mark_labeled(
+    train: dict[str, torch.Tensor], cfg: DistillConfig, data_cfg: DataConfig, *, keep_unlabeled: bool
+) -> dict[str, torch.Tensor]:
+    """The train tensors with a ``labeled`` mask: all rows, or a stratified
+    ``labeled_fraction`` of them (the rest dropped unless the method learns without labels)."""
+    train["labeled"] = torch.ones(len(train["y"]), dtype=torch.bool)
+    if cfg.labeled_fraction < 1:
+        split = stratified_split(train["y"].numpy(), 0.0, 1 - cfg.labeled_fraction, data_cfg.split_seed)
+        train["labeled"] = torch.from_numpy(split == "train")
+        if not keep_unlabeled:
+            train = {k: v[train["labeled"]] for k, v in train.items()}
+    return train

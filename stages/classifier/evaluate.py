@@ -25,6 +25,7 @@ from rich.console import Console
 from stages.artifacts import (
     CASCADE_DECISIONS,
     DECISIONS,
+    Kind,
     Output,
     artifact_hash,
     fingerprint,
@@ -163,6 +164,6 @@ def run(
         write_json(work / "metrics.json", results)
         write_summary(work, results, console)
         write_manifest(
-            work, kind="evaluation", params=params, inputs=inputs, extra={"task": ex.meta()["task"], "metrics": results}
+            work, kind=Kind.EVALUATION, params=params, inputs=inputs, extra={"task": ex.meta()["task"], "metrics": results}
         )
         return output.commit()

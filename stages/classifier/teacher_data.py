@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from stages.artifacts import CLASSIFIER_TEACHER_DATA, Output, TableWriter, fingerprint, list_column_to_numpy, write_manifest
+from stages.artifacts import CLASSIFIER_TEACHER_DATA, Kind, Output, TableWriter, fingerprint, list_column_to_numpy, write_manifest
 from stages.classifier.models import check_compatible, identity, load_classifier, predict_logits
 from stages.config import DataConfig, GenerateTeacherDataConfig, to_dict
 from stages.devices import resolve_device
@@ -74,7 +74,7 @@ def run(
         seconds = time.perf_counter() - t0
         write_manifest(
             writer.dir,
-            kind="teacher_data",
+            kind=Kind.TEACHER_DATA,
             params=params,
             inputs=inputs,
             rows=writer.done_rows,

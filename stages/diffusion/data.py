@@ -11,6 +11,10 @@
   ``train``): a student then learns from teacher samples instead of real data.
 
 ``data.limit`` keeps the first ``limit`` samples of each split, as for every other task.
+
+Diffusion teacher data is read here too (``read_trajectories``, ``read_final_samples``):
+the ``part-NNNNN.parquet`` index and its ``_states/shard-NNNNN.safetensors`` shards, which
+``stages.diffusion.teacher_data`` writes.
 """
 
 from __future__ import annotations
@@ -20,17 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from stages.artifacts import MANIFEST, read_manifest
+from stages.artifacts import DIFFUSION_TEACHER_DATA, MANIFEST, Kind, inspect_table, load_tensors, read_manifest
 from stages.config import DataConfig
 from stages.errors import DistilError
 from stages.tasks import GENERATOR_DATA, IMAGES
 from stages.tasks.digits_images import digits_images
 from stages.tasks.toy2d import TOY2D
 
-TEACHER_DATA_KIND = "diffusion_teacher_data"
-"""Manifest kind of generate-teacher-data's output for generator teachers."""
+STATES = "_states"
+"""Subdirectory of diffusion teacher data's safetensors shards (the leading underscore keeps
+Parquet directory readers out of it)."""
 
 
 @dataclass
@@ -61,7 +68,7 @@ def is_generator_source(source: str | Path) -> bool:
 def is_teacher_data(source: str | Path) -> bool:
     """A folder of diffusion teacher data (generate-teacher-data's trajectories), not a dataset."""
     path = Path(source)
-    return path.is_dir() and (path / MANIFEST).exists() and read_manifest(path).get("kind") == TEACHER_DATA_KIND
+    return path.is_dir() and (path / MANIFEST).exists() and read_manifest(path).get("kind") == Kind.DIFFUSION_TEACHER_DATA
 
 
 def generator_identity(source: str | Path) -> str:
@@ -103,8 +110,40 @@ def _toy(name: str, data: DataConfig) -> GeneratorData:
 
 
 def _teacher_samples(path: Path) -> GeneratorData:
-    from stages.diffusion.teacher_data import read_final_samples
-
     x, manifest = read_final_samples(path)
     return GeneratorData(str(path), list(x.shape[1:]), {"train": x.numpy()},
                          meta={"teacher_data": str(path), "data": manifest.get("data", {})})  # fmt: skip
+
+
+def _index(path: Path, what: str):
+    files, _, _, manifest = inspect_table(path, DIFFUSION_TEACHER_DATA, what)
+    if manifest.get("kind") != Kind.DIFFUSION_TEACHER_DATA:
+        raise DistilError(f"{path} is {manifest.get('kind') or 'not distil data'}, not generator teacher data")
+    return files, manifest
+
+
+def read_trajectories(path: str | Path) -> tuple[pa.Table, torch.Tensor, dict]:
+    """(index table, states [rows, *shape] in the index's order, manifest) of generator
+    teacher data; for data that fits in memory (the toy sets do)."""
+    path = Path(path)
+    files, manifest = _index(path, "generator teacher data")
+    tables, states = [], []
+    for f in files:
+        shard = path / STATES / f.name.replace("part-", "shard-").replace(".parquet", ".safetensors")
+        if not shard.is_file():
+            raise DistilError(f"{path} has {f.name} but not its {shard.name}; regenerate the teacher data")
+        table = pq.read_table(f)
+        x = load_tensors(shard).get("states")
+        if x is None or len(x) != table.num_rows or list(x.shape[1:]) != list(manifest.get("sample_shape", x.shape[1:])):
+            raise DistilError(f"{shard} does not match its index {f.name}; regenerate the teacher data")
+        tables.append(table)
+        states.append(x)
+    return pa.concat_tables(tables), torch.cat(states), manifest
+
+
+def read_final_samples(path: str | Path) -> tuple[torch.Tensor, dict]:
+    """The final samples [n, *shape] in sample order, and the manifest."""
+    table, states, manifest = read_trajectories(path)
+    final = np.flatnonzero(table.column("timestep").to_numpy() == -1)
+    order = np.argsort(table.column("sample").to_numpy()[final], kind="stable")
+    return states[torch.from_numpy(final[order])], manifest

@@ -24,7 +24,7 @@ One row per (model, steps):
   ``confidence`` from its predictions;
 - ``paired_error`` (with a teacher): mean L2 distance to the teacher's
   ``teacher_steps``-step samples for the same noise;
-- ``seconds_per_1k``: marginal sampling cost (``generator_metrics.timing``).
+- ``seconds_per_1k``: marginal sampling cost (``stages.diffusion.metrics.timing``).
 
 Each metric's floor (``*_floor``) is the same metric for held-out real data against the
 same train reference: the test split (``floor_n`` = min(n_samples, test rows) of it), or
@@ -52,7 +52,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from stages.artifacts import Output, artifact_hash, fingerprint, write_json, write_manifest
+from stages.artifacts import Kind, Output, artifact_hash, fingerprint, write_json, write_manifest
 from stages.config import DataConfig, EvaluateConfig, to_dict
 from stages.diffusion.metrics.distances import (
     as_points,
@@ -299,7 +299,7 @@ class _Images:
                     w.writerows([r["model"], r["steps"], i, c] for i, c in enumerate(r["_counts"][0]))
 
 
-def _check(models: list[Path], steps: list[int], cfg: EvaluateConfig, teacher: Path | None) -> None:
+def _check(models: list[Path], steps: list[int], cfg: EvaluateConfig, teacher: Path | None, hybrid: Path | None) -> None:
     if not models:
         raise DistilError("nothing to evaluate: pass at least one --model generator folder")
     for p in [*models, *([teacher] if teacher else [])]:
@@ -312,6 +312,10 @@ def _check(models: list[Path], steps: list[int], cfg: EvaluateConfig, teacher: P
         raise DistilError(f"evaluate.step_counts must be a non-empty list of positive integers, got {steps}")
     if cfg.n_samples < 2 or cfg.teacher_steps < 1 or cfg.time_samples < 0:
         raise DistilError("evaluate.n_samples must be >= 2, teacher_steps >= 1 and time_samples >= 0 (0 = no timing)")
+    if hybrid is not None and not _is_generator_folder(hybrid):
+        raise DistilError(
+            f"evaluate.hybrid_first_step {hybrid} is not a generator folder (needs model_index.json and scheduler/)"
+        )
 
 
 def evaluate_generators(
@@ -341,77 +345,101 @@ def evaluate_generators(
     teacher = Path(teacher) if teacher else (Path(cfg.teacher) if cfg.teacher else None)
     hybrid = Path(cfg.hybrid_first_step) if cfg.hybrid_first_step else None
     steps = list(steps)
-    _check(models, steps, cfg, teacher)
-    if hybrid is not None and not _is_generator_folder(hybrid):
-        raise DistilError(
-            f"evaluate.hybrid_first_step {hybrid} is not a generator folder (needs model_index.json and scheduler/)"
-        )
+    _check(models, steps, cfg, teacher, hybrid)
     sampler = sampler or _default_sampler()
-    n, seed = cfg.n_samples, cfg.seed
     from stages.devices import resolve_device
 
     options = {"solver": cfg.solver, "device": str(resolve_device(device))}
-
-    real = real if real is not None else _real_data(str(data), data_cfg)
-    splits = real.splits if hasattr(real, "splits") else dict(real)
-    if np.asarray(splits["train"]).ndim == 4:
-        labelled = real if getattr(real, "labels", None) else _real_data("digits-images", data_cfg)
-        space: _Points | _Images = _Images(splits, labelled, n, seed, classifier)
-    else:
-        space = _Points(str(data), splits, n, seed)
-
-    # (label, folder, steps, hybrid teacher): every model at every count; hybrid rows for students
-    runs = [(p.name, p, k, None) for p in models for k in steps]
-    if hybrid is not None:
-        runs += [(f"{p.name}+hybrid", p, k, hybrid) for p in models if _kind(p) == "consistency" for k in steps if k >= 2]
-    labels = list(dict.fromkeys(r[0] for r in runs))
+    space = _space(real if real is not None else _real_data(str(data), data_cfg), str(data), data_cfg, cfg, classifier)
+    runs = _runs(models, steps, hybrid)
 
     params = {"evaluate": to_dict(cfg), "data": to_dict(data_cfg), "steps": steps}
     folders = [*models, *([teacher] if teacher else []), *([hybrid] if hybrid else [])]
     inputs = {"data": str(data), **{str(p): artifact_hash(p) for p in folders}}
     output = Output(out, fingerprint("evaluate", params, inputs))
     with output as work:
-        ref = None
-        extra: dict[str, np.ndarray] = {}
-        if teacher is not None:
-            ref = space.shape(_sample(sampler, teacher, n, cfg.teacher_steps, seed, **options), teacher)
-            extra[f"teacher @{cfg.teacher_steps}"] = ref[_finite(ref)]
+        ref = _teacher_reference(space, sampler, cfg, teacher, options)
+        extra = {} if ref is None else {f"teacher @{cfg.teacher_steps}": ref[_finite(ref)]}
         rows: list[dict[str, Any]] = []
         samples: dict[tuple[str, int], np.ndarray] = {}
         for label, path, k, first in runs:
             opts = {**options, "hybrid_first_step_teacher": first}
-            x = space.shape(_sample(sampler, path, n, k, seed, **opts), path)
-            ok = _finite(x)
-            row: dict[str, Any] = {"model": label, "steps": k, "n": int(ok.sum()), "nonfinite_rate": float(1 - ok.mean())}
-            if ok.sum() >= 2:
-                row.update(space.measure(x[ok]))
-            if ref is not None:
-                both = ok & _finite(ref)
-                row["paired_error"] = paired_error(x[both], ref[both]) if both.any() else None
-            if cfg.time_samples:
-                row["seconds_per_1k"] = seconds_per_1k(lambda m, p=path, k=k, o=opts: _sample(sampler, p, m, k, seed, **o),
-                                                       cfg.time_samples, repeats=3)  # fmt: skip
-            samples[(label, k)] = x[ok]
-            rows.append(row)
+            row, samples[(label, k)] = _measure_run(space, sampler, cfg, path, k, opts, ref)
+            rows.append({"model": label, "steps": k, **row})
         columns = _columns(space, ref is not None, cfg.time_samples > 0)
-        table = [{c: _value(r, c, space.floor) for c in columns} for r in rows]
-        metrics = {f"{r['model']}/steps_{r['steps']}": {c: r[c] for c in columns[2:]} for r in table}
-        metrics["floor"] = {k: v for k, v in space.floor.items() if not k.startswith("_")}
+        table, metrics = _tabulate(rows, columns, space.floor)
         write_json(work / "metrics.json", metrics)
         _write_csv(work / "generators.csv", columns, table)
-        plots = work / "plots"
-        plots.mkdir(exist_ok=True)
-        space.write_plots(plots, samples, labels, steps, extra)
-        space.write_counts(plots, [*rows, {"model": "real holdout", "steps": 0, **space.floor}])
+        _write_plots(work / "plots", space, samples, list(dict.fromkeys(r[0] for r in runs)), steps, extra, rows)
         if isinstance(space, _Images):
             from stages.diffusion.metrics.digits_features import save_digits_classifier
 
             save_digits_classifier(space.classifier, work / "digits_classifier.safetensors",
-                                   {"test_accuracy": space.test_accuracy, "seed": seed})  # fmt: skip
+                                   {"test_accuracy": space.test_accuracy, "seed": cfg.seed})  # fmt: skip
         _write_summary(work, columns, table, console)
-        write_manifest(work, kind="generator_evaluation", params=params, inputs=inputs,
+        write_manifest(work, kind=Kind.GENERATOR_EVALUATION, params=params, inputs=inputs,
                        extra={"task": {"name": str(data), "kind": space.kind}, "metrics": metrics})  # fmt: skip
         return output.commit()
+
+
+def _space(real: Any, data: str, data_cfg: DataConfig, cfg: EvaluateConfig, classifier: Any) -> _Points | _Images:
+    """The metric space of the real data: images (4-D train samples) or 2-D points."""
+    splits = real.splits if hasattr(real, "splits") else dict(real)
+    if np.asarray(splits["train"]).ndim == 4:
+        labelled = real if getattr(real, "labels", None) else _real_data("digits-images", data_cfg)
+        return _Images(splits, labelled, cfg.n_samples, cfg.seed, classifier)
+    return _Points(data, splits, cfg.n_samples, cfg.seed)
+
+
+def _runs(models: list[Path], steps: list[int], hybrid: Path | None) -> list[tuple[str, Path, int, Path | None]]:
+    """(label, folder, steps, hybrid teacher): every model at every count; hybrid rows for students."""
+    runs = [(p.name, p, k, None) for p in models for k in steps]
+    if hybrid is not None:
+        runs += [(f"{p.name}+hybrid", p, k, hybrid) for p in models if _kind(p) == "consistency" for k in steps if k >= 2]
+    return runs
+
+
+def _teacher_reference(
+    space: _Points | _Images, sampler: Sampler, cfg: EvaluateConfig, teacher: Path | None, options: dict[str, Any]
+) -> np.ndarray | None:
+    """The teacher's ``teacher_steps``-step samples from the same noise as every row (the
+    paired error's reference), or None without a teacher."""
+    if teacher is None:
+        return None
+    return space.shape(_sample(sampler, teacher, cfg.n_samples, cfg.teacher_steps, cfg.seed, **options), teacher)
+
+
+def _measure_run(
+    space: _Points | _Images, sampler: Sampler, cfg: EvaluateConfig, path: Path, k: int, opts: dict[str, Any],
+    ref: np.ndarray | None,
+) -> tuple[dict[str, Any], np.ndarray]:  # fmt: skip
+    """The metrics of one model at ``k`` steps (without its label), and its finite samples."""
+    n, seed = cfg.n_samples, cfg.seed
+    x = space.shape(_sample(sampler, path, n, k, seed, **opts), path)
+    ok = _finite(x)
+    row: dict[str, Any] = {"n": int(ok.sum()), "nonfinite_rate": float(1 - ok.mean())}
+    if ok.sum() >= 2:
+        row.update(space.measure(x[ok]))
+    if ref is not None:
+        both = ok & _finite(ref)
+        row["paired_error"] = paired_error(x[both], ref[both]) if both.any() else None
+    if cfg.time_samples:
+        row["seconds_per_1k"] = seconds_per_1k(lambda m: _sample(sampler, path, m, k, seed, **opts), cfg.time_samples, repeats=3)
+    return row, x[ok]
+
+
+def _write_plots(
+    plots: Path,
+    space: _Points | _Images,
+    samples: dict[tuple[str, int], np.ndarray],
+    labels: list[str],
+    steps: list[int],
+    extra: dict[str, np.ndarray],
+    rows: list[dict[str, Any]],
+) -> None:
+    plots.mkdir(exist_ok=True)
+    space.write_plots(plots, samples, labels, steps, extra)
+    space.write_counts(plots, [*rows, {"model": "real holdout", "steps": 0, **space.floor}])
 
 
 def _columns(space: _Points | _Images, paired: bool, timed: bool) -> list[str]:
@@ -424,6 +452,15 @@ def _columns(space: _Points | _Images, paired: bool, timed: bool) -> list[str]:
         *(["paired_error"] if paired else []),
         *(["seconds_per_1k"] if timed else []),
     ]
+
+
+def _tabulate(rows: list[dict[str, Any]], columns: list[str], floor: dict[str, Any]) -> tuple[list[dict], dict[str, Any]]:
+    """The table (one row per model and step count, in ``columns``) and ``metrics.json``'s
+    content: the same values keyed ``<model>/steps_<k>``, plus the floor."""
+    table = [{c: _value(r, c, floor) for c in columns} for r in rows]
+    metrics = {f"{r['model']}/steps_{r['steps']}": {c: r[c] for c in columns[2:]} for r in table}
+    metrics["floor"] = {k: v for k, v in floor.items() if not k.startswith("_")}
+    return table, metrics
 
 
 def _value(row: dict[str, Any], column: str, floor: dict[str, Any]) -> Any:

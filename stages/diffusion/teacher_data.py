@@ -8,7 +8,8 @@ sample (timestep -1), in ``_states/shard-NNNNN.safetensors`` files of ``shard_sa
 samples indexed by ``part-NNNNN.parquet`` (``artifacts.DIFFUSION_TEACHER_DATA``; the
 leading underscore keeps Parquet directory readers out of the shards). A shard is
 written before its index part, both atomically, and a rerun resumes after the last
-complete part, so a killed run finishes without duplicates or gaps.
+complete part, so a killed run finishes without duplicates or gaps. ``stages.diffusion.data``
+reads the folder back (``read_trajectories``, ``read_final_samples``).
 """
 
 from __future__ import annotations
@@ -18,29 +19,24 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from stages.artifacts import (
     DIFFUSION_TEACHER_DATA,
+    Kind,
     Output,
     TableWriter,
     fingerprint,
-    inspect_table,
-    load_tensors,
     save_tensors,
     write_manifest,
 )
 from stages.config import DataConfig, GenerateTeacherDataConfig, to_dict
 from stages.devices import resolve_device
-from stages.diffusion.data import TEACHER_DATA_KIND, generator_identity, is_generator_source, load_generator_data
+from stages.diffusion.data import STATES, generator_identity, is_generator_source, load_generator_data
 from stages.diffusion.generator import check_same_shape, load_generator
 from stages.diffusion.sampling import check_hybrid, check_sampling, consistency_timesteps, ode_timesteps, sample
 from stages.errors import DistilError
 from stages.progress import progress_bar
-
-STATES = "_states"
-"""Subdirectory of the safetensors shards."""
 
 
 def _kept_steps(steps: int, save_every: int) -> list[int]:
@@ -94,7 +90,7 @@ def run(
                 bar.update(task, completed=hi)
         seconds = time.perf_counter() - t0
         write_manifest(
-            work, kind=TEACHER_DATA_KIND, params=params, inputs=inputs, rows=writer.done_rows,
+            work, kind=Kind.DIFFUSION_TEACHER_DATA, params=params, inputs=inputs, rows=writer.done_rows,
             model={**gen.identity(), "hybrid_first_step": hybrid.identity() if hybrid else None},
             extra={"data": gdata.describe(), "sample_shape": gen.sample_shape, "samples": cfg.noise_samples,
                    "sampling": {"steps": cfg.steps, "solver": cfg.solver if gen.kind == "diffusion" else "consistency",
@@ -140,37 +136,3 @@ def _shard(gen, hybrid, cfg: GenerateTeacherDataConfig, lo: int, hi: int, kept: 
         "offset": np.arange(n * len(steps)),
     }
     return states, pa.table(index)
-
-
-def _index(path: Path, what: str):
-    files, _, _, manifest = inspect_table(path, DIFFUSION_TEACHER_DATA, what)
-    if manifest.get("kind") != TEACHER_DATA_KIND:
-        raise DistilError(f"{path} is {manifest.get('kind') or 'not distil data'}, not generator teacher data")
-    return files, manifest
-
-
-def read_trajectories(path: str | Path) -> tuple[pa.Table, torch.Tensor, dict]:
-    """(index table, states [rows, *shape] in the index's order, manifest) of generator
-    teacher data; for data that fits in memory (the toy sets do)."""
-    path = Path(path)
-    files, manifest = _index(path, "generator teacher data")
-    tables, states = [], []
-    for f in files:
-        shard = path / STATES / f.name.replace("part-", "shard-").replace(".parquet", ".safetensors")
-        if not shard.is_file():
-            raise DistilError(f"{path} has {f.name} but not its {shard.name}; regenerate the teacher data")
-        table = pq.read_table(f)
-        x = load_tensors(shard).get("states")
-        if x is None or len(x) != table.num_rows or list(x.shape[1:]) != list(manifest.get("sample_shape", x.shape[1:])):
-            raise DistilError(f"{shard} does not match its index {f.name}; regenerate the teacher data")
-        tables.append(table)
-        states.append(x)
-    return pa.concat_tables(tables), torch.cat(states), manifest
-
-
-def read_final_samples(path: str | Path) -> tuple[torch.Tensor, dict]:
-    """The final samples [n, *shape] in sample order, and the manifest."""
-    table, states, manifest = read_trajectories(path)
-    final = np.flatnonzero(table.column("timestep").to_numpy() == -1)
-    order = np.argsort(table.column("sample").to_numpy()[final], kind="stable")
-    return states[torch.from_numpy(final[order])], manifest

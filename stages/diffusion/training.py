@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from stages.artifacts import load_state, save_state
 from stages.config import DistillConfig
@@ -67,51 +68,22 @@ def fit(model: nn.Module, ema: EMA, train: torch.Tensor, cfg: DistillConfig, wor
     rows, seconds). ``on_epoch(epoch)`` adds evaluations to a row."""
     if cfg.diffusion.checkpoint_every < 1:
         raise DistilError(f"diffusion.checkpoint_every must be >= 1, got {cfg.diffusion.checkpoint_every}")
-    n = len(train)
-    bs, per_epoch, epochs = plan(cfg, n)
+    bs, per_epoch, epochs = plan(cfg, len(train))
     total = epochs * per_epoch
     warm = max(1, total // 50)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s, total) / total)))
     )
-    progress: dict[str, Any] = {"epoch": 0, "history": [], "seconds": 0.0}
+    averages = {"ema": ema, **({"sampler": sampler} if sampler is not None else {})}
     ckpt = work / "checkpoint"
-    if (ckpt / "state.json").exists():
-        saved = load_state(ckpt / "state")
-        model.load_state_dict(saved["model"])
-        ema.model.load_state_dict(saved["ema"])
-        ema.updates = saved["ema_updates"]
-        if sampler is not None:
-            sampler.model.load_state_dict(saved["sampler"])
-            sampler.updates = saved["sampler_updates"]
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        progress = saved["progress"]
-    ckpt.mkdir(parents=True, exist_ok=True)
+    progress = _resume(ckpt, model, averages, opt, sched)
     task = bar.add_task(label, total=epochs, completed=progress["epoch"], info="") if bar else None
     for epoch in range(progress["epoch"], epochs):
         t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=g)
-        model.train()
-        total_loss = 0.0
-        for i in range(per_epoch):
-            x0 = train[order[i * bs : (i + 1) * bs]].to(device)
-            loss = loss_fn(model, x0, g)
-            if not torch.isfinite(loss):
-                raise DistilError(f"{label}: the loss became {float(loss)} at epoch {epoch + 1}; lower lr or check the data")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.max_grad_norm > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            ema.update(model)
-            if sampler is not None:
-                sampler.update(model)
-            total_loss += float(loss.detach())
-        row = {"epoch": epoch + 1, "loss": total_loss / per_epoch}
+        loss = _train_epoch(model, averages, train, cfg, loss_fn, opt, sched,
+                            bs=bs, per_epoch=per_epoch, epoch=epoch, device=device, label=label)  # fmt: skip
+        row = {"epoch": epoch + 1, "loss": loss}
         model.eval()
         if on_epoch is not None:
             row.update(on_epoch(epoch))
@@ -124,11 +96,78 @@ def fit(model: nn.Module, ema: EMA, train: torch.Tensor, cfg: DistillConfig, wor
                     live.log_metric(k, v)
             live.next_step()
         if (epoch + 1) % cfg.diffusion.checkpoint_every == 0 or epoch + 1 == epochs:
-            extra = {} if sampler is None else {"sampler": sampler.model.state_dict(), "sampler_updates": sampler.updates}
-            save_state(ckpt / "state", {
-                "model": model.state_dict(), "ema": ema.model.state_dict(), "ema_updates": ema.updates,
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "progress": progress, **extra,
-            })  # fmt: skip
+            _save_checkpoint(ckpt, model, averages, opt, sched, progress)
         if task is not None:
             bar.update(task, advance=1, info="  ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"))
     return progress
+
+
+def _resume(
+    ckpt: Path, model: nn.Module, averages: dict[str, EMA], opt: torch.optim.Optimizer, sched: LRScheduler
+) -> dict[str, Any]:
+    """The progress record, restored with the model, its averages, optimiser and scheduler
+    from the last checkpoint when there is one (else a fresh record)."""
+    progress: dict[str, Any] = {"epoch": 0, "history": [], "seconds": 0.0}
+    if (ckpt / "state.json").exists():
+        saved = load_state(ckpt / "state")
+        model.load_state_dict(saved["model"])
+        for name, avg in averages.items():
+            avg.model.load_state_dict(saved[name])
+            avg.updates = saved[f"{name}_updates"]
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        progress = saved["progress"]
+    ckpt.mkdir(parents=True, exist_ok=True)
+    return progress
+
+
+def _train_epoch(
+    model: nn.Module,
+    averages: dict[str, EMA],
+    train: torch.Tensor,
+    cfg: DistillConfig,
+    loss_fn: LossFn,
+    opt: torch.optim.Optimizer,
+    sched: LRScheduler,
+    *,
+    bs: int,
+    per_epoch: int,
+    epoch: int,
+    device: torch.device,
+    label: str,
+) -> float:
+    """One epoch of ``per_epoch`` steps; the mean loss. Shuffling, timesteps and noise all
+    come from one generator seeded by (seed, epoch), so a resumed run repeats this epoch."""
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    order = torch.randperm(len(train), generator=g)
+    model.train()
+    total_loss = 0.0
+    for i in range(per_epoch):
+        x0 = train[order[i * bs : (i + 1) * bs]].to(device)
+        loss = loss_fn(model, x0, g)
+        if not torch.isfinite(loss):
+            raise DistilError(f"{label}: the loss became {float(loss)} at epoch {epoch + 1}; lower lr or check the data")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.max_grad_norm > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        for avg in averages.values():
+            avg.update(model)
+        total_loss += float(loss.detach())
+    return total_loss / per_epoch
+
+
+def _save_checkpoint(
+    ckpt: Path, model: nn.Module, averages: dict[str, EMA], opt: torch.optim.Optimizer, sched: LRScheduler,
+    progress: dict[str, Any],
+) -> None:  # fmt: skip
+    ema = averages["ema"]
+    state = {
+        "model": model.state_dict(), "ema": ema.model.state_dict(), "ema_updates": ema.updates,
+        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "progress": progress,
+    }  # fmt: skip
+    if "sampler" in averages:
+        state.update(sampler=averages["sampler"].model.state_dict(), sampler_updates=averages["sampler"].updates)
+    save_state(ckpt / "state", state)

@@ -23,14 +23,15 @@ the earliest possible stop needs) and stops at the first of:
   Optimal Self-Consistency (Blend-ASC) analyses this family of dynamic allocations.
 
 Every rule is a function of the stream of samples, so dev calibration replays one stream of
-n samples per query for every threshold.
+n samples per query for every threshold. Votes are counted by ``stages.lm.scoring`` (the
+one majority vote and scorer of the LM commands); ``run`` is a sequence of named steps
+(bank, models, fixed or calibrated policy, routing, outputs).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections import Counter
 from math import comb
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,11 +41,11 @@ from numpy.typing import ArrayLike
 
 from stages.config import CascadeConfig, DataConfig
 from stages.errors import DistilError
-from stages.lm.cascade_cost import LM, Sampler
-from stages.tasks.reasoning import normalise
+from stages.lm.cascade_cost import LM, Sampler, break_even
+from stages.lm.scoring import Scorer, majority, scorer, tally, vote_counts, winner
 
 if TYPE_CHECKING:
-    from stages.lm.icd.bank import Bank, Scorer
+    from stages.lm.icd.bank import Bank
 
 LM_POLICIES = {
     "student": "the student alone, greedy",
@@ -68,22 +69,6 @@ def uses_demos(policy: str, demos: int) -> bool:
 # ---- votes ---------------------------------------------------------------------------------
 
 
-def majority(answers: list[str | None]) -> tuple[str | None, int]:
-    """(answer, votes): the most frequent parsed answer (compared normalised; ties go to the
-    one seen first, in its first spelling); (None, 0) when nothing parsed."""
-    counts: dict[str, int] = {}
-    first: dict[str, str] = {}
-    for a in answers:
-        if a is not None:
-            key = normalise(a)
-            counts[key] = counts.get(key, 0) + 1
-            first.setdefault(key, a)
-    if not counts:
-        return None, 0
-    best = max(counts, key=lambda k: counts[k])
-    return first[best], counts[best]
-
-
 def meets(votes: int, n: int, threshold: float) -> bool:
     """votes / n >= threshold, robust to the rounding of threshold = k / n."""
     return votes >= threshold * n - 1e-9
@@ -99,7 +84,7 @@ def leader_wins(lead: int, second: int) -> float:
 def adaptive_state(answers: list[str | None], n: int, threshold: float, stop_confidence: float = 1.0) -> str | None:
     """After ``len(answers)`` of at most ``n`` samples: "keep", "defer", or None (draw
     another sample); see the module docstring for the rules."""
-    counts = sorted(Counter(normalise(a) for a in answers if a is not None).values(), reverse=True) + [0, 0]
+    counts = vote_counts(answers) + [0, 0]
     lead, second, drawn = counts[0], counts[1], len(answers)
     left = n - drawn
     if not meets(lead + left, n, threshold):
@@ -140,21 +125,16 @@ def weighted_vote(per_model: list[list[str | None]]) -> tuple[str | None, float]
     """(answer, share): every model's samples vote, each weighted by that model's own
     agreement (its majority's share of its samples); share = the winner's weighted votes over
     all weight. Ties go to the answer seen first (the student's samples come first)."""
-    scores: dict[str, float] = {}
-    first: dict[str, str] = {}
-    total = 0.0
+    flat, weights, total = [], [], 0.0
     for answers in per_model:
         weight = majority(answers)[1] / max(len(answers), 1)
         total += weight
-        for a in answers:
-            if a is not None:
-                key = normalise(a)
-                scores[key] = scores.get(key, 0.0) + weight / len(answers)
-                first.setdefault(key, a)
-    if not scores or total <= 0:
+        flat += answers
+        weights += [weight / len(answers) for _ in answers]
+    best = winner(tally(flat, weights))
+    if best is None or total <= 0:
         return None, 0.0
-    best = max(scores, key=lambda k: scores[k])
-    return first[best], scores[best] / total
+    return best.answer, best.votes / total
 
 
 def student_step(policy: str, n: int, threshold: float, temperature: float, sampler: Sampler, student: LM,
@@ -300,12 +280,10 @@ def run(cfg: CascadeConfig, student: Path, teacher: Path, data: str | Path, out:
         policy_file: Path | None = None, device: str = "auto", models: list[Path] | tuple = (), progress: bool = True) -> Path:  # fmt: skip
     """Route the test queries of LM teacher data's task; write decisions, metrics, policy,
     calibration curve and the demonstration bank to ``out`` (see the module docstring)."""
-    from stages.artifacts import LM_CASCADE_DECISIONS, Output, TableWriter, artifact_hash, fingerprint, write_json, write_manifest
+    from stages.artifacts import Output, artifact_hash, fingerprint
     from stages.config import to_dict
     from stages.devices import resolve_device
-    from stages.lm.cascade_cost import break_even, load_model, pricers, summarise, write_curve, write_outcome_plots
-    from stages.lm.icd.bank import Bank, build_tokens, demo, demonstrations, read_teacher_data, scorer, task_queries
-    from stages.lm.models import lm_identity
+    from stages.lm.icd.bank import Bank, read_teacher_data, task_queries
     from stages.progress import progress_bar
 
     policy, models = ("icd-sc-cascade" if cfg.policy == "auto" else cfg.policy), list(models)
@@ -313,27 +291,11 @@ def run(cfg: CascadeConfig, student: Path, teacher: Path, data: str | Path, out:
     dev_ = resolve_device(device)
     train, manifest = read_teacher_data(data)
     queries, task = task_queries(manifest)
-    if not queries["test"]:
-        raise DistilError(f"the task of {data} has no test prompts; the cascade runs on the test split")
-    if uses_demos(policy, cfg.demos) and not train:
-        raise DistilError(f"{data} has no train-split rows to build the demonstration bank from; generate teacher data for train")
-    bank_rows = demonstrations(train, cfg.bank_verified) if uses_demos(policy, cfg.demos) else None
-    if bank_rows is not None and cfg.demos > len(bank_rows):
-        which = " the task scored correct (bank_verified)" if cfg.bank_verified else ""
-        raise DistilError(f"demos={cfg.demos} but {data} yields {len(bank_rows)} demonstration(s){which} from its train "
-                          "split; lower demos or generate teacher data for more train prompts")  # fmt: skip
+    bank_rows = _bank_rows(cfg, policy, data, queries, train)
     fixed = _from_file(policy_file, policy, cfg.samples) if policy_file is not None else None
     paths = {"student": student, "teacher": teacher, **{f"model{i + 1}": m for i, m in enumerate(models)}}
-    loaded = {name: load_model(p, name, dev_) for name, p in paths.items()}
-    prices, unit = pricers(cfg.costs, {name: x[2] for name, x in loaded.items()})
-    lms = {name: LM(name, x[0], x[1], prices[name], x[3]) for name, x in loaded.items()}
-    ids = {name: lm_identity(p) for name, p in paths.items()}
-    if fixed is not None and any(fixed.get(m, {}).get("sha256") != ids[m]["sha256"] for m in ("student", "teacher")):
-        raise DistilError(f"{policy_file} was calibrated for student {fixed.get('student', {}).get('path')} and teacher "
-                          f"{fixed.get('teacher', {}).get('path')}, not these models; calibrate a policy for this pair")  # fmt: skip
-    base = {"policy": policy, "samples": cfg.samples, "student": ids["student"], "teacher": ids["teacher"]}
-    if fixed is None and (policy not in THRESHOLD_POLICIES or cfg.threshold >= 0):
-        fixed = {**base, "threshold": cfg.threshold if policy in THRESHOLD_POLICIES else None, "dev": None}
+    lms, ids, unit = _load(cfg, paths, dev_)
+    fixed, base = _fixed_policy(cfg, policy, fixed, ids, policy_file)
     params = {"cascade": to_dict(cfg), "data": manifest.get("params", {}).get("data", {})}
     inputs = {
         **{n: i["sha256"] for n, i in ids.items()},
@@ -352,68 +314,142 @@ def run(cfg: CascadeConfig, student: Path, teacher: Path, data: str | Path, out:
             )
             bar.update(job, advance=1)
             fixed = {**base, "threshold": threshold, "dev": dev, "budget": cfg.budget, "confidence": cfg.confidence}
-        threshold = fixed["threshold"] if fixed["threshold"] is not None else 0.0
-        rows, sampler = queries["test"], Sampler(seed=cfg.seed, stream=1, **gen)
-        plain = [r["prompt"] for r in rows]
-        job = bar.add_task("teacher reference", total=1, info=f"{len(rows)} queries")
-        ref = sampler.draw(lms["teacher"], plain, 1, 0.0)  # teacher-only reference; it also answers deferred queries
-        bar.update(job, advance=1)
-        t_ans = [a[0] for a in ref.answers]
-        t_tok = [sum(c) for c in ref.completion_tokens]
-        t_cost = lms["teacher"].pricer(ref.prompt_tokens, t_tok)
-        job, records = bar.add_task(f"cascade {policy}", total=len(rows), info=""), []
-        voters = [lms[n] for n in paths if n.startswith("model")]
-        for lo in range(0, len(rows), cfg.query_batch):
-            span = range(lo, min(len(rows), lo + cfg.query_batch))
-            demos = bank.retrieve([plain[i] for i in span], cfg.demos) if bank is not None else [[] for _ in span]
-            prompts = [bank.prompt(d, plain[i]) if bank is not None else plain[i] for i, d in zip(span, demos, strict=True)]
-            step = student_step(policy, cfg.samples, threshold, cfg.temperature, sampler, lms["student"], voters, prompts,
-                                cfg.stop_confidence)  # fmt: skip
-            online = []
-            for i, d, o in zip(span, demos, step, strict=True):
-                r, deferred = rows[i], not o["keep"]
-                answer = t_ans[i] if deferred else o["student_answer"]
-                sc = score(r, answer)
-                records.append({
-                    "id": r["id"], "split": r["split"], "item": r["item"], "gold": r["answer"], "route": "teacher" if deferred else "student",
-                    "answers": o["answers"], "agreement": o["agreement"], "samples_used": o["used"], "demos_used": d,
-                    "student_prompt_tokens": o["s_prompt"], "student_completion_tokens": o["s_completion"],
-                    "teacher_prompt_tokens": ref.prompt_tokens[i] if deferred else 0, "teacher_completion_tokens": t_tok[i] if deferred else 0,
-                    "voter_prompt_tokens": o["v_prompt"], "voter_completion_tokens": o["v_completion"],
-                    "cost": float(lms["student"].pricer(o["s_prompt"], o["s_completion"])) + o["v_cost"] + (float(t_cost[i]) if deferred else 0.0),
-                    "seconds": o["seconds"] + (ref.seconds[i] if deferred else 0.0), "student_answer": o["student_answer"],
-                    "answer": answer, "score": sc, "correct": None if sc is None else sc >= 1.0,
-                    "_s": score(r, o["student_answer"]), "_t": score(r, t_ans[i]),
-                })  # fmt: skip
-                if cfg.online and deferred and t_ans[i] is not None:
-                    online.append(demo(r["id"], r["split"], "online", r["prompt"], t_ans[i]))
-            if bank is not None:
-                bank.add(online)
-            bar.update(job, advance=len(span))
-        metrics = summarise(records, policy=policy, threshold=fixed["threshold"], teacher_cost=t_cost,
-                            teacher_seconds=ref.seconds, unit=unit, samples=cfg.samples)  # fmt: skip
+        sampler = Sampler(seed=cfg.seed, stream=1, **gen)
+        records, metrics = _route(cfg, policy, fixed, lms, bank, queries["test"], sampler, score, unit, bar)
         if bank is not None:
-            tok = lms["teacher"].tokenizer
-            spent = build_tokens(train, lambda texts: [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]])
-            metrics.update(bank_size=bank.initial, bank_added=len(bank) - bank.initial, bank_cost=float(lms["teacher"].pricer(*spent)),
-                           retriever=bank.index.kind)  # fmt: skip
+            metrics.update(_bank_metrics(bank, train, lms["teacher"]))
         n = len(records)
         metrics["break_even_queries"] = break_even(
             metrics.get("bank_cost", 0.0), metrics["teacher_only_cost"] / n, metrics["cost"] / n
         )
-        decisions = work / "decisions"
-        for stale in (decisions, work / "bank"):  # routing is redone whole: a crashed run's partial is not resumed
-            shutil.rmtree(stale, ignore_errors=True)
-        decisions.mkdir()
-        TableWriter(decisions, LM_CASCADE_DECISIONS).write({k: [r[k] for r in records] for k in LM_CASCADE_DECISIONS.names})
-        if bank is not None:
-            bank.save(work / "bank", params=params, inputs=inputs)
-        write_json(work / "policy.json", fixed)
-        write_json(work / "metrics.json", metrics)
-        (work / "summary.txt").write_text(summary_line(metrics) + "\n")
-        write_curve(work / "calibration.csv", curve)
-        write_outcome_plots(work, records)
-        write_manifest(decisions, kind="lm_cascade_decisions", params=params, inputs=inputs, rows=n, model=ids)
-        write_manifest(work, kind="lm_cascade", params=params, inputs=inputs, rows=n, model=ids,
-                       extra={"task": manifest.get("task", {}), "metrics": metrics})  # fmt: skip
+        _write(work, records, metrics, fixed, curve, bank, params=params, inputs=inputs, ids=ids, task=manifest.get("task", {}))
     return output.commit()
+
+
+def _bank_rows(cfg: CascadeConfig, policy: str, data, queries: dict, train: list[dict]) -> list[dict] | None:
+    """The demonstrations of the bank when the policy uses one (None otherwise), checked
+    against the test queries to route and the ``demos`` each prompt takes."""
+    from stages.lm.icd.bank import demonstrations
+
+    if not queries["test"]:
+        raise DistilError(f"the task of {data} has no test prompts; the cascade runs on the test split")
+    if uses_demos(policy, cfg.demos) and not train:
+        raise DistilError(f"{data} has no train-split rows to build the demonstration bank from; generate teacher data for train")
+    bank_rows = demonstrations(train, cfg.bank_verified) if uses_demos(policy, cfg.demos) else None
+    if bank_rows is not None and cfg.demos > len(bank_rows):
+        which = " the task scored correct (bank_verified)" if cfg.bank_verified else ""
+        raise DistilError(f"demos={cfg.demos} but {data} yields {len(bank_rows)} demonstration(s){which} from its train "
+                          "split; lower demos or generate teacher data for more train prompts")  # fmt: skip
+    return bank_rows
+
+
+def _load(cfg: CascadeConfig, paths: dict[str, Path], device) -> tuple[dict[str, LM], dict[str, dict], str]:
+    """(name -> loaded and priced ``LM``, name -> model identity, cost unit)."""
+    from stages.lm.cascade_cost import load_model, pricers
+    from stages.lm.models import lm_identity
+
+    loaded = {name: load_model(p, name, device) for name, p in paths.items()}
+    prices, unit = pricers(cfg.costs, {name: x[2] for name, x in loaded.items()})
+    lms = {name: LM(name, x[0], x[1], prices[name], x[3]) for name, x in loaded.items()}
+    return lms, {name: lm_identity(p) for name, p in paths.items()}, unit
+
+
+def _fixed_policy(cfg: CascadeConfig, policy: str, fixed: dict | None, ids: dict[str, dict], policy_file: Path | None):
+    """(the policy fixed before dev, or None to calibrate on dev; what every policy file records).
+    A policy file must have been calibrated for this very student and teacher."""
+    if fixed is not None and any(fixed.get(m, {}).get("sha256") != ids[m]["sha256"] for m in ("student", "teacher")):
+        raise DistilError(f"{policy_file} was calibrated for student {fixed.get('student', {}).get('path')} and teacher "
+                          f"{fixed.get('teacher', {}).get('path')}, not these models; calibrate a policy for this pair")  # fmt: skip
+    base = {"policy": policy, "samples": cfg.samples, "student": ids["student"], "teacher": ids["teacher"]}
+    if fixed is None and (policy not in THRESHOLD_POLICIES or cfg.threshold >= 0):
+        fixed = {**base, "threshold": cfg.threshold if policy in THRESHOLD_POLICIES else None, "dev": None}
+    return fixed, base
+
+
+def _route(cfg: CascadeConfig, policy: str, fixed: dict, lms: dict[str, LM], bank: Bank | None, rows: list[dict],
+           sampler: Sampler, score: Scorer, unit: str, bar) -> tuple[list[dict], dict]:  # fmt: skip
+    """Route the test queries a batch at a time: (one decision record per query, metrics).
+    The teacher answers every query first, the reference the costs compare with; its
+    answers also serve the deferred queries."""
+    from stages.lm.cascade_cost import summarise
+    from stages.lm.icd.bank import demo
+
+    threshold = fixed["threshold"] if fixed["threshold"] is not None else 0.0
+    plain = [r["prompt"] for r in rows]
+    job = bar.add_task("teacher reference", total=1, info=f"{len(rows)} queries")
+    ref = sampler.draw(lms["teacher"], plain, 1, 0.0)
+    bar.update(job, advance=1)
+    t_cost = lms["teacher"].pricer(ref.prompt_tokens, [sum(c) for c in ref.completion_tokens])
+    job, records = bar.add_task(f"cascade {policy}", total=len(rows), info=""), []
+    voters = [lm for name, lm in lms.items() if name.startswith("model")]
+    for lo in range(0, len(rows), cfg.query_batch):
+        span = range(lo, min(len(rows), lo + cfg.query_batch))
+        demos = bank.retrieve([plain[i] for i in span], cfg.demos) if bank is not None else [[] for _ in span]
+        prompts = [bank.prompt(d, plain[i]) if bank is not None else plain[i] for i, d in zip(span, demos, strict=True)]
+        step = student_step(policy, cfg.samples, threshold, cfg.temperature, sampler, lms["student"], voters, prompts,
+                            cfg.stop_confidence)  # fmt: skip
+        online = []
+        for i, d, o in zip(span, demos, step, strict=True):
+            records.append(_record(rows[i], d, o, ref, i, t_cost, lms["student"], score))
+            if cfg.online and not o["keep"] and ref.answers[i][0] is not None:  # a deferred query's teacher answer
+                online.append(demo(rows[i]["id"], rows[i]["split"], "online", rows[i]["prompt"], ref.answers[i][0]))
+        if bank is not None:
+            bank.add(online)
+        bar.update(job, advance=len(span))
+    metrics = summarise(records, policy=policy, threshold=fixed["threshold"], teacher_cost=t_cost,
+                        teacher_seconds=ref.seconds, unit=unit, samples=cfg.samples)  # fmt: skip
+    return records, metrics
+
+
+def _record(r: dict, demos: list[int], o: dict, ref, i: int, t_cost: np.ndarray, student: LM, score: Scorer) -> dict:
+    """The decision record of query ``r`` (row ``i`` of the teacher reference ``ref``): its
+    route, answers, tokens and cost; ``_s`` / ``_t`` are the student's and the teacher's
+    scores, for the metrics only."""
+    deferred, t_answer, t_tok = not o["keep"], ref.answers[i][0], sum(ref.completion_tokens[i])
+    answer = t_answer if deferred else o["student_answer"]
+    sc = score(r, answer)
+    return {
+        "id": r["id"], "split": r["split"], "item": r["item"], "gold": r["answer"], "route": "teacher" if deferred else "student",
+        "answers": o["answers"], "agreement": o["agreement"], "samples_used": o["used"], "demos_used": demos,
+        "student_prompt_tokens": o["s_prompt"], "student_completion_tokens": o["s_completion"],
+        "teacher_prompt_tokens": ref.prompt_tokens[i] if deferred else 0, "teacher_completion_tokens": t_tok if deferred else 0,
+        "voter_prompt_tokens": o["v_prompt"], "voter_completion_tokens": o["v_completion"],
+        "cost": float(student.pricer(o["s_prompt"], o["s_completion"])) + o["v_cost"] + (float(t_cost[i]) if deferred else 0.0),
+        "seconds": o["seconds"] + (ref.seconds[i] if deferred else 0.0), "student_answer": o["student_answer"],
+        "answer": answer, "score": sc, "correct": None if sc is None else sc >= 1.0,
+        "_s": score(r, o["student_answer"]), "_t": score(r, t_answer),
+    }  # fmt: skip
+
+
+def _bank_metrics(bank: Bank, train: list[dict], teacher: LM) -> dict:
+    """The bank's size, what ``--online`` added, and what the teacher spent building it."""
+    from stages.lm.icd.bank import build_tokens
+
+    spent = build_tokens(train, lambda texts: [len(x) for x in teacher.tokenizer(texts, add_special_tokens=False)["input_ids"]])
+    return {"bank_size": bank.initial, "bank_added": len(bank) - bank.initial, "bank_cost": float(teacher.pricer(*spent)),
+            "retriever": bank.index.kind}  # fmt: skip
+
+
+def _write(work: Path, records: list[dict], metrics: dict, fixed: dict, curve: list[dict], bank: Bank | None, *,
+           params: dict, inputs: dict, ids: dict, task: dict) -> None:  # fmt: skip
+    """decisions/, bank/, policy.json, metrics.json, summary.txt, the calibration curve, the
+    outcome tables and the manifests. Routing is redone whole: a crashed run's partial
+    decisions and bank are not resumed."""
+    from stages.artifacts import LM_CASCADE_DECISIONS, Kind, TableWriter, write_json, write_manifest
+    from stages.lm.cascade_cost import write_curve, write_outcome_plots
+
+    decisions, n = work / "decisions", len(records)
+    for stale in (decisions, work / "bank"):
+        shutil.rmtree(stale, ignore_errors=True)
+    decisions.mkdir()
+    TableWriter(decisions, LM_CASCADE_DECISIONS).write({k: [r[k] for r in records] for k in LM_CASCADE_DECISIONS.names})
+    if bank is not None:
+        bank.save(work / "bank", params=params, inputs=inputs)
+    write_json(work / "policy.json", fixed)
+    write_json(work / "metrics.json", metrics)
+    (work / "summary.txt").write_text(summary_line(metrics) + "\n")
+    write_curve(work / "calibration.csv", curve)
+    write_outcome_plots(work, records)
+    write_manifest(decisions, kind=Kind.LM_CASCADE_DECISIONS, params=params, inputs=inputs, rows=n, model=ids)
+    write_manifest(work, kind=Kind.LM_CASCADE, params=params, inputs=inputs, rows=n, model=ids,
+                   extra={"task": task, "metrics": metrics})  # fmt: skip

@@ -1,6 +1,7 @@
 """Cost accounting of language-model cascades: prices, FLOPs, break-even, the
-accuracy-versus-cost threshold sweep that calibrates a cascade on dev, generation that
-measures tokens and seconds per query, and the flat metrics of a run.
+accuracy-versus-cost threshold sweep that calibrates a cascade on dev, seeded generation
+(``stages.lm.generation.sample``) that measures answers, tokens and seconds per query, and
+the flat metrics of a run.
 
 Every model is costed per query from its own tokens (its own tokenizer: cascades exchange
 only text). With a price table (``cascade.costs``: ``{name: {input: p, output: p}}`` in
@@ -25,7 +26,7 @@ import torch
 from numpy.typing import ArrayLike
 
 from stages.errors import DistilError
-from stages.lm.training import sample
+from stages.lm.generation import sample
 from stages.tasks.reasoning import extract_answer
 
 
@@ -130,18 +131,24 @@ def sweep(
          "samples_per_query": float(samples[j].mean()), "target_met": float(met[j])}
         for j in range(len(thresholds))
     ]  # fmt: skip
+    return _choose(thresholds, accuracy, total_cost, ratio, met, budget=budget, level=level), curve
+
+
+def _choose(thresholds, accuracy, total_cost, ratio, met, *, budget: float, level: float) -> int:
+    """``sweep``'s pick from the curve: within ``budget`` the most accurate, else the cheapest
+    threshold meeting the target (ties: more accurate, then lower); always defer if none."""
     order = range(len(thresholds))
     if budget > 0:
         fits = [j for j in order if ratio[j] <= budget + 1e-12]
         if not fits:
             raise DistilError(f"no threshold keeps the dev cost within budget {budget} of teacher-only "
                               f"(cheapest: {ratio.min():.3f}); raise budget")  # fmt: skip
-        return min(fits, key=lambda j: (-accuracy[j], total_cost[j], thresholds[j])), curve
+        return min(fits, key=lambda j: (-accuracy[j], total_cost[j], thresholds[j]))
     needed = level if level > 0 else 1.0
     passing = [j for j in order if met[j] >= needed - 1e-12]
     if not passing:
-        return len(thresholds) - 1, curve
-    return min(passing, key=lambda j: (total_cost[j], -accuracy[j], thresholds[j])), curve
+        return len(thresholds) - 1
+    return min(passing, key=lambda j: (total_cost[j], -accuracy[j], thresholds[j]))
 
 
 # ---- measured generation ------------------------------------------------------------------

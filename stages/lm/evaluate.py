@@ -1,10 +1,11 @@
 """`distil evaluate` for language models.
 
-Greedy completions on the split's prompts give ``accuracy`` (the task's own scorer;
-normalised exact match for user prompt tables), the share of unparsable answers,
-parameters, prompts/s and tokens/s. With ``samples`` > 1 it also samples n completions
-per prompt: ``maj@n`` (the majority answer is right), ``pass@n`` (any answer is right) and
-``vote_ece``, the calibration of the majority's vote share as a confidence (15 bins).
+Greedy completions on the split's prompts give ``accuracy`` (``stages.lm.scoring.scorer``:
+the task's own scorer; normalised exact match for user prompt tables), the share of
+unparsable answers, parameters, prompts/s and tokens/s. With ``samples`` > 1 it also samples
+n completions per prompt: ``maj@n`` (the majority answer, ``stages.lm.scoring.majority``, is
+right), ``pass@n`` (any answer is right) and ``vote_ece``, the calibration of the majority's
+vote share as a confidence (15 bins).
 On LM teacher data, ``agreement_with_teacher`` compares the greedy answer with the
 teacher's majority answer for the same prompt. With ``decode: scmoe`` (MoE models only)
 every completion is decoded by self-contrast (``stages.lm.moe.scmoe``): ``accuracy`` is then the
@@ -24,36 +25,25 @@ copies per layer and step). Dense models get no routing keys.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stages.artifacts import Output, artifact_hash, fingerprint, read_manifest, write_json, write_manifest
+from stages.artifacts import Kind, Output, artifact_hash, fingerprint, read_manifest, write_json, write_manifest
 from stages.config import DataConfig, EvaluateConfig, to_dict
 from stages.devices import resolve_device
 from stages.errors import DistilError
+from stages.lm.generation import sample
 from stages.lm.models import is_moe, load_lm
 from stages.lm.moe.metrics import routing_metrics
 from stages.lm.moe.routing import routing_shape
 from stages.lm.moe.scmoe import check_decode, decoding
-from stages.lm.training import sample
+from stages.lm.scoring import agree, majority, scorer
 from stages.metrics import ece
 from stages.report import write_summary
 from stages.tasks import prompts_in_splits
 from stages.tasks.reasoning import extract_answer, normalise
-
-
-def _scorer(task):
-    def score(row: dict, answer: str | None) -> float | None:
-        if task is not None and row.get("item", -1) >= 0:
-            return task.score(answer, row["split"], row["item"])
-        if row.get("answer") is None:
-            return None
-        return float(answer is not None and normalise(answer) == normalise(row["answer"]))
-
-    return score
 
 
 def lm_metrics(path: Path, rows: list[dict], task, cfg, device, teacher_answers: dict[int, str] | None = None,
@@ -63,7 +53,7 @@ def lm_metrics(path: Path, rows: list[dict], task, cfg, device, teacher_answers:
     model, tokenizer = load_lm(path, device)
     moe = is_moe(model)
     decode = decoding(cfg, model, path)  # None = the model's own decoding
-    score = _scorer(task)
+    score = scorer(task)
     prompts = [r["prompt"] for r in rows]
     t0 = time.perf_counter()
     greedy = []
@@ -90,9 +80,7 @@ def lm_metrics(path: Path, rows: list[dict], task, cfg, device, teacher_answers:
     metrics.update(_per_task_accuracy(rows, answers, score))
     if teacher_answers is not None:
         pairs = [(a, teacher_answers.get(r["id"])) for r, a in zip(rows, answers, strict=True)]
-        metrics["agreement_with_teacher"] = float(
-            np.mean([a is not None and t is not None and normalise(a) == normalise(t) for a, t in pairs])
-        )
+        metrics["agreement_with_teacher"] = float(np.mean([agree(a, t) for a, t in pairs]))
     if moe:
         summary, layers, load = _routing(model, greedy, cfg)
         metrics.update(summary)
@@ -161,13 +149,11 @@ def _sampled(model, tokenizer, rows, cfg, device, score, decode=None) -> dict[st
             results = [score(r, a) for a in answers]
             if results[0] is None:
                 continue
-            votes = Counter(normalise(a) for a in answers if a is not None)
-            top = votes.most_common(1)[0] if votes else (None, 0)
-            top_answer = next((a for a in answers if a is not None and normalise(a) == top[0]), None)
+            top_answer, votes = majority(answers)
             right = score(r, top_answer) >= 1.0 if top_answer is not None else False
             maj.append(right)
             any_right.append(any(s >= 1.0 for s in results))
-            share.append(top[1] / n)
+            share.append(votes / n)
             maj_right.append(right)
     if not maj:
         return {}
@@ -206,29 +192,29 @@ def run(cfg: EvaluateConfig, models: list[Path], data, out: Path, *, data_cfg: D
         write_json(work / "metrics.json", results)
         write_summary(work, results, console)
         write_manifest(
-            work, kind="evaluation", params=params, inputs=inputs, extra={"task": {"name": str(data)}, "metrics": results}
+            work, kind=Kind.EVALUATION, params=params, inputs=inputs, extra={"task": {"name": str(data)}, "metrics": results}
         )
         return output.commit()
 
 
 def _teacher_data_prompts(path: Path, split: str):
-    from collections import Counter
-
+    """(one row per prompt of ``split``, the task, prompt id -> the teacher's majority answer,
+    normalised) of LM teacher data."""
     import pyarrow.parquet as pq
 
-    from stages.tasks.reasoning import normalise, task_from_manifest
+    from stages.tasks.mixture import task_from_manifest
 
     manifest = read_manifest(path)
     table = pq.read_table(path, columns=["prompt_id", "split", "item", "prompt", "gold", "answer", "task"])
     by_prompt: dict[int, dict] = {}
-    votes: dict[int, Counter] = {}
+    answers: dict[int, list[str]] = {}
     for r in table.to_pylist():
         if r["split"] != split:
             continue
         by_prompt.setdefault(r["prompt_id"], {"id": r["prompt_id"], "split": r["split"], "item": r["item"], "prompt": r["prompt"],
                                               "answer": r["gold"], "task": r["task"]})  # fmt: skip
         if r["answer"] is not None:
-            votes.setdefault(r["prompt_id"], Counter())[normalise(r["answer"])] += 1
+            answers.setdefault(r["prompt_id"], []).append(r["answer"])
     task = task_from_manifest(manifest)
-    teacher = {p: v.most_common(1)[0][0] for p, v in votes.items()}
+    teacher = {p: normalise(majority(a)[0]) for p, a in answers.items()}
     return list(by_prompt.values()), task, teacher

@@ -9,7 +9,6 @@ hold whole prompts) and writes a new table with the same columns plus ``weight``
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -86,10 +85,11 @@ def _run_uncertain(
     it agrees with itself least are the ones worth asking the teacher about. Writes a prompt
     table (``kind: lm_prompts``) that ``generate-teacher-data`` takes as ``--data``."""
     from stages.devices import resolve_device
+    from stages.lm.generation import sample
     from stages.lm.models import lm_identity, load_lm
-    from stages.lm.training import sample
+    from stages.lm.scoring import majority
     from stages.tasks import prompts_in_splits
-    from stages.tasks.reasoning import PROMPTS, extract_answer, normalise
+    from stages.tasks.reasoning import PROMPTS, extract_answer
 
     if student is None:
         raise DistilError("--by uncertain measures a student's consistency: pass --student DIR")
@@ -113,8 +113,7 @@ def _run_uncertain(
                               max_new_tokens=cfg.max_new_tokens, top_k=0, device=dev_)  # fmt: skip
                 for j in range(len(chunk)):
                     answers = [extract_answer(g["completion"])[0] for g in gens[j * n : (j + 1) * n]]
-                    votes = Counter(normalise(a) for a in answers if a is not None)
-                    agreement.append(votes.most_common(1)[0][1] / n if votes else 0.0)
+                    agreement.append(majority(answers)[1] / n)
                 bar.update(job, advance=len(chunk))
         keep_n = max(1, round(cfg.uncertain_share * len(rows)))
         order = sorted(range(len(rows)), key=lambda i: (agreement[i], i))[:keep_n]
@@ -124,7 +123,7 @@ def _run_uncertain(
         chosen = chosen.append_column("reason", pa.array([f"student agreement {agreement[i]:.2f}" for i in sorted(order)]))
         TableWriter(work, chosen.schema).write(chosen)
         manifest = read_manifest(Path(data)) if Path(data).is_dir() else {}
-        write_manifest(work, kind="lm_prompts", params=manifest.get("params", params) | {"select": to_dict(cfg)}, inputs=inputs,
+        write_manifest(work, kind=Kind.LM_PROMPTS, params=manifest.get("params", params) | {"select": to_dict(cfg)}, inputs=inputs,
                        rows=chosen.num_rows, model=lm_identity(student),
                        extra={"task": {"name": manifest.get("task", {}).get("name", str(data))},
                               "selection": {"kept": chosen.num_rows, "rows": len(rows),

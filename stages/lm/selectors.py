@@ -2,17 +2,19 @@
 
 Each maps one part of teacher data (all samples of its prompts: parts are written
 prompt-major) to (keep mask, weight, reason) per row. ``LM_SELECTORS`` is the table;
-``chained`` applies several in turn (``--by majority+dedup``).
+``chained`` applies several in turn (``--by majority+dedup``). ``majority`` votes with
+``stages.lm.scoring.majority``, the vote every LM command shares.
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import numpy as np
 import pyarrow as pa
 
 from stages.config import SelectConfig
+from stages.lm.scoring import majority as vote
 from stages.tasks.reasoning import normalise
 
 
@@ -27,16 +29,16 @@ def majority(table: pa.Table, cfg: SelectConfig):
     """Self-consistency (Wang et al. 2023): per prompt, the most frequent parsed answer
     among its samples; keep the samples that give it, weighted by its share (the
     agreement), when the share reaches ``min_agreement``."""
-    answers = [None if a is None else normalise(a) for a in table.column("answer").to_pylist()]
+    raw = table.column("answer").to_pylist()
+    answers = [None if a is None else normalise(a) for a in raw]
     keep = np.zeros(table.num_rows, bool)
     weight = np.zeros(table.num_rows, np.float32)
     reason = np.full(table.num_rows, "no parsed answer", dtype=object)
     for rows in _groups(table).values():
-        votes = Counter(answers[i] for i in rows if answers[i] is not None)
-        if not votes:
+        top, count = vote(raw[i] for i in rows)
+        if top is None:
             continue
-        top, count = votes.most_common(1)[0]
-        share = count / len(rows)
+        share, top = count / len(rows), normalise(top)
         for i in rows:
             agrees = answers[i] == top
             keep[i] = agrees and share >= cfg.min_agreement

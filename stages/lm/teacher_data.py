@@ -1,11 +1,12 @@
 """`distil generate-teacher-data` for language-model teachers.
 
 For each prompt the teacher samples ``samples`` completions (batched, with the KV cache)
-and each row stores the completion, its extracted answer and score, the sequence
-log-probability, and per generated token the teacher's top-k token ids and log-probs
-(of the untempered distribution, which is what a student distils). Prompts are written in
-parts of ``shard_prompts``; each part samples from its own seed, so a killed run resumes
-after its last complete part and produces exactly what an uninterrupted run would.
+and each row stores the completion, its extracted answer and score
+(``stages.lm.scoring.scorer``), the sequence log-probability, and per generated token the
+teacher's top-k token ids and log-probs (of the untempered distribution, which is what a
+student distils). Prompts are written in parts of ``shard_prompts``; each part samples
+from its own seed, so a killed run resumes after its last complete part and produces
+exactly what an uninterrupted run would.
 Several teachers (``--teacher`` repeated, for ``distill --method mst``) each sample every
 prompt, teacher after teacher (one in memory at a time); rows carry the ``teacher`` index
 into the manifest's ``teachers`` list, and with ``top_k > 0`` all must share one tokenizer.
@@ -27,18 +28,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from stages.artifacts import LM_TEACHER_DATA, Output, TableWriter, fingerprint, write_manifest
+from stages.artifacts import LM_TEACHER_DATA, Kind, Output, TableWriter, fingerprint, write_manifest
 from stages.config import DataConfig, GenerateTeacherDataConfig, to_dict
 from stages.devices import resolve_device
 from stages.errors import DistilError
+from stages.lm.generation import sample
 from stages.lm.models import is_moe, load_lm
 from stages.lm.moe.routing import routing_shape
 from stages.lm.moe.scmoe import check_decode, decoding
+from stages.lm.scoring import scorer
 from stages.lm.teachers.vocabulary import describe_teachers
-from stages.lm.training import sample
 from stages.progress import progress_bar
 from stages.tasks import prompts_in_splits, source_identity
-from stages.tasks.reasoning import extract_answer, normalise
+from stages.tasks.reasoning import extract_answer
 
 
 def run(cfg: GenerateTeacherDataConfig, teacher: Path | list[Path], data, out: Path, *, data_cfg: DataConfig, device: str = "auto",
@@ -60,6 +62,7 @@ def run(cfg: GenerateTeacherDataConfig, teacher: Path | list[Path], data, out: P
     if len(teachers) > 1:
         inputs["teachers"] = [e["sha256"] for e in entries]
     output = Output(out, fingerprint("generate_teacher_data", params, inputs))
+    score = scorer(task)
     with output as work:
         writer = TableWriter(work, LM_TEACHER_DATA)
         start = writer.done_rows // cfg.samples
@@ -84,40 +87,49 @@ def run(cfg: GenerateTeacherDataConfig, teacher: Path | list[Path], data, out: P
                 rows = sample(model, tokenizer, [r["prompt"] for r in chunk], samples=cfg.samples, temperature=cfg.temperature,
                               top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, device=dev_,
                               decode=decode, routing=record)  # fmt: skip
-                records = []
-                for j, gen in enumerate(rows):
-                    p = chunk[j // cfg.samples]
-                    answer, parse = extract_answer(gen["completion"])
-                    if task is not None and p["item"] >= 0:
-                        score = task.score(answer, p["split"], p["item"])
-                    elif p["answer"] is not None:
-                        score = float(answer is not None and normalise(answer) == normalise(p["answer"]))
-                    else:
-                        score = None
-                    tokens += len(gen["token_ids"])
-                    records.append({
-                        "id": (p["id"] * len(teachers) + t) * cfg.samples + j % cfg.samples, "prompt_id": p["id"],
-                        "sample": j % cfg.samples, "teacher": t,
-                        "split": p["split"], "task": p["task"], "item": p["item"], "prompt": p["prompt"], "gold": p["answer"],
-                        "answer": answer, "parse": parse, "score": score, "expert_ids": [], "expert_weights": [], **gen,
-                    })  # fmt: skip
+                records = _records(chunk, rows, score, teacher=t, teachers=len(teachers), samples=cfg.samples)
+                tokens += sum(len(r["token_ids"]) for r in records)
                 writer.write(pa.Table.from_pylist(records, schema=LM_TEACHER_DATA))
                 bar.update(job, completed=t * len(prompts) + min(lo + cfg.shard_prompts, len(prompts)))
         seconds = time.perf_counter() - t0
-        size = sum(p.stat().st_size for p in work.glob("part-*.parquet"))
-        all_tokens = sum(
-            len(ids)
-            for part in work.glob("part-*.parquet")
-            for ids in pq.read_table(part, columns=["token_ids"]).column(0).to_pylist()
-        )
-        write_manifest(
-            work, kind="lm_teacher_data", params=params, inputs=inputs, rows=writer.done_rows,
-            model={"path": str(teacher), "sha256": inputs["teacher"], "vocab_size": entries[0]["vocab_size"]},
-            extra={"task": {"name": str(data)}, "teachers": entries, "top_k": cfg.top_k, "decode": cfg.decode, "tokens_generated": all_tokens,
-                   "tokens_per_second": tokens / max(seconds, 1e-9), "bytes_per_token": size / max(all_tokens, 1),
-                   **({"routing": routed} if routed is not None else {})},
-        )  # fmt: skip
+        _write_manifest(work, cfg, data, params, inputs, entries, routed, teacher=teacher, rows=writer.done_rows, tokens=tokens,
+                        seconds=seconds)  # fmt: skip
         return output.commit()
+
+
+def _records(chunk: list[dict], rows: list[dict], score, *, teacher: int, teachers: int, samples: int) -> list[dict]:
+    """The teacher-data rows of one part: per sample its prompt, parsed answer and score and
+    the sample's tokens; ids are unique over prompts, teachers and samples."""
+    records = []
+    for j, gen in enumerate(rows):
+        p = chunk[j // samples]
+        answer, parse = extract_answer(gen["completion"])
+        records.append({
+            "id": (p["id"] * teachers + teacher) * samples + j % samples, "prompt_id": p["id"],
+            "sample": j % samples, "teacher": teacher,
+            "split": p["split"], "task": p["task"], "item": p["item"], "prompt": p["prompt"], "gold": p["answer"],
+            "answer": answer, "parse": parse, "score": score(p, answer), "expert_ids": [], "expert_weights": [], **gen,
+        })  # fmt: skip
+    return records
+
+
+def _write_manifest(work: Path, cfg: GenerateTeacherDataConfig, data, params: dict, inputs: dict, entries: list[dict],
+                    routed: dict | None, *, teacher: Path, rows: int, tokens: int, seconds: float) -> None:  # fmt: skip
+    """The manifest: the first teacher as ``model``, every teacher, and what generation cost
+    (tokens over all parts, resumed ones included; speed of this run's parts)."""
+    size = sum(p.stat().st_size for p in work.glob("part-*.parquet"))
+    all_tokens = sum(
+        len(ids)
+        for part in work.glob("part-*.parquet")
+        for ids in pq.read_table(part, columns=["token_ids"]).column(0).to_pylist()
+    )
+    write_manifest(
+        work, kind=Kind.LM_TEACHER_DATA, params=params, inputs=inputs, rows=rows,
+        model={"path": str(teacher), "sha256": inputs["teacher"], "vocab_size": entries[0]["vocab_size"]},
+        extra={"task": {"name": str(data)}, "teachers": entries, "top_k": cfg.top_k, "decode": cfg.decode, "tokens_generated": all_tokens,
+               "tokens_per_second": tokens / max(seconds, 1e-9), "bytes_per_token": size / max(all_tokens, 1),
+               **({"routing": routed} if routed is not None else {})},
+    )  # fmt: skip
 
 
 def _routing_plan(mode: str, model, path: Path) -> dict | None:

@@ -1,24 +1,23 @@
 """Language-model training shared by the LM methods: sequence encoding with the prompt
-masked out of the loss, padding, and an epoch loop through accelerate (device placement,
-bf16 mixed precision on GPU, gradient accumulation) with best/last checkpoint selection
-on dev loss and per-epoch resumable checkpoints (safetensors + JSON, never pickle).
+masked out of the loss, padding (``collate``), rows streamed part by part (``RowSource``),
+next-token cross-entropy, the MoE router's auxiliary loss, and ``fit``: an epoch loop through
+accelerate (device placement, bf16 mixed precision on GPU, gradient accumulation) with
+best/last checkpoint selection on dev loss and per-epoch resumable checkpoints
+(safetensors + JSON, never pickle). Decoding lives in ``stages.lm.generation``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from stages.artifacts import load_state, load_tensors, save_state, save_tensors
 from stages.config import DistillConfig
 from stages.errors import DistilError
-from stages.lm.moe.routing import RouterRecorder
 
 IGNORE = -100
 
@@ -159,7 +158,7 @@ class RouterAuxLoss:
             self.model.config.output_router_logits = False  # saved configs decode without router outputs
 
 
-def fit_lm(
+def fit(
     model,
     train: RowSource,
     dev: RowSource,
@@ -172,77 +171,120 @@ def fit_lm(
     bar=None,
     live=None,
 ) -> dict[str, Any]:
-    """Train ``model`` in place (ending with its selected weights); return a summary."""
+    """Train ``model`` in place (ending with its selected weights); return a summary.
+    ``loss_fn(model, batch)`` defaults to next-token cross-entropy on the completions."""
+    acc = _accelerator(cfg, device)
+    loss_fn = loss_fn or next_token_loss
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    epochs, sched = _schedule(opt, len(train), cfg)
+    aux = RouterAuxLoss(model)
+    model, opt = acc.prepare(model, opt)
+    ckpt = work / "checkpoint"
+    progress = _resume(ckpt, acc.unwrap_model(model), opt, sched)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    task = bar.add_task(f"{cfg.method} (lm)", total=epochs, completed=progress["epoch"], info="") if bar else None
+    for epoch in range(progress["epoch"], epochs):
+        t0 = time.perf_counter()
+        train_loss = _train_epoch(model, train.epoch(cfg.seed * 100_003 + epoch), loss_fn, aux, acc, opt, sched, cfg, pad_id)
+        dev_loss = evaluate_loss(model, dev, cfg.batch_size, pad_id, acc.device)
+        progress["seconds"] += time.perf_counter() - t0
+        _end_epoch(progress, epoch, train_loss, dev_loss, live)
+        best = cfg.checkpoint == "last" or dev_loss < progress["best_loss"]
+        _checkpoint(ckpt, acc.unwrap_model(model), opt, sched, progress, best=best)
+        if task is not None:
+            bar.update(task, advance=1, info=f"loss {train_loss:.3f}  dev loss {dev_loss:.3f}")
+    model = acc.unwrap_model(model)
+    aux.close()
+    model.load_state_dict(load_tensors(ckpt / "best.safetensors"), strict=False)
+    return {"best_epoch": progress["best_epoch"], "dev_loss": progress["best_loss"], "train_seconds": progress["seconds"],
+            "history": progress["history"]}  # fmt: skip
+
+
+def next_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``fit``'s default loss: next-token cross-entropy on the completion tokens."""
+    return token_ce(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+
+
+def _accelerator(cfg: DistillConfig, device: torch.device):
+    """accelerate on ``device``: bf16 mixed precision on GPU (``lm.precision: auto``) or when
+    asked, gradient accumulation over ``grad_accum`` batches."""
     from accelerate import Accelerator
 
     precision = cfg.lm.precision
     if precision not in ("auto", "fp32", "bf16"):
         raise DistilError(f"lm.precision must be auto, fp32 or bf16, got '{precision}'")
     mixed = "bf16" if (precision == "bf16" or (precision == "auto" and device.type == "cuda")) else "no"
-    acc = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed, gradient_accumulation_steps=cfg.grad_accum)
-    loss_fn = loss_fn or (
-        lambda m, b: token_ce(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
-    )
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    per_epoch = -(-len(train) // (cfg.batch_size * cfg.grad_accum))
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed, gradient_accumulation_steps=cfg.grad_accum)
+
+
+def _schedule(opt, rows: int, cfg: DistillConfig):
+    """(epochs, learning-rate schedule): ``steps`` > 0 fixes the optimiser steps whatever the
+    data size (rounded to whole epochs), else ``epochs``; linear warm-up over the first 5% of
+    the steps, then linear decay to zero."""
+    per_epoch = -(-rows // (cfg.batch_size * cfg.grad_accum))
     epochs = max(1, round(cfg.steps / per_epoch)) if cfg.steps > 0 else cfg.epochs
     steps = epochs * per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * max(0.0, 1 - s / max(steps, 1))
     )
-    aux = RouterAuxLoss(model)
-    model, opt = acc.prepare(model, opt)
+    return epochs, sched
+
+
+def _resume(ckpt: Path, model, opt, sched) -> dict[str, Any]:
+    """The training progress so far: a fresh one, or the checkpoint's (which also restores the
+    model, optimiser, schedule and torch RNG, so a resumed run continues exactly)."""
     progress = {"epoch": 0, "best_loss": float("inf"), "best_epoch": -1, "history": [], "seconds": 0.0}
-    ckpt = work / "checkpoint"
     if (ckpt / "state.json").exists():
         saved = load_state(ckpt / "state")
-        acc.unwrap_model(model).load_state_dict(saved["model"])
+        model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         progress = saved["progress"]
         torch.set_rng_state(saved["rng"])
-    ckpt.mkdir(parents=True, exist_ok=True)
-    task = bar.add_task(f"{cfg.method} (lm)", total=epochs, completed=progress["epoch"], info="") if bar else None
-    for epoch in range(progress["epoch"], epochs):
-        t0 = time.perf_counter()
-        model.train()
-        total, count = 0.0, 0
-        for rows in batches(train.epoch(cfg.seed * 100_003 + epoch), cfg.batch_size):
-            batch = {k: v.to(acc.device) for k, v in collate(rows, pad_id).items()}
-            with acc.accumulate(model):
-                loss = aux.add_to(loss_fn(model, batch))
-                acc.backward(loss)
-                if acc.sync_gradients and cfg.max_grad_norm > 0:
-                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                opt.step()
-                if acc.sync_gradients:
-                    sched.step()
-                opt.zero_grad(set_to_none=True)
-            total += float(loss.detach())
-            count += 1
-        dev_loss = evaluate_loss(model, dev, cfg.batch_size, pad_id, acc.device)
-        progress["seconds"] += time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "train_loss": total / max(count, 1), "dev_loss": dev_loss}
-        progress["history"].append(row)
-        if live is not None:
-            live.log_metric("train_loss", row["train_loss"])
-            live.log_metric("dev_loss", dev_loss)
-            live.next_step()
-        if cfg.checkpoint == "last" or dev_loss < progress["best_loss"]:
-            progress.update(best_loss=dev_loss, best_epoch=epoch + 1)
-            save_tensors(ckpt / "best.safetensors", acc.unwrap_model(model).state_dict())
-        progress["epoch"] = epoch + 1
-        save_state(ckpt / "state", {
-            "model": acc.unwrap_model(model).state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "progress": progress, "rng": torch.get_rng_state(),
-        })  # fmt: skip
-        if task is not None:
-            bar.update(task, advance=1, info=f"loss {row['train_loss']:.3f}  dev loss {dev_loss:.3f}")
-    model = acc.unwrap_model(model)
-    aux.close()
-    model.load_state_dict(load_tensors(ckpt / "best.safetensors"), strict=False)
-    return {"best_epoch": progress["best_epoch"], "dev_loss": progress["best_loss"], "train_seconds": progress["seconds"],
-            "history": progress["history"]}  # fmt: skip
+    return progress
+
+
+def _train_epoch(model, rows, loss_fn, aux: RouterAuxLoss, acc, opt, sched, cfg: DistillConfig, pad_id: int) -> float:
+    """One pass over ``rows``; the mean training loss of its batches."""
+    model.train()
+    total, count = 0.0, 0
+    for chunk in batches(rows, cfg.batch_size):
+        batch = {k: v.to(acc.device) for k, v in collate(chunk, pad_id).items()}
+        with acc.accumulate(model):
+            loss = aux.add_to(loss_fn(model, batch))
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            opt.step()
+            if acc.sync_gradients:
+                sched.step()
+            opt.zero_grad(set_to_none=True)
+        total += float(loss.detach())
+        count += 1
+    return total / max(count, 1)
+
+
+def _end_epoch(progress: dict, epoch: int, train_loss: float, dev_loss: float, live) -> None:
+    """The epoch's losses into the history (and dvclive when logging)."""
+    progress["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "dev_loss": dev_loss})
+    if live is not None:
+        live.log_metric("train_loss", train_loss)
+        live.log_metric("dev_loss", dev_loss)
+        live.next_step()
+
+
+def _checkpoint(ckpt: Path, model, opt, sched, progress: dict, *, best: bool) -> None:
+    """Save the epoch: its weights as the selected ones when ``best``, then the whole state
+    (safetensors + JSON) that a killed run resumes from."""
+    row = progress["history"][-1]
+    if best:
+        progress.update(best_loss=row["dev_loss"], best_epoch=row["epoch"])
+        save_tensors(ckpt / "best.safetensors", model.state_dict())
+    progress["epoch"] = row["epoch"]
+    save_state(ckpt / "state", {
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "progress": progress, "rng": torch.get_rng_state(),
+    })  # fmt: skip
 
 
 @torch.no_grad()
@@ -256,92 +298,3 @@ def evaluate_loss(model, rows: RowSource, batch_size: int, pad_id: int, device) 
         total += float(token_ce(logits, b["labels"])) * n
         tokens += n
     return total / max(tokens, 1)
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int, device, decode=None) -> list[str]:
-    """Greedy completions (left-padded batches, KV cache), decoded without the prompt.
-    ``decode(model, attention_mask)``, when given, makes the logits processors of each
-    batch (``stages.lm.moe.scmoe.SCMoE``: greedy SCMoE)."""
-    model.eval()
-    tokenizer.padding_side = "left"
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id,
-                             logits_processor=decode(model, enc["attention_mask"]) if decode is not None else None)  # fmt: skip
-        out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    return out
-
-
-@torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], *, samples: int, temperature: float, top_p: float, max_new_tokens: int,
-           top_k: int, device, decode=None, routing: bool = False, prompt_routing: bool = False) -> list[dict]:  # fmt: skip
-    """``samples`` completions per prompt (temperature 0: greedy) with, per generated token,
-    the top-k log-probs of the untempered distribution; prompt-major order. ``decode(model,
-    attention_mask)``, when given, makes logits processors that rescore each step before
-    temperature and top-p (``stages.lm.moe.scmoe.SCMoE``); the stored log-probs stay the model's own.
-
-    ``routing`` (MoE models): each row also gets ``expert_ids`` (flat list, token-major then
-    layer then rank, ``n_tokens * layers * k`` values) and ``expert_weights`` (float16) of
-    the input position that predicted each generated token (``stages.lm.moe.routing``); with
-    ``prompt_routing`` also ``prompt_expert_ids`` / ``prompt_expert_weights`` for the prompt
-    positions before (padding dropped), so prompt part + generated part cover every input
-    position in order. Without ``routing`` nothing is hooked."""
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    greedy = temperature <= 0
-    with RouterRecorder(model) if routing else contextlib.nullcontext() as recorder:
-        out = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=None if greedy else temperature,
-            top_p=None if greedy else top_p, num_return_sequences=samples, output_logits=True,
-            return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            logits_processor=decode(model, enc["attention_mask"]) if decode is not None else None,
-        )  # fmt: skip
-    gen = out.sequences[:, enc["input_ids"].shape[1] :]
-    # raw (untempered) logits per step; reduced step by step to the chosen token's log-prob
-    # and the top-k, so no [batch, steps, vocab] tensor is ever built on top of them
-    k = min(top_k, out.logits[0].shape[-1])
-    chosen, top_ids, top_lp = [], [], []
-    for t, step in enumerate(out.logits):
-        lp = torch.log_softmax(step.float(), dim=-1)
-        chosen.append(lp.gather(-1, gen[:, t : t + 1]).squeeze(-1))
-        if k:
-            v, i = lp.topk(k, dim=-1)
-            top_ids.append(i)
-            top_lp.append(v)
-    chosen = torch.stack(chosen, dim=1)
-    top = (torch.stack(top_ids, 1), torch.stack(top_lp, 1)) if k else None
-    rows = []
-    for i in range(gen.shape[0]):
-        ids = gen[i].tolist()
-        n = ids.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in ids else len(ids)
-        rows.append({
-            "token_ids": ids[:n],
-            "seq_logprob": float(chosen[i, :n].sum()),
-            "topk_ids": top[0][i, :n].flatten().int().tolist() if top is not None else [],
-            "topk_logprobs": top[1][i, :n].flatten().cpu().numpy().astype(np.float16) if top is not None else np.zeros(0, np.float16),
-            "completion": tokenizer.decode(ids[:n], skip_special_tokens=True),
-        })  # fmt: skip
-    if routing:
-        _attach_routing(rows, recorder, enc["attention_mask"], samples, prompt_routing)
-    return rows
-
-
-def _attach_routing(rows: list[dict], recorder, attention_mask: torch.Tensor, samples: int, prompt_routing: bool) -> None:
-    """Per row, the recorded routing of its generated tokens (and prompt) as flat arrays.
-    ``generate`` repeats each prompt ``samples`` times in place (row r is prompt r // samples),
-    which is the order the routers saw."""
-    p_ids, p_w, g_ids, g_w = recorder.generation()
-    lengths = attention_mask.sum(-1).repeat_interleave(samples).tolist()
-    for i, row in enumerate(rows):
-        n = len(row["token_ids"])
-        if g_ids.shape[1] < n:
-            raise RuntimeError(f"routing recorded {g_ids.shape[1]} decoding steps for {n} generated tokens")
-        row["expert_ids"] = g_ids[i, :n].reshape(-1).tolist()
-        row["expert_weights"] = g_w[i, :n].reshape(-1).astype(np.float16)
-        if prompt_routing:
-            start = p_ids.shape[1] + 1 - int(lengths[i])  # left padding: a prompt's real positions come last
-            row["prompt_expert_ids"] = p_ids[i, start:].reshape(-1).tolist()
-            row["prompt_expert_weights"] = p_w[i, start:].reshape(-1).astype(np.float16)

@@ -116,32 +116,6 @@ def source_identity(source: str | Path) -> str:
     return artifact_hash(Path(source))
 
 
-def is_prompt_source(source: str | Path, data: DataConfig) -> bool:
-    """Language-model data: a reasoning task name, JSON lines, or a table with a prompt column."""
-    from stages.tasks.mixture import task_names
-
-    if task_names(source) or str(source).startswith("hf:"):
-        return True
-    path = Path(source)
-    if path.suffix.lower() in (".jsonl", ".json"):
-        return True
-    if path.is_dir() and (path / MANIFEST).exists():
-        from stages.artifacts import read_manifest
-
-        return str(read_manifest(path).get("kind", "")).startswith("lm_")
-    if path.is_file() and path.suffix.lower() == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            return data.prompt_column in pq.read_schema(path).names
-        except (pa.ArrowInvalid, OSError):
-            return False
-    if path.is_file() and path.suffix.lower() == ".csv":
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            return data.prompt_column in fh.readline().strip().split(",")
-    return False
-
-
 def load_prompts(source: str | Path, data: DataConfig):
     """(PROMPTS table, the ReasoningTask or None for user data)."""
     from stages.tasks.mixture import build_task, task_names
@@ -153,7 +127,8 @@ def load_prompts(source: str | Path, data: DataConfig):
         return _limit(load_hub_prompts(str(source)[3:], data.prompt_column, data.answer_column), data.limit), None
     path = Path(source)
     if path.is_dir() and (path / MANIFEST).exists():  # a distil prompt table (e.g. from select --by uncertain)
-        from stages.tasks.reasoning import PROMPTS, task_from_manifest
+        from stages.tasks.mixture import task_from_manifest
+        from stages.tasks.reasoning import PROMPTS
 
         table, manifest = read_table(path, PROMPTS, "prompt table")
         if manifest.get("kind") != "lm_prompts":

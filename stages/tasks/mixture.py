@@ -111,3 +111,13 @@ def build_task(source: Any, *, sizes: Sequence[int], seed: int, task_options: di
     options = options_per_task(names, task_options)
     tasks = tuple(ReasoningTask(n, tuple(sizes), seed, tuple(sorted(options[n].items())), unlabeled) for n in names)
     return tasks[0] if len(tasks) == 1 else TaskMixture(tasks)
+
+
+def task_from_manifest(manifest: dict):
+    """The reasoning task (or ``TaskMixture``) an LM artifact was made from (None for user prompt tables)."""
+    data = manifest.get("params", {}).get("data", {})
+    name = manifest.get("task", {}).get("name", "")
+    if not task_names(name):
+        return None
+    return build_task(name, sizes=tuple(data.get("sizes", (2000, 200, 200))), seed=data.get("split_seed", 0),
+                      task_options=data.get("task_options"), unlabeled=int(data.get("unlabeled", 0)))  # fmt: skip

@@ -167,18 +167,6 @@ def load_prompt_table(path: Path, prompt_column: str = "prompt", answer_column: 
     )
 
 
-def task_from_manifest(manifest: dict):
-    """The reasoning task (or ``TaskMixture``) an LM artifact was made from (None for user prompt tables)."""
-    from stages.tasks.mixture import build_task, task_names
-
-    data = manifest.get("params", {}).get("data", {})
-    name = manifest.get("task", {}).get("name", "")
-    if not task_names(name):
-        return None
-    return build_task(name, sizes=tuple(data.get("sizes", (2000, 200, 200))), seed=data.get("split_seed", 0),
-                      task_options=data.get("task_options"), unlabeled=int(data.get("unlabeled", 0)))  # fmt: skip
-
-
 def load_hub_prompts(name: str, prompt_column: str = "prompt", answer_column: str = "answer") -> pa.Table:
     """Prompts through ``datasets.load_dataset``: a hub name (online users) or a local
     directory of data files. Splits train / validation (or dev) / test map to ours."""

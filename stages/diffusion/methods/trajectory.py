@@ -35,10 +35,9 @@ import numpy as np
 import torch
 
 from stages.config import DistillConfig
-from stages.diffusion.data import GeneratorData
+from stages.diffusion.data import GeneratorData, read_trajectories
 from stages.diffusion.sampling import consistency_fn
 from stages.diffusion.students import Probe, averages, check_student, init_student, load_teacher, net, student_scheduler
-from stages.diffusion.teacher_data import read_trajectories
 from stages.diffusion.training import fit
 from stages.errors import DistilError
 from stages.losses.consistency import CONSISTENCY_LOSSES

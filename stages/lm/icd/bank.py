@@ -2,17 +2,18 @@
 
 A demonstration is a teacher question/answer pair from LM teacher data: one per train
 prompt whose teacher answer parsed, the first sample carrying the prompt's majority answer
-(the self-consistent one), written as ``"<prompt> <answer>"`` (prompts end in
-``Answer:``). ``Bank`` retrieves the k most similar demonstrations for a query through a
-``DemoIndex`` and builds the student's prompt from them; ``--online`` cascades append the
-teacher's answers to deferred queries.
+(the self-consistent one, ``stages.lm.scoring.majority_index``), written as
+``"<prompt> <answer>"`` (prompts end in ``Answer:``). ``Bank`` retrieves the k most similar
+demonstrations for a query through a ``DemoIndex`` and builds the student's prompt from
+them; ``--online`` cascades append the teacher's answers to deferred queries.
 
 In a prompt the demonstrations come most similar *last*, right before the query: the
 demonstration nearest the question is the one the model reads last (recency matters most
 to small models), and the order is stable for a given bank and query.
 
 This module also reads what a cascade takes from LM teacher data: its train rows (the
-bank) and, through its manifest, the dev and test prompts of the task and their scorer.
+bank) and, through its manifest, the dev and test prompts of the task and the task itself
+(which ``stages.lm.scoring.scorer`` scores with).
 """
 
 from __future__ import annotations
@@ -20,34 +21,19 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from stages.artifacts import ICD_BANK, LM_TEACHER_DATA, MANIFEST, TableWriter, inspect_table, write_manifest
+from stages.artifacts import ICD_BANK, LM_TEACHER_DATA, MANIFEST, Kind, TableWriter, inspect_table, write_manifest
 from stages.errors import DistilError
 from stages.lm.icd.retrieval import DemoIndex
-from stages.tasks.reasoning import ReasoningTask, normalise
+from stages.lm.scoring import majority_index
+from stages.tasks.reasoning import ReasoningTask
 
 SEPARATOR = "\n\n"
-
-
-def _majority_first(group: list[dict]) -> dict | None:
-    """The first sample whose (normalised) answer is the group's most frequent one; ties go to
-    the answer seen first; None when no sample's answer parsed."""
-    counts: dict[str, int] = {}
-    first: dict[str, dict] = {}
-    for r in group:
-        if r["answer"] is None:
-            continue
-        key = normalise(r["answer"])
-        counts[key] = counts.get(key, 0) + 1
-        first.setdefault(key, r)
-    if not counts:
-        return None
-    return first[max(counts, key=lambda k: counts[k])]
 
 
 def read_teacher_data(data: str | Path) -> tuple[list[dict], dict]:
@@ -59,7 +45,7 @@ def read_teacher_data(data: str | Path) -> tuple[list[dict], dict]:
         )
     cols = ["prompt_id", "sample", "split", "prompt", "answer", "score", "token_ids"]
     files, _, _, manifest = inspect_table(path, pa.schema([LM_TEACHER_DATA.field(c) for c in cols]), "LM teacher data")
-    if manifest.get("kind") != "lm_teacher_data":
+    if manifest.get("kind") != Kind.LM_TEACHER_DATA:
         raise DistilError(
             f"{data} is {manifest.get('kind')!r}, not LM teacher data; pass the output of `distil generate-teacher-data`"
         )
@@ -82,7 +68,8 @@ def demonstrations(rows: list[dict], verified: bool) -> list[dict]:
         groups[r["prompt_id"]].append(r)
     demos = []
     for pid in sorted(groups):
-        best = _majority_first(groups[pid])
+        first = majority_index(r["answer"] for r in groups[pid])
+        best = groups[pid][first] if first is not None else None
         if best is None or (verified and (best["score"] is None or best["score"] < 1.0)):
             continue
         demos.append(demo(pid, "train", "teacher_data", best["prompt"], best["answer"]))
@@ -145,27 +132,9 @@ class Bank:
         rows = Path(directory) / "rows"
         rows.mkdir(parents=True, exist_ok=True)
         TableWriter(rows, ICD_BANK).write(pa.Table.from_pylist(self.rows, schema=ICD_BANK))
-        write_manifest(rows, kind="icd_bank", params=params, inputs=inputs, rows=len(self.rows),
+        write_manifest(rows, kind=Kind.ICD_BANK, params=params, inputs=inputs, rows=len(self.rows),
                        extra={"initial_rows": self.initial, "retriever": self.index.kind})  # fmt: skip
         self.index.save(Path(directory) / "index")
-
-
-Scorer = Callable[[dict, Optional[str]], Optional[float]]
-"""score(query row, answer) -> score, or None when the query has no gold answer."""
-
-
-def scorer(task: ReasoningTask | None) -> Scorer:
-    """The task's own scorer for reasoning-task items, else normalised exact match with the
-    gold answer; None when there is no gold to score against."""
-
-    def score(row: dict, answer: str | None) -> float | None:
-        if task is not None and row.get("item") is not None and row["item"] >= 0:
-            return task.score(answer, row["split"], row["item"])
-        if row.get("answer") is None:
-            return None
-        return float(answer is not None and normalise(answer) == normalise(row["answer"]))
-
-    return score
 
 
 def task_queries(manifest: dict) -> tuple[dict[str, list[dict]], ReasoningTask | None]:

@@ -1,10 +1,13 @@
 """Language-model distillation methods: one explicit name -> method table.
 
 What each method needs is declared here, so ``stages.lm.distill`` validates its inputs
-before anything trains: gold answers or teacher completions (``sft``), stored top-k
-teacher log-probs (the token-level divergences, ``tsd``, ``mst``), or one live teacher
-(``on-policy``). ``divergence`` names the loss of ``stages.losses.DIVERGENCES`` a
-token-level method applies. Kept free of heavy imports so ``--help`` lists it cheaply.
+and builds its loss from the declaration alone, never from the method's name: gold answers
+or teacher completions (``sft``), stored top-k teacher log-probs (the token-level
+divergences, ``tsd``, ``mst``), or one live teacher (``on-policy``). ``divergence`` names
+the loss of ``stages.losses.DIVERGENCES`` the method applies. The losses live beside this
+table: ``token_level`` (top-k divergences, TSD's token selection), ``on_policy`` (GKD) and
+``mst`` (the gate that picks one teacher per prompt). Kept free of heavy imports so
+``--help`` lists it cheaply.
 """
 
 from __future__ import annotations
@@ -19,7 +22,11 @@ class LMMethod:
     """'none' (gold answers or teacher completions as text), 'top-k' (stored top-k log-probs of
     LM teacher data) or 'live' (exactly one --teacher run on every batch)."""
     divergence: str = ""
-    """The token-level divergence of ``stages.losses.DIVERGENCES`` the method applies."""
+    """The divergence of ``stages.losses.DIVERGENCES`` the method applies (none for sft)."""
+    selective: bool = False
+    """Distil only the tokens TSD-KD's selection keeps (``token_level._token_selection``)."""
+    gated: bool = False
+    """Train on the rows of the one teacher a gate picks per prompt (``mst.gate_rows``)."""
 
     @property
     def token_level(self) -> bool:
@@ -38,10 +45,10 @@ LM_METHODS: dict[str, LMMethod] = {
     ),
     "tsd": LMMethod(
         "token-selective KD: only tokens where the teacher is more confident than the student, plus an entropy penalty",
-        "top-k", "kd",
+        "top-k", "kd", selective=True,
     ),  # fmt: skip
     "mst": LMMethod(
         "mixture of specialised teachers: on teacher data from several teachers a gate (confidence or task) picks one "
-        "per prompt; kd on its rows", "top-k", "kd",
+        "per prompt; kd on its rows", "top-k", "kd", gated=True,
     ),  # fmt: skip
 }

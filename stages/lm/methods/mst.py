@@ -29,7 +29,7 @@ Gates (``GATES``; ``distill.gate``):
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.errors import DistilError
-from stages.tasks.reasoning import normalise
+from stages.lm.scoring import majority
 
 GATE_COLUMNS = ["prompt_id", "split", "task", "teacher", "answer", "seq_logprob"]
 
@@ -49,8 +49,7 @@ def confidence_gate(rows: list[dict], teachers: list[dict]) -> dict[int, int]:
         groups[(r["prompt_id"], r.get("teacher") or 0)].append(r)
     best: dict[int, tuple] = {}
     for (prompt, teacher), samples in groups.items():
-        votes = Counter(normalise(s["answer"]) for s in samples if s["answer"] is not None)
-        agreement = votes.most_common(1)[0][1] / len(samples) if votes else 0.0
+        agreement = majority(s["answer"] for s in samples)[1] / len(samples)
         logprob = sum(s["seq_logprob"] for s in samples) / len(samples)
         key = (agreement, logprob, -teacher)
         if prompt not in best or key > best[prompt]:

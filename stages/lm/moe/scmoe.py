@@ -21,7 +21,7 @@ per-row constant, so the argmax and softmax are the same. Unlike their script, E
 banned (their ``early_stop=False``), so b = 0 is exactly the model's own decoding.
 Qwen2-MoE's always-on shared expert is not routed and stays in the weak pass.
 
-Integration: ``SCMoE`` is passed as ``decode=`` to ``stages.lm.training.generate`` /
+Integration: ``SCMoE`` is passed as ``decode=`` to ``stages.lm.generation.generate`` /
 ``sample``, which hand its ``SCMoELogitsProcessor`` to ``model.generate``. The processor
 runs the weak pass itself, with a KV cache of its own (one extra single-token forward per
 step, and a second cache in memory): about twice the decoding compute of greedy. (The weak

@@ -1,0 +1,48 @@
+"""The loss of ``distil distill --method on-policy``: generalised knowledge distillation
+against one live teacher, on completions the student partly samples itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stages.config import DistillConfig
+from stages.lm.generation import sample_continuations
+from stages.lm.methods import LMMethod
+from stages.lm.training import IGNORE, collate
+from stages.losses import DIVERGENCES, divergence_hyper
+
+
+def on_policy_loss(method: LMMethod, cfg: DistillConfig, teacher, tokenizer, max_len: int):
+    """Generalised knowledge distillation (Agarwal et al., "On-Policy Distillation of
+    Language Models", ICLR 2024, algorithm 1; the on-policy distillation survey): with
+    probability ``lmbda`` a batch's completions are sampled from the student itself,
+    otherwise they are the data's; the live teacher scores every completion token and the
+    student minimises the method's divergence (``jsd`` with ``beta``) on those tokens. Training
+    on its own samples is what keeps a student from exploiting a fixed teacher dataset
+    ("On Teacher Hacking")."""
+    divergence, hyper = DIVERGENCES[method.divergence], divergence_hyper(method.divergence, cfg)
+    rng = torch.Generator().manual_seed(cfg.seed)  # its own stream: the coin flips leave torch's global RNG alone
+
+    def loss(m, b):
+        ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
+        if torch.rand(1, generator=rng).item() < cfg.lmbda:
+            ids, mask, labels = _student_samples(m, tokenizer, ids, labels, max_len, cfg.lm.max_new_tokens)
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids, attention_mask=mask).logits.float()
+        logits = m(input_ids=ids, attention_mask=mask).logits
+        keep = labels[:, 1:] != IGNORE
+        return divergence(logits[:, :-1], t_logits[:, :-1], mask=keep, weight=b["w"][:, None].expand_as(keep), **hyper)
+
+    return loss
+
+
+def _student_samples(model, tokenizer, ids, labels, max_len, max_new):
+    """Replace each row's completion by one the student samples (temperature 1); the prompt
+    stays and stays out of the loss."""
+    prompts = []
+    for row, lab in zip(ids.tolist(), labels.tolist(), strict=True):
+        prompts.append(row[: next(i for i, v in enumerate(lab) if v != IGNORE)])
+    gen = sample_continuations(model, tokenizer, prompts, max_new_tokens=max_new, max_len=max_len, device=ids.device)
+    batch = collate([(p + g, [IGNORE] * len(p) + g) for p, g in zip(prompts, gen, strict=True)], tokenizer.pad_token_id)
+    return batch["input_ids"].to(ids.device), batch["attention_mask"].to(ids.device), batch["labels"].to(ids.device)
