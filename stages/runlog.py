@@ -1,5 +1,6 @@
-"""One place for what every training run writes around its loop, whatever the modality:
-the dvclive logger with the progress bar, and the closing ``training.json`` + manifest.
+"""One place for what every training run does around its loop, whatever the modality:
+the dvclive logger with the progress bar, restoring an unfinished run from its last
+checkpoint, and the closing ``training.json`` + manifest.
 
 A run that resumes (its partial holds a checkpoint) reopens the dvclive series where it
 stopped instead of starting a new one.
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stages.artifacts import write_json, write_manifest
+from stages.artifacts import load_state, write_json, write_manifest
 from stages.progress import progress_bar
 
 SCRATCH = ("checkpoint", "fits")
@@ -31,6 +32,19 @@ def logged(work: Path, progress: bool) -> Iterator[tuple[Any, Any]]:
         progress_bar(progress) as bar,
     ):
         yield live, bar
+
+
+def restore(ckpt_dir: Path, model: Any, opt: Any, sched: Any) -> dict[str, Any] | None:
+    """The saved state of an unfinished run's last checkpoint (``save_state`` at
+    ``<ckpt_dir>/state``) with the model, optimiser and scheduler already restored from it;
+    None when the run has no checkpoint. The caller restores what else it saved."""
+    if not (ckpt_dir / "state.json").exists():
+        return None
+    saved = load_state(ckpt_dir / "state")
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    return saved
 
 
 def finish(work: Path, summary: dict[str, Any], *, kind: str, params: dict, inputs: dict, extra: dict[str, Any]) -> None:

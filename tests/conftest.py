@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,22 @@ def dies_on_call(owner, name: str, n: int, exc: type[BaseException] = KeyboardIn
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(owner, name, dying)
         yield
+
+
+def repo_shell(repo: Path, timeout: int = 600):
+    """``run(*argv) -> stdout`` in ``repo`` with this venv first on PATH, a git identity and
+    DVC analytics off; a non-zero exit fails the test with the tail of both streams."""
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "GIT_AUTHOR_NAME": "distil-tests", "GIT_AUTHOR_EMAIL": "tests@distil.invalid",
+        "GIT_COMMITTER_NAME": "distil-tests", "GIT_COMMITTER_EMAIL": "tests@distil.invalid",
+        "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
+    }  # fmt: skip
+
+    def run(*args: str) -> str:
+        proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, f"{' '.join(args)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return proc.stdout
+
+    return run

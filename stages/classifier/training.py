@@ -22,9 +22,10 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from stages.artifacts import load_state, load_tensors, save_state, save_tensors, write_json
+from stages.artifacts import load_tensors, save_state, save_tensors, write_json
 from stages.config import DistillConfig
 from stages.metrics import accuracy, nll, softmax
+from stages.runlog import restore
 from stages.tasks import Examples
 from stages.tasks.augment import augment
 
@@ -139,11 +140,8 @@ def _resume(
     """The progress record, restored with model, optimiser, scheduler and RNG from an
     unfinished fit's last checkpoint when there is one (else a fresh record)."""
     progress = {"epoch": 0, "best_acc": -1.0, "best_nll": float("inf"), "best_epoch": -1, "history": [], "seconds": 0.0}
-    if (ckpt_dir / "state.json").exists():
-        saved = load_state(ckpt_dir / "state")
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
+    saved = restore(ckpt_dir, model, opt, sched)
+    if saved is not None:
         progress = saved["progress"]
         torch.set_rng_state(saved["rng"])  # dropout draws continue where they stopped
         for k, v in saved["extra"].items():

@@ -58,13 +58,6 @@ class GeneratorData:
                 **self.meta}  # fmt: skip
 
 
-def is_generator_source(source: str | Path) -> bool:
-    name = str(source)
-    if name in GENERATOR_DATA and not Path(name).exists():
-        return True
-    return is_teacher_data(source)
-
-
 def is_teacher_data(source: str | Path) -> bool:
     """A folder of diffusion teacher data (generate-teacher-data's trajectories), not a dataset."""
     path = Path(source)
@@ -85,7 +78,7 @@ def load_generator_data(source: str | Path, data: DataConfig) -> GeneratorData:
         x, y, split = digits_images(data)
         out = GeneratorData(name, list(x.shape[1:]), {s: x[split == s] for s in ("train", "dev", "test")},
                             {s: y[split == s] for s in ("train", "dev", "test")}, {"range": [-1.0, 1.0]})  # fmt: skip
-    elif is_generator_source(source):
+    elif is_teacher_data(source):
         out = _teacher_samples(Path(source))
     else:
         raise DistilError(

@@ -16,13 +16,13 @@ from stages.devices import resolve_device
 from stages.diffusion.data import (
     GENERATOR_DATA,
     generator_identity,
-    is_generator_source,
     is_teacher_data,
     load_generator_data,
 )
 from stages.diffusion.generator import CONSISTENCY_SCHEDULERS, generator_hash, is_generator, save_generator
 from stages.diffusion.methods import DIFFUSION_METHODS
 from stages.errors import DistilError
+from stages.modality import DIFFUSION, of_data
 from stages.runlog import finish, logged
 
 
@@ -40,7 +40,7 @@ def run(
         raise DistilError(
             f"method '{cfg.method}' does not train generators; on generator data use {', '.join(DIFFUSION_METHODS)}"
         )
-    if not is_generator_source(data):
+    if of_data(data, data_cfg) != DIFFUSION:
         raise DistilError(
             f"method '{cfg.method}' trains a generator: --data must be generator data ({', '.join(GENERATOR_DATA)} "
             f"or diffusion teacher data), got '{data}'"

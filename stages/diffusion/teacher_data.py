@@ -32,10 +32,11 @@ from stages.artifacts import (
 )
 from stages.config import DataConfig, GenerateTeacherDataConfig, to_dict
 from stages.devices import resolve_device
-from stages.diffusion.data import STATES, generator_identity, is_generator_source, load_generator_data
+from stages.diffusion.data import STATES, generator_identity, load_generator_data
 from stages.diffusion.generator import check_same_shape, load_generator
 from stages.diffusion.sampling import check_hybrid, check_sampling, consistency_timesteps, ode_timesteps, sample
 from stages.errors import DistilError
+from stages.modality import DIFFUSION, of_data
 from stages.progress import progress_bar
 
 
@@ -59,7 +60,7 @@ def run(
     check_sampling(cfg.steps, cfg.solver)
     if cfg.noise_samples < 1 or cfg.shard_samples < 1 or cfg.batch_size < 1 or cfg.save_every < 0:
         raise DistilError("noise_samples, shard_samples and batch_size must be positive and save_every >= 0")
-    if not is_generator_source(data):
+    if of_data(data, data_cfg) != DIFFUSION:
         raise DistilError(f"--data '{data}' is not generator data; pass the data the teacher was trained on (e.g. moons)")
     dev = resolve_device(device)
     gen = load_generator(teachers[0], dev, "teacher")

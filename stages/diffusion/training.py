@@ -20,9 +20,10 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from stages.artifacts import load_state, save_state
+from stages.artifacts import save_state
 from stages.config import DistillConfig
 from stages.errors import DistilError
+from stages.runlog import restore
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
 """loss(model, a batch of train rows on the device (x0, or whole trajectories), the epoch's CPU generator) -> scalar."""
@@ -108,14 +109,11 @@ def _resume(
     """The progress record, restored with the model, its averages, optimiser and scheduler
     from the last checkpoint when there is one (else a fresh record)."""
     progress: dict[str, Any] = {"epoch": 0, "history": [], "seconds": 0.0}
-    if (ckpt / "state.json").exists():
-        saved = load_state(ckpt / "state")
-        model.load_state_dict(saved["model"])
+    saved = restore(ckpt, model, opt, sched)
+    if saved is not None:
         for name, avg in averages.items():
             avg.model.load_state_dict(saved[name])
             avg.updates = saved[f"{name}_updates"]
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
         progress = saved["progress"]
     ckpt.mkdir(parents=True, exist_ok=True)
     return progress

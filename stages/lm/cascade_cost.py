@@ -14,7 +14,6 @@ while adaptive sampling pays it again each round it draws a sample.
 from __future__ import annotations
 
 import csv
-import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
+from stages import modality
 from stages.errors import DistilError
 from stages.lm.generation import sample
 from stages.tasks.reasoning import extract_answer
@@ -209,20 +209,11 @@ class Sampler:
         return out
 
 
-def is_lm_model(path: str | Path) -> bool:
-    """A transformers model directory (its config names a model_type), not a built-in classifier."""
-    config = Path(path) / "config.json"
-    try:
-        return "model_type" in json.loads(config.read_text())
-    except (OSError, json.JSONDecodeError, TypeError):
-        return False
-
-
 def load_model(path: Path | str, name: str, device: torch.device | str) -> tuple[Any, Any, int, int | None]:
     """(model, tokenizer, parameters, context) of an LM; a classifier is refused."""
     from stages.lm.models import load_lm
 
-    if Path(path).is_dir() and not is_lm_model(path):
+    if modality.of_model(path) not in (None, modality.LM):
         raise DistilError(f"{name} {path} is not a language model (a classifier?); an LM cascade needs transformers LMs")
     model, tokenizer = load_lm(path, device)
     ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)

@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from stages.artifacts import load_state, load_tensors, save_state, save_tensors
+from stages.artifacts import load_tensors, save_state, save_tensors
 from stages.config import DistillConfig
 from stages.errors import DistilError
+from stages.runlog import restore
 
 IGNORE = -100
 
@@ -234,11 +235,8 @@ def _resume(ckpt: Path, model, opt, sched) -> dict[str, Any]:
     """The training progress so far: a fresh one, or the checkpoint's (which also restores the
     model, optimiser, schedule and torch RNG, so a resumed run continues exactly)."""
     progress = {"epoch": 0, "best_loss": float("inf"), "best_epoch": -1, "history": [], "seconds": 0.0}
-    if (ckpt / "state.json").exists():
-        saved = load_state(ckpt / "state")
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
+    saved = restore(ckpt, model, opt, sched)
+    if saved is not None:
         progress = saved["progress"]
         torch.set_rng_state(saved["rng"])
     return progress

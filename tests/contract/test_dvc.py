@@ -4,19 +4,18 @@ and the default pipeline runs under `dvc repro` / `dvc exp run` on tiny settings
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import repo_shell
 
 from distilcli.app import app
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 COMMANDS = {c.name for c in app.registered_commands}
@@ -86,18 +85,7 @@ def pipeline(tmp_path_factory):
     (repo / ".gitignore").write_text(
         "/models/\n/data/\n/cascade/\n/cascade_lm/\n/metrics/\n/metrics_lm/\n/metrics_diffusion/\n*.partial/\n"
     )
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "GIT_AUTHOR_NAME": "distil-tests", "GIT_AUTHOR_EMAIL": "tests@distil.invalid",
-        "GIT_COMMITTER_NAME": "distil-tests", "GIT_COMMITTER_EMAIL": "tests@distil.invalid",
-        "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
-    }  # fmt: skip
-
-    def run(*args: str) -> str:
-        proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"{' '.join(args)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        return proc.stdout
+    run = repo_shell(repo, timeout=600)
 
     run("git", "init", "-q")
     run("git", "add", "-A")
