@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stages.artifacts import EXAMPLES, MANIFEST, read_table
+from stages.artifacts import EXAMPLES, MANIFEST, Kind, read_table
 from stages.config import DataConfig
 from stages.errors import DistilError
 from stages.tasks.digits import load_digits
@@ -131,7 +131,7 @@ def load_prompts(source: str | Path, data: DataConfig):
         from stages.tasks.reasoning import PROMPTS
 
         table, manifest = read_table(path, PROMPTS, "prompt table")
-        if manifest.get("kind") != "lm_prompts":
+        if manifest.get("kind") != Kind.LM_PROMPTS:
             raise DistilError(
                 f"{path} is {manifest.get('kind')}, not a prompt table; pass a task, a prompt file or select's output"
             )
