@@ -95,11 +95,16 @@ def data_config(params: dict[str, Any], features: str | None, label: str | None)
 
 @contextlib.contextmanager
 def handled() -> Iterator[None]:
-    """DistilError -> one line on stderr, exit 2; Ctrl-C -> a hint that a rerun resumes."""
+    """DistilError -> one line on stderr, exit 2 (so is a file distil may not read or write:
+    the user's to fix, not a bug); Ctrl-C -> a hint that a rerun resumes."""
     try:
         yield
     except DistilError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except PermissionError as exc:
+        where = exc.filename or exc
+        err.print(f"[bold red]error:[/] permission denied: {where}; check its permissions", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err.print("interrupted: rerun the same command to resume from the last checkpoint")

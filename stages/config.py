@@ -2,6 +2,9 @@
 
 Every field has a default and a one-line help (its ``metadata["help"]``). Unknown keys
 raise, so a typo in params.yaml or ``--set`` is an error rather than a silent default.
+A numeric field may declare its valid values (``metadata["valid"]``, a ``Range``);
+``from_dict``, which every params section and ``--set`` value goes through, refuses a
+value outside it with one line naming the key, the value and the range.
 """
 
 from __future__ import annotations
@@ -25,9 +28,49 @@ EVERY = (CLASSIFIER, LM, DIFFUSION)
 MODALITY_NAMES = {CLASSIFIER: "classifier", LM: "language-model", DIFFUSION: "diffusion"}
 
 
-def _f(default: Any, help: str, only: tuple[str, ...] = EVERY) -> Any:
-    """A field with its default, its one-line help and the modalities that read it."""
-    meta = {"help": help, "only": only}
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric setting (each item, for a list): a low and/or a high
+    bound, each closed or open, and sentinel values outside them that mean something
+    (``also=(-1,)``: -1 = calibrate; ``also=(0,)``: 0 = off)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    also: tuple[float, ...] = ()
+
+    def __contains__(self, value: float) -> bool:
+        if value in self.also:
+            return True
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below  # NaN fails both comparisons: refused
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            text = f"{'<' if self.high_open else '<='} {self.high:g}"
+        return text + "".join(f" or {v:g}" for v in self.also)
+
+
+COUNT = Range(1)
+NONNEG = Range(0)
+POSITIVE = Range(0, low_open=True)
+UNIT = Range(0, 1)
+SHARE = Range(0, 1, low_open=True)
+DECAY = Range(0, 1, high_open=True)
+"""The common ranges: counts >= 1, >= 0 (where 0 = off / all / none), > 0, weights and
+shares in [0, 1], shares in (0, 1], EMA decays and split fractions in [0, 1)."""
+
+
+def _f(default: Any, help: str, only: tuple[str, ...] = EVERY, valid: Range | None = None) -> Any:
+    """A field with its default, its one-line help, the modalities that read it and, for a
+    number (or a list of numbers), the range of its valid values."""
+    meta = {"help": help, "only": only, "valid": valid}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta)
     return field(default=default, metadata=meta)
@@ -42,15 +85,19 @@ class DataConfig:
     )
     label: str = _f("label", "label column of a user table")
     split_column: str = _f("", "column holding train/dev/test; '' = make a stratified split")
-    split_seed: int = _f(0, "seed of the stratified train/dev/test split (fixed across stages)")
-    dev_frac: float = _f(0.15, "share of rows in the dev split")
-    test_frac: float = _f(0.2, "share of rows in the test split")
-    limit: int = _f(0, "keep at most this many rows per split (0 = all); for quick runs and tests")
+    split_seed: int = _f(0, "seed of the stratified train/dev/test split (fixed across stages)", valid=NONNEG)
+    dev_frac: float = _f(0.15, "share of rows in the dev split", valid=DECAY)
+    test_frac: float = _f(0.2, "share of rows in the test split", valid=DECAY)
+    limit: int = _f(0, "keep at most this many rows per split (0 = all); for quick runs and tests", valid=NONNEG)
     sizes: list[int] = _f(
-        [2000, 200, 200], "reasoning tasks and 2-D toy distributions (moons, ...): items in the train, dev and test splits"
+        [2000, 200, 200],
+        "reasoning tasks and 2-D toy distributions (moons, ...): items in the train, dev and test splits",
+        valid=NONNEG,
     )
     unlabeled: int = _f(
-        0, "reasoning tasks: extra train prompts with the gold answer withheld (a transfer set only a teacher labels)"
+        0,
+        "reasoning tasks: extra train prompts with the gold answer withheld (a transfer set only a teacher labels)",
+        valid=NONNEG,
     )
     task_options: dict = _f(
         {},
@@ -60,7 +107,9 @@ class DataConfig:
     prompt_column: str = _f("prompt", "LM prompt tables: the prompt column")
     answer_column: str = _f("answer", "LM prompt tables: the gold answer column (optional in the table)")
     long_tail: float = _f(
-        0.0, "imbalance ratio of an exponential long-tailed profile applied to the train split (0 = off; e.g. 50)"
+        0.0,
+        "imbalance ratio of an exponential long-tailed profile applied to the train split (0 = off; e.g. 50)",
+        valid=Range(1, also=(0,)),
     )
     image_size: int = _f(8, "digits-images: image side, 8 (native) or 16 (bilinear upsampling)")
 
@@ -70,10 +119,10 @@ class ModelConfig:
     """A small built-in classifier network."""
 
     arch: str = _f("mlp", "mlp or cnn")
-    width: int = _f(64, "hidden units (mlp) or channels of the first conv (cnn)")
-    depth: int = _f(1, "hidden layers (mlp) or conv blocks (cnn)")
-    dropout: float = _f(0.0, "dropout before the output layer")
-    experts: int = _f(1, "output heads on the shared trunk (mdcs: E >= 2 experts; prediction = their mean)")
+    width: int = _f(64, "hidden units (mlp) or channels of the first conv (cnn)", valid=COUNT)
+    depth: int = _f(1, "hidden layers (mlp) or conv blocks (cnn)", valid=NONNEG)
+    dropout: float = _f(0.0, "dropout before the output layer", valid=DECAY)
+    experts: int = _f(1, "output heads on the shared trunk (mdcs: E >= 2 experts; prediction = their mean)", valid=COUNT)
 
 
 @dataclass
@@ -83,23 +132,23 @@ class LMConfig:
     family: str = _f(
         "llama", "gpt2, llama, qwen2, or the MoE families mixtral, qwen2_moe, olmoe (built from this config unless `init` is set)"
     )
-    hidden: int = _f(64, "hidden size")
-    layers: int = _f(2, "transformer layers")
-    heads: int = _f(4, "attention heads")
-    kv_heads: int = _f(0, "key/value heads (0 = heads)")
-    intermediate: int = _f(0, "MLP width (0 = 4 x hidden); for MoE families the width of each expert")
-    experts: int = _f(4, "MoE families: routed experts per layer")
-    experts_per_token: int = _f(2, "MoE families: experts each token is routed to (router top-k)")
-    router_aux_loss: float = _f(0.01, "MoE families: weight of the router load-balancing loss in training")
-    context: int = _f(128, "maximum sequence length in tokens (prompt + completion)")
-    vocab_size: int = _f(512, "BPE vocabulary trained on the task text when building from a config")
+    hidden: int = _f(64, "hidden size", valid=COUNT)
+    layers: int = _f(2, "transformer layers", valid=COUNT)
+    heads: int = _f(4, "attention heads", valid=COUNT)
+    kv_heads: int = _f(0, "key/value heads (0 = heads)", valid=NONNEG)
+    intermediate: int = _f(0, "MLP width (0 = 4 x hidden); for MoE families the width of each expert", valid=NONNEG)
+    experts: int = _f(4, "MoE families: routed experts per layer", valid=COUNT)
+    experts_per_token: int = _f(2, "MoE families: experts each token is routed to (router top-k)", valid=COUNT)
+    router_aux_loss: float = _f(0.01, "MoE families: weight of the router load-balancing loss in training", valid=NONNEG)
+    context: int = _f(128, "maximum sequence length in tokens (prompt + completion)", valid=COUNT)
+    vocab_size: int = _f(512, "BPE vocabulary trained on the task text when building from a config", valid=COUNT)
     tokenizer: str = _f(
         "", "building from a config: reuse the tokenizer of this model/tokenizer directory (or shipped name) instead of "
         "training a BPE; specialist teachers and their student share one vocabulary this way (mst)",
     )  # fmt: skip
     init: str = _f("", "start from this model directory or hub name instead of a config")
     precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
-    max_new_tokens: int = _f(16, "on-policy: length of the completions the student samples")
+    max_new_tokens: int = _f(16, "on-policy: length of the completions the student samples", valid=COUNT)
 
 
 @dataclass
@@ -107,35 +156,39 @@ class DiffusionConfig:
     """A diffusion teacher or consistency student (used when the data is a generator dataset: moons, digits-images, ...)."""
 
     arch: str = _f("auto", "auto (mlp for 2-D points, unet for images), mlp or unet")
-    width: int = _f(128, "mlp: hidden units")
-    depth: int = _f(3, "mlp: residual hidden blocks")
-    time_dim: int = _f(64, "mlp: size of the sinusoidal time embedding")
-    channels: list[int] = _f([32, 64], "unet: channels of each resolution level (one down and one up block each)")
-    layers_per_block: int = _f(1, "unet: resnet layers per block")
-    norm_groups: int = _f(8, "unet: GroupNorm groups (must divide every channel count)")
+    width: int = _f(128, "mlp: hidden units", valid=COUNT)
+    depth: int = _f(3, "mlp: residual hidden blocks", valid=NONNEG)
+    time_dim: int = _f(64, "mlp: size of the sinusoidal time embedding", valid=Range(2))
+    channels: list[int] = _f([32, 64], "unet: channels of each resolution level (one down and one up block each)", valid=COUNT)
+    layers_per_block: int = _f(1, "unet: resnet layers per block", valid=COUNT)
+    norm_groups: int = _f(8, "unet: GroupNorm groups (must divide every channel count)", valid=COUNT)
     prediction: str = _f("v_prediction", "denoise: what the network predicts: epsilon, v_prediction or sample")
     beta_schedule: str = _f(
         "cosine",
         "denoise: betas of the DDPMScheduler: cosine (squaredcos_cap_v2; pair with v_prediction), linear or scaled_linear",
     )
-    train_timesteps: int = _f(1000, "denoise: diffusion steps T of the noise schedule")
+    train_timesteps: int = _f(1000, "denoise: diffusion steps T of the noise schedule", valid=Range(2))
     ema: float = _f(
         0.999,
         "denoise, consistency-train, progressive: EMA decay of the saved weights (warm-up min(ema, (1+n)/(10+n)) over steps n)",
+        valid=DECAY,
     )
     solver: str = _f(
         "ddim", "consistency-distill, multistep: teacher ODE solver of the step from t_{n+k} to t_n: ddim, euler or heun"
     )
     skip: int = _f(
-        20, "consistency-distill, multistep: k, the timesteps one solver step skips (grid of T/k points; LCM: 20 of 1000)"
+        20,
+        "consistency-distill, multistep: k, the timesteps one solver step skips (grid of T/k points; LCM: 20 of 1000)",
+        valid=COUNT,
     )
     target_ema: float = _f(
-        0.95, "consistency-distill, multistep, trajectory: EMA decay mu of the target network theta^- (LCM: 0.95)"
+        0.95, "consistency-distill, multistep, trajectory: EMA decay mu of the target network theta^- (LCM: 0.95)", valid=DECAY
     )
     sample_ema: float = _f(
         0.0,
         "consistency-distill, multistep, trajectory: EMA decay (with warm-up) of the online student kept for sampling "
         "and saved; 0 saves the target theta^- (LCM)",
+        valid=DECAY,
     )
     loss: str = _f(
         "l2", "consistency-distill, multistep, trajectory: distance d: l2 or huber (pseudo-Huber sqrt(|a-b|^2 + c^2) - c)"
@@ -143,33 +196,50 @@ class DiffusionConfig:
     huber_c: float = _f(
         0.0,
         "pseudo-Huber c (loss huber; consistency-train always); 0 = 0.00054 * sqrt(dim) (iCT; x data_std/0.5 in consistency-train)",
+        valid=NONNEG,
     )
     timestep_scaling: float = _f(
-        10.0, "consistency-distill, trajectory: LCM's timestep scaling s of the boundary scalings c_skip, c_out"
+        10.0, "consistency-distill, trajectory: LCM's timestep scaling s of the boundary scalings c_skip, c_out", valid=POSITIVE
     )
     student_init: str = _f(
         "teacher",
         "consistency-distill, multistep, trajectory: teacher (start from its weights, standard) or fresh (build from this section)",
     )
-    eval_samples: int = _f(512, "students of a teacher: fixed noise batch of the per-epoch paired error to the teacher")
-    eval_steps: int = _f(50, "students of a teacher: teacher ODE steps of the paired-error reference")
-    segments: int = _f(
-        4, "multistep: s, segments of the time axis; consistency within each, sampled in s DDIM steps along their starts"
+    eval_samples: int = _f(
+        512, "students of a teacher: fixed noise batch of the per-epoch paired error to the teacher", valid=COUNT
     )
-    teacher_steps: int = _f(64, "progressive: N, the DDIM steps of the first round's teacher; every round halves them")
-    target_steps: int = _f(4, "progressive: DDIM steps of the final student; teacher_steps / target_steps must be a power of two")
-    sigma_min: float = _f(0.002, "consistency-train: Karras sigma_min for data of std 0.5 (iCT), scaled by data_std / 0.5")
-    sigma_max: float = _f(80.0, "consistency-train: Karras sigma_max for data of std 0.5 (iCT), scaled by data_std / 0.5")
-    rho: float = _f(7.0, "consistency-train: Karras rho of the noise levels")
+    eval_steps: int = _f(50, "students of a teacher: teacher ODE steps of the paired-error reference", valid=COUNT)
+    segments: int = _f(
+        4,
+        "multistep: s, segments of the time axis; consistency within each, sampled in s DDIM steps along their starts",
+        valid=COUNT,
+    )
+    teacher_steps: int = _f(
+        64, "progressive: N, the DDIM steps of the first round's teacher; every round halves them", valid=COUNT
+    )
+    target_steps: int = _f(
+        4, "progressive: DDIM steps of the final student; teacher_steps / target_steps must be a power of two", valid=COUNT
+    )
+    sigma_min: float = _f(
+        0.002, "consistency-train: Karras sigma_min for data of std 0.5 (iCT), scaled by data_std / 0.5", valid=POSITIVE
+    )
+    sigma_max: float = _f(
+        80.0, "consistency-train: Karras sigma_max for data of std 0.5 (iCT), scaled by data_std / 0.5", valid=POSITIVE
+    )
+    rho: float = _f(7.0, "consistency-train: Karras rho of the noise levels", valid=POSITIVE)
     p_mean: float = _f(-1.1, "consistency-train: mean of the lognormal over ln sigma (iCT), shifted by ln(data_std / 0.5)")
-    p_std: float = _f(2.0, "consistency-train: std of the lognormal over ln sigma (iCT)")
+    p_std: float = _f(2.0, "consistency-train: std of the lognormal over ln sigma (iCT)", valid=POSITIVE)
     curriculum: list[int] = _f(
-        [10, 1280], "consistency-train: s0, s1: noise levels N(k) = min(s0 2^floor(k/K'), s1) + 1 double over training"
+        [10, 1280],
+        "consistency-train: s0, s1: noise levels N(k) = min(s0 2^floor(k/K'), s1) + 1 double over training",
+        valid=COUNT,
     )
     data_std: float = _f(
-        0.0, "consistency-train: the data's std, scaling iCT's constants (set for std 0.5); 0 = the train split's std"
+        0.0,
+        "consistency-train: the data's std, scaling iCT's constants (set for std 0.5); 0 = the train split's std",
+        valid=NONNEG,
     )
-    checkpoint_every: int = _f(10, "epochs between resumable checkpoints (a killed run resumes at the last one)")
+    checkpoint_every: int = _f(10, "epochs between resumable checkpoints (a killed run resumes at the last one)", valid=COUNT)
 
 
 @dataclass
@@ -183,23 +253,29 @@ class DistillConfig:
         default_factory=DiffusionConfig,
         metadata={"only": (DIFFUSION,), "help": "diffusion teacher / consistency student (generator data)"},
     )
-    grad_accum: int = _f(1, "LM: micro-batches per optimiser step", only=(LM,))
-    epochs: int = _f(30, "training epochs")
+    grad_accum: int = _f(1, "LM: micro-batches per optimiser step", only=(LM,), valid=COUNT)
+    epochs: int = _f(30, "training epochs", valid=COUNT)
     steps: int = _f(
         0,
         "LMs and diffusion: optimiser steps to train for, rounded to whole epochs (0 = use epochs); equal budgets across data sizes",
         only=(LM, DIFFUSION),
+        valid=NONNEG,
     )
-    batch_size: int = _f(64, "rows per optimiser step")
-    lr: float = _f(3e-3, "AdamW learning rate")
-    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    batch_size: int = _f(64, "rows per optimiser step", valid=COUNT)
+    lr: float = _f(3e-3, "AdamW learning rate", valid=POSITIVE)
+    weight_decay: float = _f(1e-4, "AdamW weight decay", valid=NONNEG)
     max_grad_norm: float = _f(
-        1.0, "LMs and diffusion: clip the gradient norm to this before each step (0 = no clipping)", only=(LM, DIFFUSION)
+        1.0,
+        "LMs and diffusion: clip the gradient norm to this before each step (0 = no clipping)",
+        only=(LM, DIFFUSION),
+        valid=NONNEG,
     )
-    temperature: float = _f(2.0, "softmax temperature of the distillation term", only=(CLASSIFIER, LM))
-    alpha: float = _f(0.5, "weight of the distillation term; (1-alpha) goes to CE on gold labels", only=(CLASSIFIER, LM))
-    beta: float = _f(0.5, "jsd interpolation: 0 = forward KL, 1 = reverse KL", only=(CLASSIFIER, LM))
-    skew: float = _f(0.1, "skew-kl mixing weight a in KL(p_t || a p_t + (1-a) p_s)", only=(CLASSIFIER, LM))
+    temperature: float = _f(2.0, "softmax temperature of the distillation term", only=(CLASSIFIER, LM), valid=POSITIVE)
+    alpha: float = _f(
+        0.5, "weight of the distillation term; (1-alpha) goes to CE on gold labels", only=(CLASSIFIER, LM), valid=UNIT
+    )
+    beta: float = _f(0.5, "jsd interpolation: 0 = forward KL, 1 = reverse KL", only=(CLASSIFIER, LM), valid=UNIT)
+    skew: float = _f(0.1, "skew-kl mixing weight a in KL(p_t || a p_t + (1-a) p_s)", only=(CLASSIFIER, LM), valid=UNIT)
     reverse_skew: bool = _f(False, "skew-kl: use the reverse variant KL(p_s || a p_s + (1-a) p_t)", only=(CLASSIFIER, LM))
     augment: str = _f("none", "training augmentation: none, weak or strong", only=(CLASSIFIER,))
     checkpoint: str = _f("best", "which epoch's weights to keep: best (dev accuracy) or last", only=(CLASSIFIER, LM))
@@ -207,31 +283,42 @@ class DistillConfig:
         1.0,
         "keep gold labels for this share of train rows (stratified); label-free methods (ssld, random-teacher) use every row",
         only=(CLASSIFIER,),
+        valid=SHARE,
     )
-    generations: int = _f(4, "self-distill / anchored: distillation rounds after the first model", only=(CLASSIFIER,))
+    generations: int = _f(
+        4, "self-distill / anchored: distillation rounds after the first model", only=(CLASSIFIER,), valid=NONNEG
+    )
     gt_weight: float = _f(
         -1.0,
         "self-distill: weight of gold labels in each round's target; -1 = the closed-form optimum per round",
         only=(CLASSIFIER,),
+        valid=Range(0, 1, also=(-1,)),
     )
-    anchor: float = _f(0.5, "anchored: weight of the base teacher in each round's target", only=(CLASSIFIER,))
-    pskd_alpha: float = _f(0.8, "pskd: final weight a_T of the model's own past predictions", only=(CLASSIFIER,))
-    probe_dim: int = _f(128, "random-teacher: output size of the random teacher's projection", only=(CLASSIFIER,))
-    probe_epochs: int = _f(300, "random-teacher: full-batch steps of the linear probe", only=(CLASSIFIER,))
-    rotations: int = _f(4, "sla-sd: rotations (of 90 degrees) in the joint label space", only=(CLASSIFIER,))
+    anchor: float = _f(0.5, "anchored: weight of the base teacher in each round's target", only=(CLASSIFIER,), valid=UNIT)
+    pskd_alpha: float = _f(0.8, "pskd: final weight a_T of the model's own past predictions", only=(CLASSIFIER,), valid=UNIT)
+    probe_dim: int = _f(128, "random-teacher: output size of the random teacher's projection", only=(CLASSIFIER,), valid=COUNT)
+    probe_epochs: int = _f(300, "random-teacher: full-batch steps of the linear probe", only=(CLASSIFIER,), valid=COUNT)
+    rotations: int = _f(4, "sla-sd: rotations (of 90 degrees) in the joint label space", only=(CLASSIFIER,), valid=Range(2, 4))
     expert_lambdas: list[float] = _f(
         [], "mdcs: logit-adjustment weight per expert; [] = evenly from -0.5 to 2.5", only=(CLASSIFIER,)
     )
-    consistency_weight: float = _f(1.0, "mdcs: weight of consistency self-distillation (ramped in linearly)", only=(CLASSIFIER,))
-    top_k: int = _f(1, "mst: teachers the gate selects per row", only=(CLASSIFIER, LM))
+    consistency_weight: float = _f(
+        1.0, "mdcs: weight of consistency self-distillation (ramped in linearly)", only=(CLASSIFIER,), valid=NONNEG
+    )
+    top_k: int = _f(1, "mst: teachers the gate selects per row", only=(CLASSIFIER, LM), valid=COUNT)
     gate: str = _f(
         "confidence", "mst on LM teacher data: how a teacher is picked per prompt: confidence (its samples agree most, "
         "label-free) or task (the teacher trained on the prompt's task)",
         only=(LM,),
     )  # fmt: skip
-    lmbda: float = _f(0.5, "on-policy: share of batches whose completions the student samples itself (GKD's lambda)", only=(LM,))
+    lmbda: float = _f(
+        0.5, "on-policy: share of batches whose completions the student samples itself (GKD's lambda)", only=(LM,), valid=UNIT
+    )
     demos: int = _f(
-        0, "LMs: put the k most similar other teacher demonstrations in each prompt (an ICD-ready student)", only=(LM,)
+        0,
+        "LMs: put the k most similar other teacher demonstrations in each prompt (an ICD-ready student)",
+        only=(LM,),
+        valid=NONNEG,
     )
     retriever: str = _f("auto", "LMs with demos: dense, bm25 or auto (dense, else bm25); use the cascade's setting", only=(LM,))
     embedder: str = _f("all-minilm-l6-v2", "LMs with demos: sentence model of dense retrieval", only=(LM,))
@@ -240,22 +327,28 @@ class DistillConfig:
         "tsd: distil a token when the teacher's top-1 probability exceeds the student's by more than this",
         only=(LM,),
     )
-    tsd_entropy: float = _f(0.01, "tsd: weight of the student-entropy penalty (keeps the student confident)", only=(LM,))
-    balance_weight: float = _f(0.01, "mst: weight of the gate's load-balancing loss", only=(CLASSIFIER,))
-    seed: int = _f(0, "training seed")
+    tsd_entropy: float = _f(
+        0.01, "tsd: weight of the student-entropy penalty (keeps the student confident)", only=(LM,), valid=NONNEG
+    )
+    balance_weight: float = _f(0.01, "mst: weight of the gate's load-balancing loss", only=(CLASSIFIER,), valid=NONNEG)
+    seed: int = _f(0, "training seed", valid=NONNEG)
 
 
 @dataclass
 class GenerateTeacherDataConfig:
-    batch_size: int = _f(256, "rows per teacher forward pass")
-    shard_rows: int = _f(512, "rows per Parquet part; a killed run resumes at the last complete part", only=(CLASSIFIER,))
+    batch_size: int = _f(256, "rows per teacher forward pass", valid=COUNT)
+    shard_rows: int = _f(
+        512, "rows per Parquet part; a killed run resumes at the last complete part", only=(CLASSIFIER,), valid=COUNT
+    )
     splits: list[str] = _f(["train", "dev", "test"], "splits to run the teacher on", only=(CLASSIFIER, LM))
-    samples: int = _f(1, "LMs: completions sampled per prompt", only=(LM,))
-    temperature: float = _f(1.0, "LMs: sampling temperature (0 = greedy)", only=(LM,))
-    top_p: float = _f(1.0, "LMs: nucleus sampling mass", only=(LM,))
-    max_new_tokens: int = _f(16, "LMs: completion length limit", only=(LM,))
-    top_k: int = _f(20, "LMs: teacher log-probs stored per generated token (0 = none)", only=(LM,))
-    shard_prompts: int = _f(64, "LMs: prompts per Parquet part; a killed run resumes at the last complete part", only=(LM,))
+    samples: int = _f(1, "LMs: completions sampled per prompt", only=(LM,), valid=COUNT)
+    temperature: float = _f(1.0, "LMs: sampling temperature (0 = greedy)", only=(LM,), valid=NONNEG)
+    top_p: float = _f(1.0, "LMs: nucleus sampling mass", only=(LM,), valid=SHARE)
+    max_new_tokens: int = _f(16, "LMs: completion length limit", only=(LM,), valid=COUNT)
+    top_k: int = _f(20, "LMs: teacher log-probs stored per generated token (0 = none)", only=(LM,), valid=NONNEG)
+    shard_prompts: int = _f(
+        64, "LMs: prompts per Parquet part; a killed run resumes at the last complete part", only=(LM,), valid=COUNT
+    )
     routing: str = _f(
         "auto",
         "LMs: store the teacher's routed experts per generated token: auto (when it is MoE), on (require it) or off",
@@ -267,19 +360,20 @@ class GenerateTeacherDataConfig:
         only=(LM,),
     )
     scmoe_beta: float = _f(
-        0.5, "scmoe: contrast strength b in (1+b) z_strong - b z_weak (0 = the model's own choice)", only=(LM,)
+        0.5, "scmoe: contrast strength b in (1+b) z_strong - b z_weak (0 = the model's own choice)", only=(LM,), valid=NONNEG
     )
-    scmoe_alpha: float = _f(0.1, "scmoe: keep tokens with p_strong >= alpha * max p_strong, in (0, 1]")
+    scmoe_alpha: float = _f(0.1, "scmoe: keep tokens with p_strong >= alpha * max p_strong, in (0, 1]", valid=SHARE)
     scmoe_weak_rank: int = _f(
-        2, "scmoe: the weak pass routes each token to its rank-th expert alone (1 = the top one)", only=(LM,)
+        2, "scmoe: the weak pass routes each token to its rank-th expert alone (1 = the top one)", only=(LM,), valid=COUNT
     )
     noise_samples: int = _f(
-        1024, "diffusion: samples drawn from seeded noise (sample i from noise seed `seed` + i)", only=(DIFFUSION,)
+        1024, "diffusion: samples drawn from seeded noise (sample i from noise seed `seed` + i)", only=(DIFFUSION,), valid=COUNT
     )
     steps: int = _f(
         50,
         "diffusion: sampling steps (diffusion teachers: ODE solver steps; consistency students: their steps)",
         only=(DIFFUSION,),
+        valid=COUNT,
     )
     solver: str = _f(
         "ddim", "diffusion teachers: ODE solver: ddim, euler or heun (heun: 2 evaluations a step but the last)", only=(DIFFUSION,)
@@ -288,40 +382,47 @@ class GenerateTeacherDataConfig:
         1,
         "diffusion: store the state after every k-th step, besides the noise and the final sample (0 = those two only)",
         only=(DIFFUSION,),
+        valid=NONNEG,
     )
     shard_samples: int = _f(
         256,
         "diffusion: trajectories per safetensors shard / Parquet part; a killed run resumes at the last one",
         only=(DIFFUSION,),
+        valid=COUNT,
     )
     hybrid_first_step: str = _f(
         "",
         "diffusion: a diffusion teacher directory that takes the first step, the model the rest ('' = off)",
         only=(DIFFUSION,),
     )
-    seed: int = _f(0, "seed")
+    seed: int = _f(0, "seed", valid=NONNEG)
 
 
 @dataclass
 class SelectConfig:
     by: str = _f("confident", "selection strategy: see `distil select --help`", only=(CLASSIFIER, LM))
     threshold: float = _f(
-        0.0, "confident: also keep rows whose teacher max-prob >= threshold (0 = keep only correct rows)", only=(CLASSIFIER,)
+        0.0,
+        "confident: also keep rows whose teacher max-prob >= threshold (0 = keep only correct rows)",
+        only=(CLASSIFIER,),
+        valid=UNIT,
     )
     require_correct: bool = _f(True, "confident: keep rows the teacher classifies correctly", only=(CLASSIFIER,))
     splits: list[str] = _f(
         ["train"], "splits the selection applies to; other splits pass through unchanged", only=(CLASSIFIER, LM)
     )
     min_agreement: float = _f(
-        0.0, "LM majority: keep prompts whose majority answer has at least this share of the samples", only=(LM,)
+        0.0, "LM majority: keep prompts whose majority answer has at least this share of the samples", only=(LM,), valid=UNIT
     )
-    min_score: float = _f(1.0, "LM correct: keep samples whose verified score reaches this", only=(LM,))
-    min_tokens: int = _f(1, "LM length: shortest completion kept, in tokens", only=(LM,))
-    uncertain_samples: int = _f(4, "LM uncertain: completions the student samples per prompt", only=(LM,))
-    uncertain_share: float = _f(0.25, "LM uncertain: share of prompts kept, the student's least consistent first", only=(LM,))
-    max_new_tokens: int = _f(16, "LM uncertain: length of the student's samples", only=(LM,))
-    max_tokens: int = _f(10_000, "LM length: longest completion kept, in tokens", only=(LM,))
-    seed: int = _f(0, "seed", only=(CLASSIFIER, LM))
+    min_score: float = _f(1.0, "LM correct: keep samples whose verified score reaches this", only=(LM,), valid=UNIT)
+    min_tokens: int = _f(1, "LM length: shortest completion kept, in tokens", only=(LM,), valid=NONNEG)
+    uncertain_samples: int = _f(4, "LM uncertain: completions the student samples per prompt", only=(LM,), valid=COUNT)
+    uncertain_share: float = _f(
+        0.25, "LM uncertain: share of prompts kept, the student's least consistent first", only=(LM,), valid=SHARE
+    )
+    max_new_tokens: int = _f(16, "LM uncertain: length of the student's samples", only=(LM,), valid=COUNT)
+    max_tokens: int = _f(10_000, "LM length: longest completion kept, in tokens", only=(LM,), valid=NONNEG)
+    seed: int = _f(0, "seed", only=(CLASSIFIER, LM), valid=NONNEG)
 
 
 @dataclass
@@ -334,24 +435,31 @@ class CascadeConfig:
     target_accuracy: float = _f(-1.0, "dev accuracy to reach; < 0 = teacher dev accuracy minus `margin`", only=(CLASSIFIER, LM))
     margin: float = _f(0.005, "accuracy below the teacher's that the default target allows", only=(CLASSIFIER, LM))
     confidence: float = _f(
-        0.9, "the target must hold in this share of bootstrap resamples of dev (0 = on dev as it is)", only=(CLASSIFIER, LM)
+        0.9,
+        "the target must hold in this share of bootstrap resamples of dev (0 = on dev as it is)",
+        only=(CLASSIFIER, LM),
+        valid=UNIT,
     )
-    views: int = _f(8, "views: augmented views per row", only=(CLASSIFIER,))
+    views: int = _f(8, "views: augmented views per row", only=(CLASSIFIER,), valid=COUNT)
     augment: str = _f("weak", "views: augmentation strength (weak or strong)", only=(CLASSIFIER,))
-    batch_size: int = _f(256, "rows per forward pass (LMs: sequences per generate call, samples included)", only=(CLASSIFIER, LM))
-    samples: int = _f(5, "LMs: student samples per query (n) of the self-consistency policies", only=(LM,))
-    temperature: float = _f(0.7, "LMs: student sampling temperature of the self-consistency policies", only=(LM,))
+    batch_size: int = _f(
+        256, "rows per forward pass (LMs: sequences per generate call, samples included)", only=(CLASSIFIER, LM), valid=COUNT
+    )
+    samples: int = _f(5, "LMs: student samples per query (n) of the self-consistency policies", only=(LM,), valid=COUNT)
+    temperature: float = _f(0.7, "LMs: student sampling temperature of the self-consistency policies", only=(LM,), valid=NONNEG)
     stop_confidence: float = _f(
         0.95,
         "LMs, adaptive: stop once the leading answer beats the runner-up with this posterior probability (1 = only when all n samples could not change the decision)",
         only=(LM,),
+        valid=Range(0.5, 1, low_open=True),
     )
-    top_p: float = _f(1.0, "LMs: nucleus mass of the student's samples", only=(LM,))
-    max_new_tokens: int = _f(16, "LMs: completion length of every model", only=(LM,))
+    top_p: float = _f(1.0, "LMs: nucleus mass of the student's samples", only=(LM,), valid=SHARE)
+    max_new_tokens: int = _f(16, "LMs: completion length of every model", only=(LM,), valid=COUNT)
     demos: int = _f(
         4,
         "LMs: teacher demonstrations per student prompt (k) for icd policies; adaptive and weighted-vote use them when > 0",
         only=(LM,),
+        valid=NONNEG,
     )
     retriever: str = _f(
         "auto", "LMs: demonstration search: dense (sentence embeddings), bm25, or auto (dense, else bm25)", only=(LM,)
@@ -364,47 +472,65 @@ class CascadeConfig:
     bank_verified: bool = _f(False, "LMs: keep only demonstrations whose teacher answer the task scored correct", only=(LM,))
     online: bool = _f(False, "LMs: the teacher's answers to deferred test queries join the bank for later queries", only=(LM,))
     query_batch: int = _f(
-        32, "LMs: test queries routed per step, in order (with online the bank grows between steps)", only=(LM,)
+        32, "LMs: test queries routed per step, in order (with online the bank grows between steps)", only=(LM,), valid=COUNT
     )
-    threshold: float = _f(-1.0, "LMs: use this agreement threshold instead of calibrating (-1 = calibrate on dev)", only=(LM,))
+    threshold: float = _f(
+        -1.0,
+        "LMs: use this agreement threshold instead of calibrating (-1 = calibrate on dev)",
+        only=(LM,),
+        valid=Range(0, 1, also=(-1,)),
+    )
     budget: float = _f(
-        0.0, "LMs: > 0 = calibrate to the most accurate threshold costing at most this share of teacher-only", only=(LM,)
+        0.0,
+        "LMs: > 0 = calibrate to the most accurate threshold costing at most this share of teacher-only",
+        only=(LM,),
+        valid=NONNEG,
     )
     costs: dict = _f(
         {}, "LMs: price per 1k tokens, {student: {input: P, output: P}, teacher: {...}}; {} = cost in FLOPs", only=(LM,)
     )
-    seed: int = _f(0, "seed", only=(CLASSIFIER, LM))
+    seed: int = _f(0, "seed", only=(CLASSIFIER, LM), valid=NONNEG)
 
 
 @dataclass
 class EvaluateConfig:
-    bins: int = _f(15, "equal-width confidence bins of ECE and the reliability diagram", only=(CLASSIFIER,))
-    many_shot: int = _f(50, "classes with more train rows than this are 'many-shot'", only=(CLASSIFIER,))
-    few_shot: int = _f(15, "classes with fewer train rows than this are 'few-shot' (the rest 'medium')", only=(CLASSIFIER,))
-    split: str = _f("test", "split to evaluate on", only=(CLASSIFIER, LM))
-    max_new_tokens: int = _f(16, "LMs: completion length when scoring answers", only=(LM,))
-    samples: int = _f(
-        1, "LMs: sampled completions per prompt for maj@n / pass@n and vote-share calibration (1 = greedy only)", only=(LM,)
+    bins: int = _f(15, "equal-width confidence bins of ECE and the reliability diagram", only=(CLASSIFIER,), valid=COUNT)
+    many_shot: int = _f(50, "classes with more train rows than this are 'many-shot'", only=(CLASSIFIER,), valid=NONNEG)
+    few_shot: int = _f(
+        15, "classes with fewer train rows than this are 'few-shot' (the rest 'medium')", only=(CLASSIFIER,), valid=NONNEG
     )
-    temperature: float = _f(1.0, "LMs: sampling temperature for samples > 1", only=(LM,))
-    top_p: float = _f(1.0, "LMs: nucleus mass for samples > 1", only=(LM,))
-    batch_size: int = _f(512, "rows per forward pass", only=(CLASSIFIER, LM))
-    routing_segment: int = _f(16, "MoE LMs: segment length m of the routing metrics SRP and SCH (tokens)", only=(LM,))
-    routing_cache: int = _f(0, "MoE LMs: SCH cache size in experts per layer (0 = 2 x experts per token)", only=(LM,))
+    split: str = _f("test", "split to evaluate on", only=(CLASSIFIER, LM))
+    max_new_tokens: int = _f(16, "LMs: completion length when scoring answers", only=(LM,), valid=COUNT)
+    samples: int = _f(
+        1,
+        "LMs: sampled completions per prompt for maj@n / pass@n and vote-share calibration (1 = greedy only)",
+        only=(LM,),
+        valid=COUNT,
+    )
+    temperature: float = _f(1.0, "LMs: sampling temperature for samples > 1", only=(LM,), valid=NONNEG)
+    top_p: float = _f(1.0, "LMs: nucleus mass for samples > 1", only=(LM,), valid=SHARE)
+    batch_size: int = _f(512, "rows per forward pass", only=(CLASSIFIER, LM), valid=COUNT)
+    routing_segment: int = _f(
+        16, "MoE LMs: segment length m of the routing metrics SRP and SCH (tokens)", only=(LM,), valid=COUNT
+    )
+    routing_cache: int = _f(
+        0, "MoE LMs: SCH cache size in experts per layer (0 = 2 x experts per token)", only=(LM,), valid=NONNEG
+    )
     decode: str = _f(
         "greedy", "LMs: greedy (the model's own choice) or scmoe (MoE self-contrast decoding, also for samples > 1)", only=(LM,)
     )
     scmoe_beta: float = _f(
-        0.5, "scmoe: contrast strength b in (1+b) z_strong - b z_weak (0 = the model's own choice)", only=(LM,)
+        0.5, "scmoe: contrast strength b in (1+b) z_strong - b z_weak (0 = the model's own choice)", only=(LM,), valid=NONNEG
     )
-    scmoe_alpha: float = _f(0.1, "scmoe: keep tokens with p_strong >= alpha * max p_strong, in (0, 1]")
+    scmoe_alpha: float = _f(0.1, "scmoe: keep tokens with p_strong >= alpha * max p_strong, in (0, 1]", valid=SHARE)
     scmoe_weak_rank: int = _f(
-        2, "scmoe: the weak pass routes each token to its rank-th expert alone (1 = the top one)", only=(LM,)
+        2, "scmoe: the weak pass routes each token to its rank-th expert alone (1 = the top one)", only=(LM,), valid=COUNT
     )
     steps: int = _f(
         1,
         "generators: sampling steps (consistency students: 1, 2, 4...; diffusion teachers: ODE solver steps)",
         only=(DIFFUSION,),
+        valid=COUNT,
     )
     solver: str = _f("ddim", "generators: ODE solver of diffusion teachers: ddim, euler or heun", only=(DIFFUSION,))
     hybrid_first_step: str = _f(
@@ -413,24 +539,32 @@ class EvaluateConfig:
         only=(DIFFUSION,),
     )
     step_counts: list[int] = _f(
-        [], "generators: step counts of the evaluation table, one row per model and count ([] = [steps])", only=(DIFFUSION,)
+        [],
+        "generators: step counts of the evaluation table, one row per model and count ([] = [steps])",
+        only=(DIFFUSION,),
+        valid=COUNT,
     )
-    n_samples: int = _f(2000, "generators: samples per model and step count (sample i from noise seed + i)", only=(DIFFUSION,))
+    n_samples: int = _f(
+        2000, "generators: samples per model and step count (sample i from noise seed + i)", only=(DIFFUSION,), valid=Range(2)
+    )
     teacher: str = _f(
         "",
         "generators: diffusion teacher folder; paired error to its teacher_steps-step ODE samples ('' = none)",
         only=(DIFFUSION,),
     )
-    teacher_steps: int = _f(50, "generators: ODE steps of the teacher's paired-error reference", only=(DIFFUSION,))
-    time_samples: int = _f(256, "generators: samples per timing call of seconds_per_1k (0 = no timing)", only=(DIFFUSION,))
-    seed: int = _f(0, "seed")
+    teacher_steps: int = _f(50, "generators: ODE steps of the teacher's paired-error reference", only=(DIFFUSION,), valid=COUNT)
+    time_samples: int = _f(
+        256, "generators: samples per timing call of seconds_per_1k (0 = no timing)", only=(DIFFUSION,), valid=NONNEG
+    )
+    seed: int = _f(0, "seed", valid=NONNEG)
 
 
 def from_dict(cls: type[T], values: dict[str, Any] | None, where: str) -> T:
     """Build ``cls`` from a mapping, recursing into nested dataclasses; unknown keys raise."""
     values = dict(values or {})
     hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields)
     unknown = sorted(set(values) - names)
     if unknown:
         raise DistilError(
@@ -445,7 +579,18 @@ def from_dict(cls: type[T], values: dict[str, Any] | None, where: str) -> T:
             kwargs[name] = from_dict(hint, value, f"{where}.{name}")
         else:
             kwargs[name] = _coerce(value, hint, f"{where}.{name}")
+            _check_range(kwargs[name], fields[name].metadata.get("valid"), f"{where}.{name}")
     return cls(**kwargs)
+
+
+def _check_range(value: Any, valid: Range | None, where: str) -> None:
+    """Refuse a number (or a list item) outside the field's declared range."""
+    if valid is None:
+        return
+    items = value if isinstance(value, list) else [value]
+    if any(v not in valid for v in items):
+        what = f"a list of numbers {valid}" if isinstance(value, list) else str(valid)
+        raise DistilError(f"params {where} must be {what}, got {value}")
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")

@@ -125,11 +125,19 @@ class Output:
 
     def open(self) -> Path:
         stamp = self.dir / ".fingerprint"
-        if self.dir.exists() and (not stamp.exists() or stamp.read_text().strip() != self.fp):
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if not stamp.exists():
-            stamp.write_text(self.fp + "\n")
+        fresh = False
+        try:
+            if self.dir.exists() and (not stamp.exists() or stamp.read_text().strip() != self.fp):
+                shutil.rmtree(self.dir)
+            fresh = not self.dir.exists()
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if not stamp.exists():
+                fresh = True
+                stamp.write_text(self.fp + "\n")
+        except OSError as exc:  # a parent that is a file, no permission, a read-only or full disk
+            if fresh:
+                self.discard()
+            raise DistilError(f"cannot write --out {self.final}: {exc.strerror or exc}; choose a writable location") from None
         return self.dir
 
     @property

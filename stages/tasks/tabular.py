@@ -44,6 +44,12 @@ def load_user_table(path: Path, data: DataConfig) -> tuple[pa.Table, dict[str, A
         num_classes = len(class_names)
     else:
         raise DistilError(f"{path}: label column '{data.label}' has type {label_col.type}; use integer class ids or strings")
+    present = np.unique(y)
+    if len(present) == 1:  # a classifier of one class learns nothing, yet trains and scores 100%
+        only = label_col[0].as_py()
+        raise DistilError(
+            f"{path}: label column '{data.label}' holds a single class ({only!r}); a classifier needs rows of at least two"
+        )
 
     if data.split_column:
         if data.split_column not in names:

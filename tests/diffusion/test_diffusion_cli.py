@@ -178,7 +178,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(moons, tmp_path):
     cli.fails(*cd, "-t", student, "--data", "moons", match="is a consistency model")
     cli.fails(*cd, "-t", teacher, "--data", "moons", "--set", "diffusion.solver=rk4", match="unknown diffusion.solver")
     cli.fails(*cd, "-t", teacher, "--data", "moons", "--set", "diffusion.skip=7", match="divide")
-    cli.fails(*gtd, "-t", teacher, "--data", "moons", "--steps", "0", match="at least 1 step")
+    cli.fails(*gtd, "-t", teacher, "--data", "moons", "--steps", "0", match="generate_teacher_data.steps must be >= 1, got 0")
     cli.fails(*gtd, "-t", teacher, "--data", "moons", "--set", "solver=rk4", match="unknown solver")
     cli.fails(*gtd, "-t", student, "--data", "moons", "--steps", "1", "--hybrid-first-step", teacher, match="steps >= 2")
     cli.fails(*gtd, "-t", teacher, "--data", "moons", "--hybrid-first-step", teacher, match="is a diffusion teacher")
