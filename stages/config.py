@@ -362,7 +362,9 @@ class GenerateTeacherDataConfig:
     scmoe_beta: float = _f(
         0.5, "scmoe: contrast strength b in (1+b) z_strong - b z_weak (0 = the model's own choice)", only=(LM,), valid=NONNEG
     )
-    scmoe_alpha: float = _f(0.1, "scmoe: keep tokens with p_strong >= alpha * max p_strong, in (0, 1]", valid=SHARE)
+    scmoe_alpha: float = _f(
+        0.1, "scmoe: keep tokens with p_strong >= alpha * max p_strong, in (0, 1]", only=(LM,), valid=SHARE
+    )
     scmoe_weak_rank: int = _f(
         2, "scmoe: the weak pass routes each token to its rank-th expert alone (1 = the top one)", only=(LM,), valid=COUNT
     )
@@ -522,7 +524,9 @@ class EvaluateConfig:
     scmoe_beta: float = _f(
         0.5, "scmoe: contrast strength b in (1+b) z_strong - b z_weak (0 = the model's own choice)", only=(LM,), valid=NONNEG
     )
-    scmoe_alpha: float = _f(0.1, "scmoe: keep tokens with p_strong >= alpha * max p_strong, in (0, 1]", valid=SHARE)
+    scmoe_alpha: float = _f(
+        0.1, "scmoe: keep tokens with p_strong >= alpha * max p_strong, in (0, 1]", only=(LM,), valid=SHARE
+    )
     scmoe_weak_rank: int = _f(
         2, "scmoe: the weak pass routes each token to its rank-th expert alone (1 = the top one)", only=(LM,), valid=COUNT
     )

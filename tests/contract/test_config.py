@@ -307,7 +307,13 @@ def test_each_stage_names_its_runs():
 def test_shared_keys_pass(modality):
     cfg = load_section(DistillConfig, {"s": {"seed": 3, "epochs": 2, "batch_size": 8, "lr": 0.1}}, "s", {"method": "kd"})
     check_modality(cfg, modality)
-    check_modality(load_section(EvaluateConfig, {}, "s", {"seed": 1, "scmoe_alpha": 0.2}), modality)
+    check_modality(load_section(EvaluateConfig, {}, "s", {"seed": 1}), modality)
+    scmoe = load_section(EvaluateConfig, {}, "s", {"scmoe_alpha": 0.2})  # SCMoE decoding is an LM setting
+    if modality == LM:
+        check_modality(scmoe, modality)
+    else:
+        with pytest.raises(DistilError, match="scmoe_alpha"):
+            check_modality(scmoe, modality)
 
 
 @pytest.mark.parametrize("modality", [CLASSIFIER, LM, DIFFUSION])
@@ -423,3 +429,17 @@ def test_cli_a_dotted_set_reaches_the_data_section_not_the_stage(cli, tmp_path):
 def test_data_config_keys_are_shared():
     for f in dataclasses.fields(DataConfig):
         assert f.metadata.get("only", EVERY) == EVERY, f.name
+
+
+def test_only_the_settings_every_modality_reads_are_untagged():
+    """A stage setting tagged for every modality must be one that all three really read;
+    anything else left untagged would be silently ignored by the others."""
+    import dataclasses
+
+    from stages import config
+
+    shared = {"method", "epochs", "batch_size", "lr", "weight_decay", "seed"}
+    for cls in (GenerateTeacherDataConfig, SelectConfig, DistillConfig, CascadeConfig, EvaluateConfig):
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("only", config.EVERY) == config.EVERY:
+                assert f.name in shared, f"{cls.__name__}.{f.name} declares no modality"

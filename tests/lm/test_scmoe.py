@@ -1,4 +1,4 @@
-"""SCMoE decoding (stages/scmoe.py): the contrast and its plausibility cut-off, weak routing
+"""SCMoE decoding (stages/lm/moe/scmoe.py): the contrast and its plausibility cut-off, weak routing
 as a genuine single-expert computation, the weak pass's own KV cache under left padding,
 b = 0 reproducing greedy decoding, and the `--decode scmoe` CLI on tiny random models."""
 
