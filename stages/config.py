@@ -335,7 +335,23 @@ class DistillConfig:
 
 
 @dataclass
-class GenerateTeacherDataConfig:
+class SCMoEOptions:
+    """The settings of SCMoE decoding (``decode: scmoe``), shared by every stage that decodes
+    with an MoE language model (generate-teacher-data and evaluate)."""
+
+    scmoe_beta: float = _f(
+        0.5, "scmoe: contrast strength b in (1+b) z_strong - b z_weak (0 = the model's own choice)", only=(LM,), valid=NONNEG
+    )
+    scmoe_alpha: float = _f(
+        0.1, "scmoe: keep tokens with p_strong >= alpha * max p_strong, in (0, 1]", only=(LM,), valid=SHARE
+    )
+    scmoe_weak_rank: int = _f(
+        2, "scmoe: the weak pass routes each token to its rank-th expert alone (1 = the top one)", only=(LM,), valid=COUNT
+    )
+
+
+@dataclass
+class GenerateTeacherDataConfig(SCMoEOptions):
     batch_size: int = _f(256, "rows per teacher forward pass", valid=COUNT)
     shard_rows: int = _f(
         512, "rows per Parquet part; a killed run resumes at the last complete part", only=(CLASSIFIER,), valid=COUNT
@@ -358,15 +374,6 @@ class GenerateTeacherDataConfig:
         "greedy",
         "LMs: greedy (the model's own distribution) or scmoe (MoE self-contrast; stored top-k stay the model's own)",
         only=(LM,),
-    )
-    scmoe_beta: float = _f(
-        0.5, "scmoe: contrast strength b in (1+b) z_strong - b z_weak (0 = the model's own choice)", only=(LM,), valid=NONNEG
-    )
-    scmoe_alpha: float = _f(
-        0.1, "scmoe: keep tokens with p_strong >= alpha * max p_strong, in (0, 1]", only=(LM,), valid=SHARE
-    )
-    scmoe_weak_rank: int = _f(
-        2, "scmoe: the weak pass routes each token to its rank-th expert alone (1 = the top one)", only=(LM,), valid=COUNT
     )
     noise_samples: int = _f(
         1024, "diffusion: samples drawn from seeded noise (sample i from noise seed `seed` + i)", only=(DIFFUSION,), valid=COUNT
@@ -495,7 +502,7 @@ class CascadeConfig:
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(SCMoEOptions):
     bins: int = _f(15, "equal-width confidence bins of ECE and the reliability diagram", only=(CLASSIFIER,), valid=COUNT)
     many_shot: int = _f(50, "classes with more train rows than this are 'many-shot'", only=(CLASSIFIER,), valid=NONNEG)
     few_shot: int = _f(
@@ -520,15 +527,6 @@ class EvaluateConfig:
     )
     decode: str = _f(
         "greedy", "LMs: greedy (the model's own choice) or scmoe (MoE self-contrast decoding, also for samples > 1)", only=(LM,)
-    )
-    scmoe_beta: float = _f(
-        0.5, "scmoe: contrast strength b in (1+b) z_strong - b z_weak (0 = the model's own choice)", only=(LM,), valid=NONNEG
-    )
-    scmoe_alpha: float = _f(
-        0.1, "scmoe: keep tokens with p_strong >= alpha * max p_strong, in (0, 1]", only=(LM,), valid=SHARE
-    )
-    scmoe_weak_rank: int = _f(
-        2, "scmoe: the weak pass routes each token to its rank-th expert alone (1 = the top one)", only=(LM,), valid=COUNT
     )
     steps: int = _f(
         1,
