@@ -1,5 +1,5 @@
-"""Tiny helpers shared by the benchmarks: a median timer, a one-JSON-line emitter, and a
-work directory whose finished steps a rerun can reuse."""
+"""Tiny helpers shared by the benchmarks: a median timer, a one-JSON-line emitter, a paired
+comparison over seeds, and a work directory whose finished steps a rerun can reuse."""
 
 from __future__ import annotations
 
@@ -25,6 +25,20 @@ def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def paired(a: list[float], b: list[float], level: float = 0.95) -> dict[str, object]:
+    """``a`` against ``b`` over the same seeds: the mean of the per-seed differences, its
+    Student-t interval at ``level`` and whether that interval excludes zero (one seed: no interval)."""
+    from scipy import stats
+
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return {"mean_diff": mean, "interval": None, "excludes_zero": None, "seeds": len(diffs)}
+    half = stats.t.ppf(0.5 + level / 2, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    lo, hi = mean - half, mean + half
+    return {"mean_diff": mean, "interval": [lo, hi], "excludes_zero": bool(lo > 0 or hi < 0), "seeds": len(diffs)}
 
 
 def emit(name: str, **fields: object) -> None:

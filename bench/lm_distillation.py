@@ -152,7 +152,7 @@ def main() -> int:
                             "--out", str(d / f"td{scale}"), "--set", f"data.sizes={sizes}", "--set", "top_k=32",
                             "--set", "max_new_tokens=16", "-q"], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
             if scale == "1x":
-                manifest = json.loads((d / "td1x" / "_manifest.json").read_text())
+                manifest = json.loads((d / "td1x" / ".manifest.json").read_text())
             rss[scale] = _peak_rss(["distill", "--method", "kd", "--data", str(d / f"td{scale}"), "--out", str(d / f"s{scale}"),
                                     "--set", "epochs=1", "--set", "lm.hidden=64", "-q"])  # fmt: skip
     emit(

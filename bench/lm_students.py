@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from bench.harness import emit
+from bench.harness import emit, paired
 from stages import distill, evaluate, generate_teacher_data, select
 from stages.config import DataConfig, DistillConfig, EvaluateConfig, GenerateTeacherDataConfig, SelectConfig, load_section
 
@@ -91,11 +91,14 @@ def main() -> int:
             for name, a in _one_seed(params, seed, Path(tmp) / f"s{seed}", methods).items():
                 acc.setdefault(name, []).append(a)
     mean = {k: statistics.fmean(v) for k, v in acc.items()}
-    claims = {"teacher_beats_gold_student": mean["teacher"] > mean["sft-gold"]}
-    if "sft (teacher data)" in mean:
-        claims["sft_teacher_data_beats_gold"] = mean["sft (teacher data)"] > mean["sft-gold"]
-        if "kd" in mean:
-            claims["kd_beats_sft_teacher_data"] = mean["kd"] > mean["sft (teacher data)"]
+    pairs = {"teacher_beats_gold_student": ("teacher", "sft-gold"),
+             "sft_teacher_data_beats_gold": ("sft (teacher data)", "sft-gold"),
+             "kd_beats_gold_student": ("kd", "sft-gold"),
+             "kd_beats_sft_teacher_data": ("kd", "sft (teacher data)"),
+             "teacher_beats_kd": ("teacher", "kd")}  # fmt: skip
+    claims = {
+        name: {"holds": mean[a] > mean[b], **paired(acc[a], acc[b])} for name, (a, b) in pairs.items() if a in acc and b in acc
+    }
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
     (results / "lm_students.md").write_text(_table(acc, len(seeds)))

@@ -36,6 +36,7 @@ from distilcli.options import (
 from stages import __version__
 from stages import cascade as cascade_stage
 from stages import distill as distill_stage
+from stages import doctor as doctor_stage
 from stages import evaluate as evaluate_stage
 from stages import generate_teacher_data as gtd_stage
 from stages import select as select_stage
@@ -194,6 +195,24 @@ def evaluate(
         done(path, "evaluation")
 
 
+def doctor(
+    path: Annotated[Path, typer.Argument(help="An artifact: a table, a model, a cascade or an evaluation directory.")],
+) -> None:
+    """Verify an artifact: manifest, schema, parts, rows, content hash, NaN / inf, unreadable files, a killed run's partial.
+
+    Prints one line per problem with how to repair it and exits 2; exits 0 with an `ok` line when healthy.
+
+    Example: `distil doctor data/teacher`
+    """
+    with handled():
+        report = doctor_stage.run(path)
+    for finding in report.findings:
+        typer.echo(str(finding))
+    if not report.ok:
+        raise typer.Exit(2)
+    typer.echo(f"ok: {report.path}: {report.checked}")
+
+
 distill.__doc__ = (
     (distill.__doc__ or "")
     + "\n\nClassifier methods (digits, user tables, teacher data):\n\n"
@@ -217,6 +236,7 @@ app.command("select")(select)
 app.command("distill")(distill)
 app.command("cascade")(cascade)
 app.command("evaluate")(evaluate)
+app.command("doctor")(doctor)
 
 
 def main() -> None:

@@ -4,12 +4,15 @@ and turning bad input into one line and exit code 2."""
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from stages.config import DataConfig, load_section, parse_overrides, read_params
 from stages.errors import DistilError
@@ -93,22 +96,55 @@ def data_config(params: dict[str, Any], features: str | None, label: str | None)
     return load_section(DataConfig, params, "data", cli)
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGTERM from ``kill``, a scheduler or ``docker stop``) raised where the
+    program is, like Ctrl-C: ``with`` blocks unwind, so the partial output stays resumable,
+    and ``except Exception`` in stage code does not swallow it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM -> ``Interrupted`` inside the block (Python's default would end the process at
+    once, without a message); only the main thread can set handlers, elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def handled() -> Iterator[None]:
     """DistilError -> one line on stderr, exit 2 (so is a file distil may not read or write:
-    the user's to fix, not a bug); Ctrl-C -> a hint that a rerun resumes."""
+    the user's to fix, not a bug); Ctrl-C or SIGTERM -> one line saying a rerun resumes,
+    exit 128 + the signal's number (130, 143), the partial output kept for that rerun."""
     try:
-        yield
+        with _stop_on_sigterm():
+            yield
     except DistilError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # "holds ['val']" is no markup
         raise typer.Exit(2) from None
     except PermissionError as exc:
         where = exc.filename or exc
-        err.print(f"[bold red]error:[/] permission denied: {where}; check its permissions", highlight=False, soft_wrap=True)
+        err.print(
+            f"[bold red]error:[/] permission denied: {escape(str(where))}; check its permissions", highlight=False, soft_wrap=True
+        )
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        err.print("interrupted: rerun the same command to resume from the last checkpoint")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        err.print(f"interrupted ({signal.Signals(signum).name}): rerun the same command to resume from the last checkpoint")
+        raise typer.Exit(128 + signum) from None
 
 
 def done(path: Path, what: str) -> None:

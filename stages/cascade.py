@@ -8,7 +8,7 @@ from importlib import import_module
 from pathlib import Path
 
 from stages.config import CascadeConfig, DataConfig, check_modality
-from stages.modality import DIFFUSION, LM, of_data, of_model, refuse
+from stages.modality import DIFFUSION, LM, check_models, of_data, of_model, refuse
 
 
 def run(cfg: CascadeConfig, student: Path, teacher: Path, data: str | Path, out: Path, *, data_cfg: DataConfig,
@@ -18,6 +18,7 @@ def run(cfg: CascadeConfig, student: Path, teacher: Path, data: str | Path, out:
     if DIFFUSION in (modality, of_model(student), of_model(teacher)):
         raise refuse("cascade", DIFFUSION, "a generator's samples have no answer to agree on; evaluate it with `distil evaluate`")
     check_modality(cfg, modality)
+    check_models(modality, student=student, teacher=teacher, model=list(models))
     impl = import_module(f"stages.{modality}.cascade")
     return impl.run(cfg, student, teacher, data, out, data_cfg=data_cfg, policy_file=policy_file, device=device,
                     models=models, progress=progress)  # fmt: skip

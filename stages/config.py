@@ -65,12 +65,15 @@ SHARE = Range(0, 1, low_open=True)
 DECAY = Range(0, 1, high_open=True)
 """The common ranges: counts >= 1, >= 0 (where 0 = off / all / none), > 0, weights and
 shares in [0, 1], shares in (0, 1], EMA decays and split fractions in [0, 1)."""
+SPLITS = ("train", "dev", "test")
+"""The splits every table is cut into (the choices of the split settings)."""
 
 
-def _f(default: Any, help: str, only: tuple[str, ...] = EVERY, valid: Range | None = None) -> Any:
+def _f(default: Any, help: str, only: tuple[str, ...] = EVERY, valid: Range | None = None, choices: tuple = ()) -> Any:
     """A field with its default, its one-line help, the modalities that read it and, for a
-    number (or a list of numbers), the range of its valid values."""
-    meta = {"help": help, "only": only, "valid": valid}
+    number (or a list of numbers), the range of its valid values; for a word (or a list of
+    words) of a fixed set, its ``choices``."""
+    meta = {"help": help, "only": only, "valid": valid, "choices": choices}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta)
     return field(default=default, metadata=meta)
@@ -89,6 +92,7 @@ class DataConfig:
     dev_frac: float = _f(0.15, "share of rows in the dev split", valid=DECAY)
     test_frac: float = _f(0.2, "share of rows in the test split", valid=DECAY)
     limit: int = _f(0, "keep at most this many rows per split (0 = all); for quick runs and tests", valid=NONNEG)
+    standardize: bool = _f(True, "classifiers on flat features (user tables): z-score by train-split stats saved in the model")
     sizes: list[int] = _f(
         [2000, 200, 200],
         "reasoning tasks and 2-D toy distributions (moons, ...): items in the train, dev and test splits",
@@ -356,7 +360,7 @@ class GenerateTeacherDataConfig(SCMoEOptions):
     shard_rows: int = _f(
         512, "rows per Parquet part; a killed run resumes at the last complete part", only=(CLASSIFIER,), valid=COUNT
     )
-    splits: list[str] = _f(["train", "dev", "test"], "splits to run the teacher on", only=(CLASSIFIER, LM))
+    splits: list[str] = _f(["train", "dev", "test"], "splits to run the teacher on", only=(CLASSIFIER, LM), choices=SPLITS)
     samples: int = _f(1, "LMs: completions sampled per prompt", only=(LM,), valid=COUNT)
     temperature: float = _f(1.0, "LMs: sampling temperature (0 = greedy)", only=(LM,), valid=NONNEG)
     top_p: float = _f(1.0, "LMs: nucleus sampling mass", only=(LM,), valid=SHARE)
@@ -418,7 +422,7 @@ class SelectConfig:
     )
     require_correct: bool = _f(True, "confident: keep rows the teacher classifies correctly", only=(CLASSIFIER,))
     splits: list[str] = _f(
-        ["train"], "splits the selection applies to; other splits pass through unchanged", only=(CLASSIFIER, LM)
+        ["train"], "splits the selection applies to; other splits pass through unchanged", only=(CLASSIFIER, LM), choices=SPLITS
     )
     min_agreement: float = _f(
         0.0, "LM majority: keep prompts whose majority answer has at least this share of the samples", only=(LM,), valid=UNIT
@@ -508,7 +512,7 @@ class EvaluateConfig(SCMoEOptions):
     few_shot: int = _f(
         15, "classes with fewer train rows than this are 'few-shot' (the rest 'medium')", only=(CLASSIFIER,), valid=NONNEG
     )
-    split: str = _f("test", "split to evaluate on", only=(CLASSIFIER, LM))
+    split: str = _f("test", "split to evaluate on", only=(CLASSIFIER, LM), choices=SPLITS)
     max_new_tokens: int = _f(16, "LMs: completion length when scoring answers", only=(LM,), valid=COUNT)
     samples: int = _f(
         1,
@@ -567,7 +571,7 @@ def from_dict(cls: type[T], values: dict[str, Any] | None, where: str) -> T:
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     names = set(fields)
-    unknown = sorted(set(values) - names)
+    unknown = sorted(map(str, set(values) - names))  # YAML keys may be numbers too
     if unknown:
         raise DistilError(
             f"unknown key(s) {', '.join(unknown)} in params section '{where}'; valid keys: {', '.join(sorted(names))}"
@@ -582,6 +586,7 @@ def from_dict(cls: type[T], values: dict[str, Any] | None, where: str) -> T:
         else:
             kwargs[name] = _coerce(value, hint, f"{where}.{name}")
             _check_range(kwargs[name], fields[name].metadata.get("valid"), f"{where}.{name}")
+            _check_choices(kwargs[name], fields[name].metadata.get("choices"), f"{where}.{name}")
     return cls(**kwargs)
 
 
@@ -593,6 +598,13 @@ def _check_range(value: Any, valid: Range | None, where: str) -> None:
     if any(v not in valid for v in items):
         what = f"a list of numbers {valid}" if isinstance(value, list) else str(valid)
         raise DistilError(f"params {where} must be {what}, got {value}")
+
+
+def _check_choices(value: Any, choices: tuple | None, where: str) -> None:
+    """Refuse a word (or a list item) outside the field's fixed set (a split named 'valid')."""
+    bad = [v for v in (value if isinstance(value, list) else [value]) if v not in choices] if choices else []
+    if bad:
+        raise DistilError(f"params {where} must be one of {', '.join(choices)}, got {', '.join(map(str, bad))}")
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -615,7 +627,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return value
     if origin is list and isinstance(value, str):  # --set splits=train,dev or sizes=20,4,4
         inner = hint.__args__[0]
-        return [v if inner is str else _coerce(yaml.safe_load(v), inner, where) for v in value.split(",") if v]
+        return [v if inner is str else _coerce(_yaml_scalar(v), inner, where) for v in value.split(",") if v]
     raise DistilError(f"params '{where}' must be {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
@@ -634,8 +646,17 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
                 raise DistilError(f"--set {key}: '{p}' was already set to a value; set either {p} or its keys")
         if isinstance(node.get(leaf), dict):
             raise DistilError(f"--set {key}: its keys were already set; set either {key} or its keys")
-        node[leaf] = yaml.safe_load(raw) if raw else ""
+        node[leaf] = _yaml_scalar(raw) if raw else ""
     return out
+
+
+def _yaml_scalar(raw: str) -> Any:
+    """``raw`` read as YAML (3 -> int, [1, 2] -> list); text YAML cannot read (``[1``, ``!x``)
+    stays text, for the setting's type check to accept or refuse in one line."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -6,7 +6,11 @@ and keeps its traceback.
 
 
 class DistilError(Exception):
-    """Bad input: the message names the problem and how to fix it, in one line."""
+    """Bad input: the message names the problem and how to fix it, in one line (line breaks
+    in what it quotes, a column named "a\\nb" say, are shown escaped)."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
 def one_of(setting: str, value, choices) -> None:

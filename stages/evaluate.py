@@ -11,7 +11,7 @@ from rich.console import Console
 
 from stages.config import DataConfig, EvaluateConfig, check_modality
 from stages.errors import DistilError
-from stages.modality import DIFFUSION, of_data, of_model
+from stages.modality import DIFFUSION, check_models, of_data, of_model
 
 
 def run(cfg: EvaluateConfig, models: list[Path], data: str | Path, out: Path, *, data_cfg: DataConfig,
@@ -23,5 +23,6 @@ def run(cfg: EvaluateConfig, models: list[Path], data: str | Path, out: Path, *,
         raise DistilError("evaluate generators (diffusers folders) on their own: no classifiers or cascades in the same run")
     modality = DIFFUSION if any(generators) else of_data(data, data_cfg)
     check_modality(cfg, modality)
+    check_models(modality, model=list(models))
     impl = import_module(f"stages.{modality}.evaluate")
     return impl.run(cfg, models, data, out, data_cfg=data_cfg, cascades=cascades, device=device, console=console)

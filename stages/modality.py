@@ -20,6 +20,8 @@ CLASSIFIER, LM, DIFFUSION = "classifier", "lm", "diffusion"
 MODALITIES = (CLASSIFIER, LM, DIFFUSION)
 NAMES = {CLASSIFIER: "classifier", LM: "language-model", DIFFUSION: "diffusion"}
 """How a message names each modality."""
+MODELS = {CLASSIFIER: "classifier", LM: "language model", DIFFUSION: "diffusion model"}
+"""How a message names a model of each modality."""
 
 
 def of_data(source: str | Path, data: DataConfig | None = None) -> str:
@@ -63,6 +65,33 @@ def of_model(path: str | Path) -> str | None:
     except (OSError, json.JSONDecodeError):
         return CLASSIFIER
     return LM if isinstance(config, dict) and "model_type" in config else CLASSIFIER
+
+
+def _plainly(path: Path) -> str | None:
+    """The modality a folder plainly holds a model of (a distil classifier's config names its
+    ``arch``), else None: a folder of nothing recognisable is its loader's to judge."""
+    kind = of_model(path)
+    if kind == CLASSIFIER:
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return CLASSIFIER if isinstance(config, dict) and "arch" in config else None
+    return kind
+
+
+def check_models(modality: str, **roles: Path | list[Path] | tuple | None) -> None:
+    """Refuse a model of another modality than the data's, naming both (a language model as
+    a classifier's --teacher, a classifier as an LM cascade's teacher), before any loader
+    tries to read it as what it is not. ``roles``: option name -> folder(s)."""
+    for role, paths in roles.items():
+        for path in paths if isinstance(paths, (list, tuple)) else [paths] if paths else []:
+            kind = _plainly(Path(path))
+            if kind is not None and kind != modality:
+                raise DistilError(
+                    f"--{role} {path} is a {MODELS[kind]}, not a {MODELS[modality]}, but the data is {NAMES[modality]} data; "
+                    f"pass a {MODELS[modality]}, or {NAMES[kind]} data for this one"
+                )
 
 
 def of_method(name: str) -> tuple[str, ...]:

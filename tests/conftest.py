@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ os.environ.setdefault("DVCLIVE_OPEN", "false")
 
 from distilcli.app import app  # noqa: E402
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 TINY = {
     "data": {"split_seed": 0, "dev_frac": 0.2, "test_frac": 0.2, "limit": 60},
     "teacher": {"method": "ce", "model": {"arch": "mlp", "width": 32, "depth": 1}, "epochs": 3, "batch_size": 32, "lr": 0.01},
@@ -34,6 +37,8 @@ TINY = {
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden/*.json from the current code")
+    parser.addoption("--fault-points", type=int, default=None,
+                     help="kill points per stage of tests/contract/test_faults.py (default: $DISTIL_FAULT_POINTS or 1)")  # fmt: skip
 
 
 @pytest.fixture
@@ -133,3 +138,47 @@ def repo_shell(repo: Path, timeout: int = 600):
         return proc.stdout
 
     return run
+
+
+@pytest.fixture(scope="session")
+def dvc_pipeline(tmp_path_factory):
+    """The repo's pipeline (its dvc.yaml, .gitignore, code) in a fresh git repo, with tiny params,
+    after `dvc repro`: ``(repo, run)``. Shared by the DVC modules; test_dvc_experiments commits it
+    as its baseline and runs experiments on it, so it runs after test_dvc."""
+    repo = tmp_path_factory.mktemp("pipeline")
+    for item in ("dvc.yaml", ".dvcignore", ".gitignore", "stages", "distilcli"):
+        src = REPO_ROOT / item
+        (
+            shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
+            if src.is_dir()
+            else shutil.copy(src, repo / item)
+        )
+    (repo / ".dvc").mkdir()
+    shutil.copy(REPO_ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["data"]["limit"] = 60
+    params["teacher"]["epochs"] = 2
+    params["distill"]["epochs"] = 2
+    params["data"]["sizes"] = [40, 8, 8]
+    params["data"]["unlabeled"] = 16
+    params["lm_teacher"]["epochs"] = 1
+    params["lm_student"]["steps"] = 2
+    params["lm_on_policy"]["steps"] = 2
+    params["lm_cascade"].update(samples=2, max_new_tokens=4)
+    params["lm_teacher"]["lm"].update(hidden=32, layers=1, heads=2, vocab_size=320)
+    params["lm_student"]["lm"].update(hidden=16, layers=1, heads=2, vocab_size=320, max_new_tokens=3)
+    params["lm_generate"].update(samples=2, max_new_tokens=4)
+    params["lm_evaluate"]["max_new_tokens"] = 4
+    for section in ("diffusion_teacher", "diffusion_student"):
+        params[section].update(steps=3, batch_size=16)
+        params[section]["diffusion"].update(width=16, depth=1)
+    params["diffusion_student"]["diffusion"].update(eval_samples=8, eval_steps=2)
+    params["diffusion_evaluate"].update(step_counts=[1, 2], n_samples=16, teacher_steps=2, time_samples=0)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    run = repo_shell(repo, timeout=600)
+
+    run("git", "init", "-q")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "pipeline")
+    run(sys.executable, "-m", "dvc", "repro", "-q")
+    return repo, run

@@ -1,6 +1,6 @@
 """Every Parquet schema and manifest kind of distil, as code: the contract between stages.
 
-A table is a directory of ``part-NNNNN.parquet`` files plus ``_manifest.json``; any
+A table is a directory of ``part-NNNNN.parquet`` files plus ``.manifest.json``; any
 Parquet reader (``pyarrow.parquet.read_table(dir)``, DuckDB, polars,
 ``datasets.load_dataset("parquet")``) reads it without distil. The manifest's leading
 underscore is what lets directory readers skip it, as they skip Spark's ``_SUCCESS``.
@@ -11,7 +11,9 @@ from __future__ import annotations
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
-MANIFEST = "_manifest.json"  # leading "_": pyarrow / Spark-style readers skip it when reading the directory
+MANIFEST = ".manifest.json"
+"""Hidden, so every plain reader of the directory skips it: pyarrow and Spark skip "." and "_"
+files, but ``datasets.load_dataset("parquet", data_dir=...)`` skips only hidden ones."""
 
 # ---- schemas as code -------------------------------------------------------------------
 
@@ -64,11 +66,11 @@ CASCADE_DECISIONS = pa.schema(
         pa.field("confidence", pa.float32()),
         pa.field("answer", pa.int64()),
         pa.field("correct", pa.bool_()),
-        pa.field("cost_seconds", pa.float64()),
         pa.field("cost_flops", pa.float64()),
     ]
 )
-"""One row per query routed by a cascade."""
+"""One row per query routed by a cascade. Wall-clock cost is no column (it differs between
+reruns): ``seconds_per_1k_rows`` is in the manifest's ``timing.metrics``."""
 
 LM_TEACHER_DATA = pa.schema(
     [
@@ -124,7 +126,6 @@ LM_CASCADE_DECISIONS = pa.schema(
         pa.field("voter_prompt_tokens", pa.int64()),
         pa.field("voter_completion_tokens", pa.int64()),
         pa.field("cost", pa.float64()),
-        pa.field("seconds", pa.float64()),
         pa.field("student_answer", pa.string()),
         pa.field("answer", pa.string()),
         pa.field("score", pa.float32()),
@@ -134,7 +135,8 @@ LM_CASCADE_DECISIONS = pa.schema(
 """One row per test query routed by a language-model cascade: the student's sampled
 answers (null where unparsable), its majority share (``agreement``), the bank ids of the
 demonstrations in its prompt, tokens per model (``voter_*``: the extra weighted-vote
-models), cost in the run's unit, and the final answer with its score (null without gold)."""
+models), cost in the run's unit, and the final answer with its score (null without gold).
+Wall-clock seconds are no column (they differ between reruns): metrics.json has their sum."""
 
 ICD_BANK = pa.schema(
     [

@@ -9,6 +9,8 @@ same fingerprint resumes, a different one starts afresh.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -21,12 +23,17 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from stages.artifacts.schemas import MANIFEST, is_optional, with_optional
 from stages.errors import DistilError
 
 # ---- atomic writes ---------------------------------------------------------------------
+
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+"""Write errors that say the destination has no room (full disk, quota, file size limit,
+read-only file system): the user's to fix, not a crash to resume from."""
 
 
 def _fsync_replace(tmp: Path, final: Path) -> None:
@@ -67,15 +74,25 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    with _reading(Path(path), "a safetensors file", "regenerate it"):  # safetensors calls a denied file "missing"
+        open(path, "rb").close()
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises several error types for a bad file
         raise DistilError(f"{path} is not a readable safetensors file ({exc}); regenerate it") from None
 
 
+STATE_KEY = "distil.state"
+"""Header entry of a ``save_state`` file: its JSON skeleton."""
+
+
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """Nested state (optimiser, RNG, counters) as safetensors + JSON: tensors go into the
-    safetensors file under dotted keys, everything else into a JSON skeleton. No pickle."""
+    safetensors file under dotted keys, everything else into a JSON skeleton. No pickle.
+
+    The skeleton is also stored in the safetensors header, and that copy is what
+    ``load_state`` reads: one file replaced atomically, so a kill between the two writes
+    cannot pair new tensors with an older skeleton (a resume that trains from a mix)."""
     tensors: dict[str, torch.Tensor] = {}
 
     def walk(obj: Any, key: str) -> Any:
@@ -89,13 +106,16 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
         return obj
 
     skeleton = walk(state, "s")
-    save_tensors(Path(path).with_suffix(".safetensors"), tensors or {"__empty__": torch.zeros(0)})
+    save_tensors(Path(path).with_suffix(".safetensors"), tensors or {"__empty__": torch.zeros(0)},
+                 metadata={STATE_KEY: json.dumps(skeleton)})  # fmt: skip
     write_json(Path(path).with_suffix(".json"), skeleton)
 
 
 def load_state(path: Path) -> dict[str, Any]:
     tensors = load_tensors(Path(path).with_suffix(".safetensors"))
-    skeleton = json.loads(Path(path).with_suffix(".json").read_text())
+    with safe_open(str(Path(path).with_suffix(".safetensors")), "pt") as f:
+        stored = (f.metadata() or {}).get(STATE_KEY)
+    skeleton = json.loads(stored if stored is not None else Path(path).with_suffix(".json").read_text())
 
     def build(obj: Any) -> Any:
         if isinstance(obj, dict) and "__tensor__" in obj:
@@ -131,6 +151,8 @@ class Output:
                 shutil.rmtree(self.dir)
             fresh = not self.dir.exists()
             self.dir.mkdir(parents=True, exist_ok=True)
+            for tmp in self.dir.rglob(".*.tmp-*"):  # a write a kill cut short; else it would ship with the output
+                tmp.unlink()
             if not stamp.exists():
                 fresh = True
                 stamp.write_text(self.fp + "\n")
@@ -149,10 +171,14 @@ class Output:
         return self.open()
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        # bad input found mid-run is not resumable: leave nothing behind. Anything else
-        # (a kill, Ctrl-C, a crash) keeps the partial so a rerun resumes.
+        # bad input found mid-run is not resumable: leave nothing behind. Nor is a disk that
+        # filled up (dropping the partial frees what it took). Anything else (a kill,
+        # Ctrl-C, a crash) keeps the partial so a rerun resumes.
         if exc_type is not None and issubclass(exc_type, DistilError):
             self.discard()
+        elif isinstance(exc, OSError) and exc.errno in NO_ROOM:
+            self.discard()
+            raise DistilError(f"cannot write --out {self.final}: {exc.strerror}; free space or choose another location") from None
 
     def discard(self) -> None:
         """Drop the partial: for bad input found mid-run, where resuming makes no sense."""
@@ -200,13 +226,34 @@ def read_manifest(path: Path) -> dict[str, Any]:
     f = Path(path) / MANIFEST
     if not f.exists():
         return {}
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError:
-        raise DistilError(f"{f} is not valid JSON; regenerate the artifact") from None
+    with _reading(f, "valid JSON"):
+        manifest = json.loads(f.read_text())
+    if not isinstance(manifest, dict):
+        raise DistilError(f"{f} is not a manifest (a JSON object); regenerate the artifact")
+    return manifest
 
 
 # ---- reading and validation ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _reading(f: Path, expected: str, hint: str = "regenerate the artifact", *, user: bool = False) -> Iterator[None]:
+    """Turn what reading ``f`` can raise into one line: a file distil may not read (its
+    owner's to fix), or one that is not ``expected`` (Arrow, JSON and UTF-8 errors); a
+    ``user`` file "cannot be read as" CSV or Parquet (it may be either)."""
+    try:
+        yield
+    except PermissionError:
+        raise DistilError(f"permission denied: {f}; check its permissions") from None
+    except FileNotFoundError:
+        raise DistilError(f"{f} does not exist; check the path or run the stage that produces it") from None
+    except IsADirectoryError:
+        raise DistilError(f"{f} is a folder, not {expected}; {hint}") from None
+    except (pa.ArrowException, OSError, ValueError) as exc:  # ArrowInvalid, JSONDecodeError, UnicodeDecodeError, ...
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise DistilError(
+            f"cannot read {f} as {expected} ({first}); {hint}" if user else f"{f} is not {expected} ({first}); {hint}"
+        ) from None
 
 
 def table_files(path: Path) -> list[Path]:
@@ -214,7 +261,8 @@ def table_files(path: Path) -> list[Path]:
     if not path.exists():
         raise DistilError(f"{path} does not exist; check the path or run the stage that produces it")
     if path.is_dir():
-        files = sorted(path.glob("part-*.parquet")) or sorted(path.glob("*.parquet"))
+        with _reading(path, "a readable folder"):
+            files = sorted(path.glob("part-*.parquet")) or sorted(path.glob("*.parquet"))
         if not files:
             raise DistilError(f"{path} holds no Parquet parts; point at a table produced by distil or a .parquet file")
         return files
@@ -222,17 +270,24 @@ def table_files(path: Path) -> list[Path]:
 
 
 def read_any_table(path: Path) -> pa.Table:
-    """A user table: a Parquet file or dataset directory, or a CSV file."""
+    """A user table: a Parquet file or dataset directory, or a CSV file. Column names must
+    be unique (a repeated name would make every column lookup ambiguous)."""
     files = table_files(path)
+    hint = "pass a .parquet/.csv file or a distil table"
+    csv = len(files) == 1 and files[0].suffix.lower() == ".csv"
+    tables = []
+    for f in files:
+        with _reading(f, "CSV" if csv else "Parquet", hint, user=True):
+            table = pacsv.read_csv(f) if csv else None
+            names = table.schema.names if csv else pq.ParquetFile(f).schema_arrow.names  # decodes a CSV header (UTF-8)
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise DistilError(f"{f} repeats column name(s) {', '.join(map(repr, repeated))}; give every column its own name")
+            tables.append(table if csv else pq.read_table(f))
     try:
-        if len(files) == 1 and files[0].suffix.lower() == ".csv":
-            return pacsv.read_csv(files[0])
-        return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
-    except (pa.ArrowInvalid, OSError) as exc:
-        first = str(exc).splitlines()[0][:160]
-        raise DistilError(
-            f"cannot read {path} as Parquet or CSV ({first}); pass a .parquet/.csv file or a distil table"
-        ) from None
+        return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise DistilError(f"the parts of {path} disagree on their columns ({str(exc).splitlines()[0][:160]}); {hint}") from None
 
 
 def check_schema(table_or_schema: pa.Table | pa.Schema, required: pa.Schema, where: str) -> None:
@@ -245,9 +300,13 @@ def check_schema(table_or_schema: pa.Table | pa.Schema, required: pa.Schema, whe
                 f"{where} has no column '{field.name}' (columns: {', '.join(schema.names)}); "
                 "pass a table produced by the right stage"
             )
+        if schema.names.count(field.name) > 1:
+            raise DistilError(f"{where} has {schema.names.count(field.name)} columns named '{field.name}'; regenerate it")
         got = schema.field(field.name).type
         if got != field.type and not _castable(got, field.type):
-            raise DistilError(f"{where}: column '{field.name}' has type {got}, expected {field.type}")
+            raise DistilError(
+                f"{where}: column '{field.name}' has type {got}, expected {field.type}; pass a table produced by the right stage"
+            )
 
 
 def _castable(got: pa.DataType, want: pa.DataType) -> bool:
@@ -259,45 +318,74 @@ def _castable(got: pa.DataType, want: pa.DataType) -> bool:
         return pa.types.is_floating(got) or pa.types.is_integer(got)
     if pa.types.is_integer(want):
         return pa.types.is_integer(got)
+    if pa.types.is_string(want) or pa.types.is_large_string(want):
+        return pa.types.is_string(got) or pa.types.is_large_string(got)
     return got == want
 
 
 def inspect_table(path: Path, required: pa.Schema, what: str) -> tuple[list[Path], pa.Schema, int, dict[str, Any]]:
-    """Validate a distil table without loading it: (part files, schema, rows, manifest).
-
-    Checks the required columns and their types and that the table is not empty."""
+    """Validate a distil table without loading it: (part files, schema of the first part,
+    rows, manifest). Every part's footer is read: each must be Parquet and hold the required
+    columns with castable types, and together they must hold at least one row."""
     files = table_files(path)
-    try:
-        schema = pq.read_schema(files[0])
-        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    except (pa.ArrowInvalid, OSError):
-        raise DistilError(f"{files[0]} is not a Parquet file; pass {what} produced by distil") from None
-    check_schema(schema, required, f"{what} {path}")
+    schemas, rows = [], 0
+    for f in files:
+        with _reading(f, "a Parquet file", f"pass {what} produced by distil"):
+            meta = pq.ParquetFile(f)
+            schemas.append(meta.schema_arrow)
+            rows += meta.metadata.num_rows
+        check_schema(schemas[-1], required, f"{what} {path}")
     if rows == 0:
         raise DistilError(f"{what} {path} is empty; check the selection or the data that produced it")
-    return files, schema, rows, read_manifest(path if Path(path).is_dir() else Path(path).parent)
+    return files, schemas[0], rows, read_manifest(path if Path(path).is_dir() else Path(path).parent)
 
 
 def read_table(path: Path, required: pa.Schema, what: str) -> tuple[pa.Table, dict[str, Any]]:
-    """A distil table, validated and cast to ``required`` (extra columns kept), memory-mapped."""
+    """A distil table, validated and cast to ``required`` (extra columns kept), memory-mapped.
+    A required column declared not-nullable may hold no nulls, and every value must fit its
+    declared type (an int64 id beyond int32, say, is refused rather than wrapped)."""
     files, schema, _, manifest = inspect_table(path, required, what)
     extra = [n for n in schema.names if n not in required.names]
-    table = pa.concat_tables([pq.read_table(f, memory_map=True) for f in files], promote_options="default")
-    table = with_optional(table, required)
-    cast_schema = pa.schema([*required, *(table.schema.field(n) for n in extra)])
-    return table.select(cast_schema.names).cast(cast_schema), manifest
+    parts = []
+    for f in files:
+        with _reading(f, "a readable Parquet file", f"pass {what} produced by distil"):
+            parts.append(pq.read_table(f, memory_map=True))
+    try:
+        table = with_optional(pa.concat_tables(parts, promote_options="default"), required)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise DistilError(f"the parts of {what} {path} disagree ({str(exc).splitlines()[0][:160]}); regenerate it") from None
+    for field in required:
+        nulls = table.column(field.name).null_count
+        if nulls and not field.nullable:
+            raise DistilError(
+                f"{what} {path}: column '{field.name}' has {nulls} empty value(s); regenerate it or drop those rows"
+            )
+    cast_schema = pa.schema([*required, *(table.schema.field(n) for n in extra if n in table.schema.names)])
+    try:
+        return table.select(cast_schema.names).cast(cast_schema), manifest
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
+        raise DistilError(f"{what} {path}: {str(exc).splitlines()[0][:160]}; regenerate it with distil") from None
 
 
 def iter_batches(path: Path, columns: list[str] | None = None, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
-    """Stream a table part by part, batch by batch."""
+    """Stream a table part by part, batch by batch (a part that cannot be read is one line)."""
     for f in table_files(path):
-        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
+        with _reading(f, "a readable Parquet file", "regenerate the table with distil"):
+            yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
 
 
 def list_column_to_numpy(column: pa.ChunkedArray | pa.Array, what: str) -> np.ndarray:
-    """A list<float> column as a 2-D float32 array; all rows must have the same length and be finite."""
+    """A list<number> column as a 2-D float32 array; no row may be null, all rows must have
+    the same length, and every value must be finite."""
     if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
+        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or pa.types.is_fixed_size_list(column.type)):
+        raise DistilError(f"{what}: has type {column.type}, expected a list of numbers per row")
+    value_type = column.type.value_type
+    if not (pa.types.is_integer(value_type) or pa.types.is_floating(value_type) or pa.types.is_null(value_type)):
+        raise DistilError(f"{what}: holds lists of {value_type}, expected lists of numbers")
+    if column.null_count:
+        raise DistilError(f"{what}: {column.null_count} row(s) are empty (null); fill or drop them")
     lengths = np.asarray(column.value_lengths()) if len(column) else np.zeros(0, dtype=np.int64)
     if len(lengths) and (lengths.min() != lengths.max()):
         raise DistilError(

@@ -42,13 +42,20 @@ from stages.artifacts import (
     write_json,
     write_manifest,
 )
-from stages.classifier.models import check_compatible, count_flops, identity, load_classifier, predict_logits
+from stages.classifier.models import (
+    Classifier,
+    augment_scaled,
+    check_compatible,
+    count_flops,
+    identity,
+    load_classifier,
+    predict_logits,
+)
 from stages.config import CascadeConfig, DataConfig, to_dict
 from stages.devices import resolve_device
 from stages.errors import DistilError
 from stages.metrics import softmax
 from stages.tasks import load_examples, source_identity
-from stages.tasks.augment import augment
 
 POLICIES = {
     "confidence": "student max-probability >= threshold, else defer to the teacher",
@@ -62,15 +69,19 @@ def _timed(fn, *args) -> tuple[Any, float]:
     return result, time.perf_counter() - t0
 
 
-def student_votes(model: nn.Module, x: torch.Tensor, cfg: CascadeConfig, input_shape: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(answer, confidence) per row under the cascade policy."""
+def student_votes(
+    model: Classifier, x: torch.Tensor, cfg: CascadeConfig, input_shape: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(answer, confidence) per row under the cascade policy; views are augmented in the
+    space the student sees (its own saved scaler, when it standardises)."""
     if cfg.policy == "confidence":
         probs = softmax(predict_logits(model, x, cfg.batch_size).numpy())
         return probs.argmax(1), probs.max(1)
     g = torch.Generator().manual_seed(cfg.seed)
     votes = [predict_logits(model, x, cfg.batch_size).argmax(1).numpy()]
     for _ in range(cfg.views - 1):
-        votes.append(predict_logits(model, augment(x, input_shape, cfg.augment, g), cfg.batch_size).argmax(1).numpy())
+        view = augment_scaled(x, input_shape, cfg.augment, g, model.scaler)
+        votes.append(predict_logits(model, view, cfg.batch_size).argmax(1).numpy())
     votes = np.stack(votes, axis=1)
     num_classes = int(votes.max()) + 1
     counts = np.stack([(votes == c).sum(1) for c in range(num_classes)], axis=1)
@@ -291,7 +302,6 @@ def _decision_columns(ids: np.ndarray, labels: np.ndarray, r: _Routed) -> dict[s
         "confidence": r.confidence.astype(np.float32),
         "answer": r.answer,
         "correct": r.answer == labels,
-        "cost_seconds": r.row_seconds,
         "cost_flops": r.row_flops.astype(np.float64),
     }
 

@@ -7,6 +7,12 @@ or a live ``--teacher`` run on each (augmented) batch; self-distillation, repres
 and multi-expert methods need no teacher, ``mst`` needs several. Rows carry the
 selection ``weight`` when the input is a selection.
 
+Flat (tabular) features are standardised by default (``data.standardize``): the student's
+network starts with a z-score fitted on its own train split and saved with its weights,
+so whoever loads it applies that scaler (``models.Standardize``). Image inputs (digits)
+keep their raw [0, 1] pixels: per-pixel z-scores would give the CNN's shifts and the
+always-zero border pixels no meaning.
+
 Training keeps the best checkpoint on the dev split, logs per-epoch metrics with dvclive
 and checkpoints every epoch into ``<out>.partial/``, so a killed run resumes where it
 stopped (same data, params and seed give the same result as an uninterrupted run).
@@ -21,7 +27,15 @@ import torch
 
 from stages.artifacts import Kind, Output, fingerprint, list_column_to_numpy
 from stages.classifier.methods import METHODS, Method
-from stages.classifier.models import Classifier, check_compatible, identity, load_classifier, param_count, save_classifier
+from stages.classifier.models import (
+    Classifier,
+    Standardize,
+    check_compatible,
+    identity,
+    load_classifier,
+    param_count,
+    save_classifier,
+)
 from stages.classifier.training import Context
 from stages.config import DataConfig, DistillConfig, to_dict
 from stages.devices import resolve_device
@@ -71,7 +85,7 @@ def _model_config(model: Classifier, ex: Examples, cfg: DistillConfig, class_cou
         "arch": m.arch, "width": m.width, "depth": m.depth, "dropout": m.dropout,
         "experts": model.experts, "aux_classes": model.aux_head.out_features if model.aux_head is not None else 0,
         "input_shape": ex.input_shape, "num_classes": ex.num_classes, "class_names": ex.class_names,
-        "task": ex.name, "method": cfg.method, "class_counts": class_counts,
+        "task": ex.name, "method": cfg.method, "class_counts": class_counts, "standardize": model.scaler is not None,
     }  # fmt: skip
 
 
@@ -106,6 +120,7 @@ def run(
     train, dev = _tensors(ex, "train", need_logits), _tensors(ex, "dev", need_logits)
     if len(train["y"]) == 0 or len(dev["y"]) == 0:
         raise DistilError(f"{data} needs rows in both the train and dev splits; check the split column or data.limit")
+    scaler = _fit_scaler(train["x"], ex, data_cfg)  # every train row, before labelled_fraction drops any
     train = _mark_labeled(train, cfg, data_cfg, keep_unlabeled=method.label_free)
     class_counts = torch.bincount(train["y"][train["labeled"]], minlength=ex.num_classes).tolist()
 
@@ -114,7 +129,7 @@ def run(
     output = Output(out, fingerprint("distill", params, inputs))
     with output as work:
         with logged(work, progress) as (logger, bar):
-            ctx = Context(cfg, ex, train, dev, dev_, work, logger, bar, live, live_cfgs)
+            ctx = Context(cfg, ex, train, dev, dev_, work, logger, bar, live, live_cfgs, scaler)
             trained = method.train(ctx)
         save_classifier(work, trained.model, _model_config(trained.model, ex, cfg, class_counts))
         for rel, model in trained.extra_models.items():
@@ -128,6 +143,14 @@ def run(
         }
         finish(work, summary, kind=Kind.MODEL, params=params, inputs=inputs, extra={"task": ex.meta()["task"]})
         return output.commit()
+
+
+def _fit_scaler(train_x: torch.Tensor, ex: Examples, data_cfg: DataConfig) -> Standardize | None:
+    """The z-score of the train split's features, for flat feature rows when
+    ``data.standardize`` is on; ``None`` for images and when it is off."""
+    if not data_cfg.standardize or len(ex.input_shape) != 1:
+        return None
+    return Standardize(ex.input_shape[0]).fit(train_x)
 
 
 def _checked_method(cfg: DistillConfig, teachers: list[Path]) -> Method:

@@ -29,6 +29,7 @@ from stages.artifacts import (
     Output,
     artifact_hash,
     fingerprint,
+    join_timing,
     list_column_to_numpy,
     read_table,
     write_json,
@@ -98,13 +99,15 @@ def _cascade_metrics(path: Path, split: str) -> dict[str, Any]:
     table = table.filter(np.asarray(table.column("split").to_pylist()) == split)
     if table.num_rows == 0:
         raise DistilError(f"cascade {path} has no decisions on split '{split}'")
-    m = manifest.get("metrics", {})
+    m = join_timing(manifest).get("metrics", {})  # seconds_per_1k_rows is under timing
+    if "seconds_per_1k_rows" not in m:
+        raise DistilError(f"cascade {path}: its decisions manifest has no metrics; rerun `distil cascade`")
     correct = table.column("correct").to_numpy(zero_copy_only=False)
     teacher = np.asarray(table.column("route").to_pylist()) == "teacher"
     return {
         "accuracy": float(correct.mean()),
         "teacher_rate": float(teacher.mean()),
-        "ms_per_1k_rows": float(table.column("cost_seconds").to_numpy().mean() * 1e6),
+        "ms_per_1k_rows": 1000 * float(m["seconds_per_1k_rows"]),
         "flops_per_row": float(table.column("cost_flops").to_numpy().mean()),
         "cost_vs_teacher_flops": m.get("cost_vs_teacher_flops"),
         "rows": table.num_rows,

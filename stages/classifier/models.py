@@ -2,7 +2,11 @@
 
 The config records the architecture, input shape and class names, so a model directory
 is self-describing and loads with ``load_classifier(dir)`` (or by hand: build the network
-from the config and ``safetensors.torch.load_file``).
+from the config and ``safetensors.torch.load_file``). A network of tabular features may
+start with a ``Standardize`` layer (``"standardize": true`` in the config): the z-score
+statistics of its train split are buffers in ``model.safetensors``, so every command that
+loads the model (teacher data, evaluate, cascade, a live ``--teacher``) feeds it raw
+features and it scales them itself, exactly as in training.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch import nn
 
 from stages.artifacts import file_hash, load_tensors, save_tensors, write_json
 from stages.errors import DistilError
+from stages.tasks.augment import augment
 
 ARCHS = ("mlp", "cnn")
 CONFIG = "config.json"
@@ -34,25 +39,72 @@ class Reshape(nn.Module):
         return x.reshape(-1, *self.shape)
 
 
+class Standardize(nn.Module):
+    """Per-feature z-score ``(x - mean) / std`` of flat rows ``[N, D]``, with the train
+    split's statistics as buffers (saved and loaded with the weights, never trained)."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(num_features))
+        self.register_buffer("std", torch.ones(num_features))
+
+    def fit(self, x: torch.Tensor) -> Standardize:
+        """Set the statistics from the rows ``x`` (the train split, nothing else): population
+        mean and std in float64. A constant feature (spread within float32 rounding of its
+        mean) gets std 1, so it maps to 0 on train rows and never divides by zero."""
+        x = x.reshape(len(x), -1).double()
+        mean, std = x.mean(0), x.std(0, correction=0)
+        constant = std <= 4 * torch.finfo(torch.float32).eps * mean.abs()
+        std = torch.where(constant, torch.ones_like(std), std)
+        self.mean.copy_(mean.float())
+        self.std.copy_(std.float())
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def augment_scaled(
+    x: torch.Tensor, input_shape: list[int], strength: str, g: torch.Generator, scaler: Standardize | None
+) -> torch.Tensor:
+    """Augment raw rows in the space the network sees: with a scaler, z-score, augment,
+    then undo the z-score (strong augmentation drops a feature to its train mean, not to a
+    raw 0 that standardisation would turn into an outlier)."""
+    if scaler is None or strength == "none":
+        return augment(x, input_shape, strength, g)
+    mean, std = scaler.mean.to(x.device), scaler.std.to(x.device)  # x may sit on another device than the model
+    z = augment((x - mean) / std, input_shape, strength, g)
+    return z * std + mean
+
+
 class Classifier(nn.Module):
     """A trunk and a linear head with ``experts`` groups of logits.
 
     ``forward`` returns the mean of the experts' logits (one expert: plain logits);
     ``expert_logits`` returns all of them, ``[N, E, C]``. An optional ``aux_head`` serves
-    methods with an auxiliary label space (sla-sd's joint class x rotation labels)."""
+    methods with an auxiliary label space (sla-sd's joint class x rotation labels). An
+    optional ``scaler`` standardises the raw inputs before the trunk."""
 
     def __init__(
-        self, trunk: nn.Module, feature_dim: int, num_classes: int, dropout: float, experts: int = 1, aux_classes: int = 0
+        self,
+        trunk: nn.Module,
+        feature_dim: int,
+        num_classes: int,
+        dropout: float,
+        experts: int = 1,
+        aux_classes: int = 0,
+        scaler: Standardize | None = None,
     ):
         super().__init__()
         self.num_classes, self.experts, self.feature_dim = num_classes, experts, feature_dim
+        self.scaler = scaler
         self.trunk = trunk
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(feature_dim, num_classes * experts)
         self.aux_head = nn.Linear(feature_dim, aux_classes) if aux_classes else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(x)
+        return self.trunk(self.scaler(x) if self.scaler is not None else x)
 
     def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.drop(self.features(x))).view(-1, self.experts, self.num_classes)
@@ -100,21 +152,27 @@ def build_classifier(
     num_classes: int,
     experts: int = 1,
     aux_classes: int = 0,
+    standardize: bool = False,
 ) -> Classifier:
+    """The network; ``standardize`` adds a ``Standardize`` layer (statistics to be fitted or
+    loaded) for flat tabular inputs."""
     if arch not in ARCHS:
         raise DistilError(f"unknown model.arch '{arch}'; choose one of {', '.join(ARCHS)}")
     if width < 1 or depth < (0 if arch == "mlp" else 1):
         raise DistilError(f"model.width ({width}) and model.depth ({depth}) must be positive")
     if experts < 1:
         raise DistilError(f"model.experts must be >= 1, got {experts}")
+    if standardize and len(input_shape) != 1:
+        raise DistilError(f"feature standardisation needs flat feature rows, got input shape {input_shape}")
+    scaler = Standardize(input_shape[0]) if standardize else None
     trunk, dim = mlp_trunk(math.prod(input_shape), width, depth) if arch == "mlp" else cnn_trunk(input_shape, width, depth)
-    return Classifier(trunk, dim, num_classes, dropout, experts, aux_classes)
+    return Classifier(trunk, dim, num_classes, dropout, experts, aux_classes, scaler)
 
 
 def build_from_config(config: dict[str, Any]) -> Classifier:
     return build_classifier(
         config["arch"], config["width"], config["depth"], config.get("dropout", 0.0), config["input_shape"],
-        config["num_classes"], config.get("experts", 1), config.get("aux_classes", 0),
+        config["num_classes"], config.get("experts", 1), config.get("aux_classes", 0), config.get("standardize", False),
     )  # fmt: skip
 
 

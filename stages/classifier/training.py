@@ -23,11 +23,11 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from stages.artifacts import load_tensors, save_state, save_tensors, write_json
+from stages.classifier.models import Standardize, augment_scaled
 from stages.config import DistillConfig
 from stages.metrics import accuracy, nll, softmax
 from stages.runlog import restore
 from stages.tasks import Examples
-from stages.tasks.augment import augment
 
 Batch = dict[str, Any]
 """One mini-batch: ``idx`` (rows of the train split), ``x`` (augmented inputs), ``x_raw``,
@@ -51,9 +51,12 @@ class Context:
     bar: Any = None
     teachers: list[nn.Module] = field(default_factory=list)
     teacher_configs: list[dict[str, Any]] = field(default_factory=list)
+    scaler: Standardize | None = None
+    """The z-score of the train split's features that every model a method builds starts
+    with (``None``: the network sees raw features)."""
 
     def augment(self, x: torch.Tensor, strength: str, g: torch.Generator) -> torch.Tensor:
-        return augment(x, self.ex.input_shape, strength, g)
+        return augment_scaled(x, self.ex.input_shape, strength, g, self.scaler)
 
     @torch.no_grad()
     def logits(self, model: nn.Module, x: torch.Tensor, fn: Callable | None = None, batch: int = 1024) -> torch.Tensor:

@@ -6,7 +6,7 @@
 <dir>/scheduler/           scheduler_config.json: DDPMScheduler (teachers), LCMScheduler (consistency
                            students), CMStochasticIterativeScheduler (consistency-train), DDIMScheduler
                            (multistep and progressive students, sampled with DDIM)
-<dir>/_manifest.json       distil provenance (kind "generator"), training.json beside it
+<dir>/.manifest.json       distil provenance (kind "generator"), training.json beside it
 ```
 
 Images (``UNet2DModel``) name ``DDPMPipeline`` (``ConsistencyModelPipeline`` with a
@@ -113,7 +113,7 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu", what: s
     ):
         raise DistilError(f"{what} {path}: scheduler {index['scheduler']} is not a diffusers scheduler")
     try:
-        model = cls.from_pretrained(path, subfolder=component).to(device).eval()
+        model = cls.from_pretrained(path, subfolder=component, use_safetensors=True).to(device).eval()  # never a *.bin pickle
         scheduler = scheduler_cls.from_pretrained(path, subfolder="scheduler")
     except (OSError, ValueError, TypeError) as exc:
         raise DistilError(f"cannot load {what} {path} ({str(exc).splitlines()[0][:160]}); retrain it") from None

@@ -173,8 +173,8 @@ def load_lm(name_or_path: str | Path, device: str | torch.device = "cpu", dtype:
     hf_logging.disable_progress_bar()  # our own progress bars, not one per weight file
     if str(name_or_path) in SHIPPED:
         directory, gguf = shipped_model(str(name_or_path))
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=dtype, trust_remote_code=False)
         # dequantised on load: drop the GGUF quantisation record so save_pretrained writes plain weights
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -183,8 +183,12 @@ def load_lm(name_or_path: str | Path, device: str | torch.device = "cpu", dtype:
         return model.to(device).eval(), tokenizer
     path = Path(name_or_path)
     if path.exists():
-        if not path.is_dir() or not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-            raise DistilError(f"{path} holds no model weights (*.safetensors); point at a directory written by save_pretrained")
+        if not path.is_dir() or not any(path.glob("*.safetensors")):
+            # *.bin weights are torch pickles, which can run code when loaded: never read
+            why = "; distil loads safetensors only, not *.bin pickles" if path.is_dir() and any(path.glob("*.bin")) else ""
+            raise DistilError(
+                f"{path} holds no model weights (*.safetensors){why}; point at a directory written by save_pretrained"
+            )
         if not (path / "config.json").exists():
             raise DistilError(f"{path} has no config.json; it is not a transformers model directory")
     elif "/" not in str(name_or_path):
@@ -192,12 +196,18 @@ def load_lm(name_or_path: str | Path, device: str | torch.device = "cpu", dtype:
             f"model '{name_or_path}' is neither a directory, a shipped model ({', '.join(SHIPPED)}) nor a hub name (org/name)"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
-    except OSError as exc:
-        raise DistilError(
-            f"cannot load {name_or_path} ({str(exc).splitlines()[0][:160]}); offline runs need a local directory"
-        ) from None
+        # safetensors only, and never a hub repo's own Python code
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(name_or_path), dtype=dtype, use_safetensors=True, trust_remote_code=False
+        )
+    except (OSError, ValueError) as exc:  # ValueError: a folder of no tokenizer or model transformers knows
+        first = str(exc).splitlines()[0][:160]
+        if path.exists():
+            raise DistilError(
+                f"{path} is not a model transformers can load ({first}); point at a folder written by save_pretrained"
+            ) from None
+        raise DistilError(f"cannot load {name_or_path} ({first}); offline runs need a local directory") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
@@ -210,10 +220,10 @@ def load_tokenizer(name_or_path: str | Path):
     try:
         if str(name_or_path) in SHIPPED:
             directory, gguf = shipped_model(str(name_or_path))
-            tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+            tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf, trust_remote_code=False)
         else:
-            tok = AutoTokenizer.from_pretrained(str(name_or_path))
-    except OSError:
+            tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False)
+    except (OSError, ValueError):  # ValueError: a folder without tokenizer files (a classifier, say)
         raise DistilError(
             f"cannot load the tokenizer of {name_or_path}; keep the teacher directory (or install its package)"
         ) from None

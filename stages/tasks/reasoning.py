@@ -12,6 +12,7 @@ dropped from train as above).
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -134,21 +135,19 @@ def load_prompt_table(path: Path, prompt_column: str = "prompt", answer_column: 
     Without a split column every row is a test row."""
     path = Path(path)
     if path.suffix.lower() in (".jsonl", ".json"):
-        import pyarrow.json as pajson
-
-        try:
-            raw = pajson.read_json(path)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise DistilError(
-                f"cannot read {path} as JSON lines ({str(exc).splitlines()[0][:120]}); one JSON object per line"
-            ) from None
+        raw = _read_json_lines(path)
     else:
         raw = read_any_table(path)
     if prompt_column not in raw.schema.names:
         raise DistilError(f"{path} has no prompt column '{prompt_column}' (columns: {', '.join(raw.schema.names)})")
     if raw.num_rows == 0:
         raise DistilError(f"{path} is empty; pass at least one prompt")
-    prompts = [str(p) for p in raw.column(prompt_column).to_pylist()]
+    for name in (prompt_column, answer_column, "split"):
+        kind = raw.schema.field(name).type if name in raw.schema.names else pa.string()
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind)
+                or pa.types.is_floating(kind) or pa.types.is_null(kind) and name != prompt_column):  # fmt: skip
+            raise DistilError(f"{path}: column '{name}' has type {kind}; it must hold text, one value per row")
+    prompts = ["" if p is None else str(p) for p in raw.column(prompt_column).to_pylist()]
     if any(not p.strip() for p in prompts):
         raise DistilError(f"{path}: {sum(not p.strip() for p in prompts)} prompt(s) are empty; drop them")
     answers = (
@@ -165,6 +164,28 @@ def load_prompt_table(path: Path, prompt_column: str = "prompt", answer_column: 
         {"id": list(range(n)), "split": splits, "task": [path.stem] * n, "prompt": prompts, "answer": answers, "item": [-1] * n},
         schema=PROMPTS,
     )
+
+
+def _read_json_lines(path: Path) -> pa.Table:
+    """A JSON-lines file as a table, one column per key seen in any row. Parsed with Python's
+    ``json``, not ``pyarrow.json``: that reader can crash the process on malformed bytes."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if line.strip():
+                    rows.append(json.loads(line))
+                    if not isinstance(rows[-1], dict):
+                        raise ValueError(f"line {n} is not a JSON object")
+    except PermissionError:
+        raise DistilError(f"permission denied: {path}; check its permissions") from None
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DistilError(f"cannot read {path} as JSON lines ({str(exc)[:120]}); one JSON object per line") from None
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    try:
+        return pa.table({k: pa.array([r.get(k) for r in rows]) for k in keys})
+    except (pa.ArrowException, OverflowError, TypeError, ValueError) as exc:
+        raise DistilError(f"{path}: a key holds values of different types ({str(exc)[:120]}); give each key one type") from None
 
 
 def load_hub_prompts(name: str, prompt_column: str = "prompt", answer_column: str = "answer") -> pa.Table:

@@ -1,5 +1,9 @@
 """User tables: any Parquet or CSV with numeric feature columns (or one fixed-size list
-column) and a label column."""
+column) and a label column.
+
+Features are stored as read, unscaled: a classifier trained on them z-scores them itself
+with its train split's statistics (``data.standardize``, ``stages.classifier.models``), so
+every table derived from this one holds the same raw values each model expects."""
 
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ def load_user_table(path: Path, data: DataConfig) -> tuple[pa.Table, dict[str, A
         raise DistilError(f"{path} has no label column '{data.label}' (columns: {', '.join(names)}); set it with --label")
     reserved = {data.label, data.split_column, "id"}
     features = data.features or [n for n in names if n not in reserved]
+    if not features:
+        raise DistilError(f"{path} has no feature columns besides '{data.label}'; add some or name them with --features")
     missing = [f for f in features if f not in names]
     if missing:
         raise DistilError(f"{path} has no feature column(s) {', '.join(missing)}; set them with --features")
@@ -55,7 +61,7 @@ def load_user_table(path: Path, data: DataConfig) -> tuple[pa.Table, dict[str, A
         if data.split_column not in names:
             raise DistilError(f"{path} has no split column '{data.split_column}'; fix split_column or leave it empty")
         split = np.asarray(raw.column(data.split_column).to_pylist(), dtype=str)
-        bad = sorted(set(split) - {"train", "dev", "test"})
+        bad = sorted(set(split.tolist()) - {"train", "dev", "test"})  # words, not np.str_ reprs
         if bad:
             raise DistilError(f"{path}: split column holds {bad}; allowed values are train, dev, test")
     else:
@@ -83,7 +89,7 @@ def _features(raw: pa.Table, features: list[str], path: Path) -> np.ndarray:
             raise DistilError(f"{path}: feature column '{name}' has type {col.type}; features must be numeric")
         if col.null_count:
             raise DistilError(f"{path}: feature column '{name}' has {col.null_count} empty value(s); fill or drop them")
-        cols.append(pc.cast(col, pa.float32()).to_numpy())
+        cols.append(pc.cast(col, pa.float32(), safe=False).to_numpy())  # ints beyond 2**24 round, as float32 does
     x = np.stack(cols, axis=1).astype(np.float32)
     if not np.isfinite(x).all():
         raise DistilError(f"{path}: features contain NaN or inf in {int((~np.isfinite(x).all(axis=1)).sum())} row(s); clean them")

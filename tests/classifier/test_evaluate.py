@@ -16,7 +16,7 @@ from conftest import TINY, Cli, write_params
 from rich.console import Console
 
 from stages import evaluate as evaluate_stage
-from stages.artifacts import MANIFEST
+from stages.artifacts import MANIFEST, join_timing
 from stages.classifier.models import load_classifier, param_count
 from stages.config import DataConfig, EvaluateConfig
 from stages.errors import DistilError
@@ -63,7 +63,7 @@ def test_evaluate_writes_metrics_for_each_model(evaluated):
     metrics = json.loads((evaluated / "metrics.json").read_text())
     assert set(metrics) == {"teacher", "student"}
     manifest = json.loads((evaluated / MANIFEST).read_text())
-    assert manifest["kind"] == "evaluation" and manifest["metrics"] == metrics
+    assert manifest["kind"] == "evaluation" and join_timing(manifest)["metrics"] == metrics  # timings sit under "timing"
     assert manifest["params"]["evaluate"]["bins"] == 10 and manifest["params"]["evaluate"]["split"] == "test"
 
 

@@ -37,7 +37,7 @@ def _rewrite(src, dst, fn):
     dst.mkdir()
     for part in sorted(src.glob("part-*.parquet")):
         pq.write_table(fn(pq.read_table(part)), dst / part.name)
-    (dst / "_manifest.json").write_text((src / "_manifest.json").read_text())
+    (dst / ".manifest.json").write_text((src / ".manifest.json").read_text())
     return dst
 
 

@@ -113,3 +113,17 @@ def test_shell_completion_completes_subcommands():
     env = {**os.environ, "_DISTIL_COMPLETE": "complete_bash", "COMP_WORDS": "distil gen", "COMP_CWORD": "1"}
     out = subprocess.run([exe], env=env, capture_output=True, text=True, timeout=60).stdout
     assert out.split() == ["generate-teacher-data"]
+
+
+def test_training_in_a_git_repository_without_commits(cli, tmp_path, monkeypatch):
+    """`make demo` from a tarball runs `git init` without a commit; dvclive asks git for HEAD even
+    when it records no experiment, which failed there with a traceback."""
+    import subprocess
+
+    repo = tmp_path / "fresh"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    (repo / ".dvc").mkdir()  # a DVC project too, as after `dvc init`
+    monkeypatch.chdir(repo)
+    cli.ok("distill", "--method", "ce", "--data", "digits", "--out", "student")
+    assert (repo / "student" / "dvclive" / "metrics.json").exists()

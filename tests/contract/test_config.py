@@ -395,7 +395,7 @@ def test_cli_set_of_an_lm_key_on_classifier_data(cli, tmp_path):
 def test_cli_the_shared_default_section_may_hold_other_modalities_keys(tmp_path):
     cli = Cli(write_params(tmp_path, distill={"lmbda": 0.3, "grad_accum": 2}))
     cli.ok("distill", "--method", "ce", "--data", "digits", "--out", tmp_path / "student", "-q")
-    assert (tmp_path / "student" / "_manifest.json").exists()
+    assert (tmp_path / "student" / ".manifest.json").exists()
 
 
 def test_cli_a_section_named_with_section_is_checked(tmp_path):

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import repo_shell
 
 from distilcli.app import app
 
@@ -50,48 +48,8 @@ def test_dvc_config_disables_analytics():
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """The repo's pipeline in a fresh git repo, with tiny params, after `dvc repro`."""
-    repo = tmp_path_factory.mktemp("pipeline")
-    for item in ("dvc.yaml", ".dvcignore", "stages", "distilcli"):
-        src = ROOT / item
-        (
-            shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
-            if src.is_dir()
-            else shutil.copy(src, repo / item)
-        )
-    (repo / ".dvc").mkdir()
-    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"]["limit"] = 60
-    params["teacher"]["epochs"] = 2
-    params["distill"]["epochs"] = 2
-    params["data"]["sizes"] = [40, 8, 8]
-    params["data"]["unlabeled"] = 16
-    params["lm_teacher"]["epochs"] = 1
-    params["lm_student"]["steps"] = 2
-    params["lm_on_policy"]["steps"] = 2
-    params["lm_cascade"].update(samples=2, max_new_tokens=4)
-    params["lm_teacher"]["lm"].update(hidden=32, layers=1, heads=2, vocab_size=320)
-    params["lm_student"]["lm"].update(hidden=16, layers=1, heads=2, vocab_size=320, max_new_tokens=3)
-    params["lm_generate"].update(samples=2, max_new_tokens=4)
-    params["lm_evaluate"]["max_new_tokens"] = 4
-    for section in ("diffusion_teacher", "diffusion_student"):
-        params[section].update(steps=3, batch_size=16)
-        params[section]["diffusion"].update(width=16, depth=1)
-    params["diffusion_student"]["diffusion"].update(eval_samples=8, eval_steps=2)
-    params["diffusion_evaluate"].update(step_counts=[1, 2], n_samples=16, teacher_steps=2, time_samples=0)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    (repo / ".gitignore").write_text(
-        "/models/\n/data/\n/cascade/\n/cascade_lm/\n/metrics/\n/metrics_lm/\n/metrics_diffusion/\n*.partial/\n"
-    )
-    run = repo_shell(repo, timeout=600)
-
-    run("git", "init", "-q")
-    run("git", "add", "-A")
-    run("git", "commit", "-qm", "pipeline")
-    run(sys.executable, "-m", "dvc", "repro", "-q")
-    return repo, run
+def pipeline(dvc_pipeline):
+    return dvc_pipeline
 
 
 def test_dvc_repro_metrics_and_plots(pipeline):
@@ -116,15 +74,3 @@ def test_dvc_repro_metrics_and_plots(pipeline):
     assert "distil: models" in (repo / "metrics" / "summary.txt").read_text()
     status = run(sys.executable, "-m", "dvc", "status")
     assert "up to date" in status.lower() or status.strip() == ""
-
-
-def test_dvc_exp_run_with_a_different_method(pipeline):
-    repo, run = pipeline
-    run("git", "add", "-A")
-    run("git", "commit", "-qm", "lock", "--allow-empty")
-    run(sys.executable, "-m", "dvc", "exp", "run", "-S", "distill.method=jsd", "-q")
-    manifest = json.loads((repo / "models" / "student" / "_manifest.json").read_text())
-    assert manifest["params"]["distill"]["method"] == "jsd"
-    assert yaml.safe_load((repo / "params.yaml").read_text())["distill"]["method"] == "jsd"
-    shown = run(sys.executable, "-m", "dvc", "exp", "show", "--json")
-    assert "jsd" in shown

@@ -102,3 +102,83 @@ def test_a_really_killed_cli_run_resumes(tiny_run, tmp_path):
     history = json.loads((out / "training.json").read_text())["history"]
     assert [h["epoch"] for h in history] == list(range(1, 401))
     assert not out.with_name("s.partial").exists()
+
+
+def _series(run) -> dict[str, list[tuple[int, float]]]:
+    """A finished run's dvclive metric histories: ``{metric: [(step, value), ...]}``."""
+    import csv
+
+    root = run / "dvclive" / "plots" / "metrics"
+    series = {}
+    for tsv in sorted(root.rglob("*.tsv")):
+        with open(tsv, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+        series[tsv.relative_to(root).with_suffix("").as_posix()] = [(int(r["step"]), float(r[tsv.stem])) for r in rows]
+    return series
+
+
+def _assert_same_series(resumed, ref, steps: int, tol: float) -> None:
+    """The resumed run's dvclive series count steps 0..steps-1 once each, like the
+    uninterrupted run's, with the same values; its summary ends at the last step."""
+    import json
+
+    got, want = _series(resumed), _series(ref)
+    assert got.keys() == want.keys() and got
+    assert sorted({s for rows in got.values() for s, _ in rows}) == list(range(steps))
+    for name in want:
+        assert [s for s, _ in got[name]] == [s for s, _ in want[name]], name
+        assert max(abs(a - b) for (_, a), (_, b) in zip(got[name], want[name], strict=True)) <= tol, name
+    assert json.loads((resumed / "dvclive" / "metrics.json").read_text())["step"] == steps - 1
+
+
+@pytest.mark.parametrize(
+    ("method", "kill_at", "after", "steps"),
+    [
+        ("kd", 1, True, 3),  # killed once epoch 1 is checkpointed: dvclive itself resumed at step 0 again
+        ("kd", 2, False, 3),  # epoch 2 logged but not checkpointed: it is trained and logged again
+        ("self-distill", 5, False, 9),  # 3 rounds of 3 epochs: round 2's epoch 2 logged, not checkpointed
+    ],
+)
+def test_classifier_dvclive_steps_continue_after_a_resume(tiny_run, tmp_path, method, kill_at, after, steps):
+    cfg = DistillConfig(method=method, model=ModelConfig(arch="mlp", width=8, depth=1), epochs=3, batch_size=16,
+                        generations=2, gt_weight=0.5)  # fmt: skip
+    data_cfg = DataConfig(dev_frac=0.2, test_frac=0.2, limit=60)
+    distill.run(cfg, tiny_run["selected"], tmp_path / "ref", data_cfg=data_cfg, progress=False)
+
+    import stages.classifier.training as mod
+
+    with dies_on_call(mod, "save_state", kill_at, Killed, after=after), pytest.raises(Killed):
+        distill.run(cfg, tiny_run["selected"], tmp_path / "s", data_cfg=data_cfg, progress=False)
+    distill.run(cfg, tiny_run["selected"], tmp_path / "s", data_cfg=data_cfg, progress=False)
+    _assert_same_series(tmp_path / "s", tmp_path / "ref", steps, tol=1e-6)
+
+
+def test_lm_dvclive_steps_continue_after_a_resume(tmp_path):
+    """Epoch 2 is logged, then the run dies before checkpointing it."""
+    import stages.lm.training as mod
+    from stages.config import LMConfig
+
+    cfg = DistillConfig(method="sft", epochs=3, batch_size=16, lr=0.01, lm=LMConfig(hidden=16, layers=1, heads=2, vocab_size=320))
+    data_cfg = DataConfig(sizes=[40, 8, 8])
+    distill.run(cfg, "basic_arithmetic", tmp_path / "ref", data_cfg=data_cfg, progress=False)
+    with dies_on_call(mod, "save_state", 2, Killed, after=False), pytest.raises(Killed):
+        distill.run(cfg, "basic_arithmetic", tmp_path / "s", data_cfg=data_cfg, progress=False)
+    distill.run(cfg, "basic_arithmetic", tmp_path / "s", data_cfg=data_cfg, progress=False)
+    _assert_same_series(tmp_path / "s", tmp_path / "ref", 3, tol=1e-4)
+
+
+def test_diffusion_dvclive_steps_continue_after_a_resume_between_checkpoints(tmp_path):
+    """Checkpoints every 2 epochs; killed as epoch 6 starts, the run resumes from epoch 4 and
+    trains epoch 5 again: it is logged once."""
+    import stages.diffusion.training as mod
+    from stages.config import DiffusionConfig
+
+    cfg = DistillConfig(method="denoise", diffusion=DiffusionConfig(width=16, depth=1, checkpoint_every=2), steps=32,
+                        batch_size=50, lr=0.003)  # fmt: skip
+    data_cfg = DataConfig(sizes=[200, 20, 20])
+    distill.run(cfg, "moons", tmp_path / "ref", data_cfg=data_cfg, progress=False)
+    with dies_on_call(mod, "_train_epoch", 6, Killed, after=False), pytest.raises(Killed):
+        distill.run(cfg, "moons", tmp_path / "s", data_cfg=data_cfg, progress=False)
+    assert len(_series(tmp_path / "s.partial")["loss"]) == 5
+    distill.run(cfg, "moons", tmp_path / "s", data_cfg=data_cfg, progress=False)
+    _assert_same_series(tmp_path / "s", tmp_path / "ref", 8, tol=0.0)

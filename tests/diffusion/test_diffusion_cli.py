@@ -52,7 +52,7 @@ def moons(tmp_path_factory):
 
 def test_denoise_trains_a_teacher_that_diffusers_loads(moons):
     teacher = moons["teacher"]
-    manifest = json.loads((teacher / "_manifest.json").read_text())
+    manifest = json.loads((teacher / ".manifest.json").read_text())
     assert manifest["kind"] == "generator" and manifest["generator"]["kind"] == "diffusion"
     assert manifest["data"]["name"] == "moons" and manifest["params"]["distill"]["diffusion"]["prediction"] == "v_prediction"
     history = json.loads((teacher / "training.json").read_text())["history"]

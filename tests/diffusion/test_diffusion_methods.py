@@ -101,7 +101,7 @@ def test_multistep_student_beats_the_teacher_at_its_steps_and_loads_in_diffusers
     assert training["paired_error_final"] < training["paired_error_teacher_4step"] / 2
     assert _sw(path, 4, moons["test"]) < moons["teacher_sw"][4] * 0.75
     assert isinstance(DDIMScheduler.from_pretrained(path, subfolder="scheduler"), DDIMScheduler)
-    assert json.loads((path / "_manifest.json").read_text())["generator"]["scheduler"] == "DDIMScheduler"
+    assert json.loads((path / ".manifest.json").read_text())["generator"]["scheduler"] == "DDIMScheduler"
     assert _same_in_diffusers(path, 4)
 
 

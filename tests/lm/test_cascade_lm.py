@@ -202,7 +202,7 @@ def test_every_policy_writes_a_coherent_decisions_table(lm, tmp_path, policy):
     assert (m["teacher_rate"] == 0.0) if policy in ("student", "icd", "weighted-vote") else True
     if policy == "weighted-vote":
         assert all(r["voter_completion_tokens"] > 0 and len(r["answers"]) == 2 * n for r in rows)
-    manifest = json.loads((tmp_path / "c" / "_manifest.json").read_text())
+    manifest = json.loads((tmp_path / "c" / ".manifest.json").read_text())
     assert manifest["kind"] == "lm_cascade" and manifest["rows"] == 20
     used = list(csv.DictReader(open(tmp_path / "c" / "samples_used.csv")))
     assert sum(int(u["queries"]) for u in used) == 20

@@ -83,7 +83,7 @@ def test_lm_teacher_data_stores_top_k_per_generated_token(lm_teacher_data):
     import pyarrow.parquet as pq
 
     table = pq.read_table(lm_teacher_data)
-    manifest = json.loads((lm_teacher_data / "_manifest.json").read_text())
+    manifest = json.loads((lm_teacher_data / ".manifest.json").read_text())
     prompts = 160 - 0  # every split, 120 + 20 + 20 prompts (minus train items equal to held-out ones)
     assert table.num_rows == 2 * len(set(table.column("prompt_id").to_pylist())) and table.num_rows <= 2 * prompts
     for row in table.slice(0, 20).to_pylist():
@@ -139,7 +139,7 @@ def test_select_then_distill_on_lm_samples(cli, lm_teacher_data, tmp_path):
     cli.fails("select", lm_teacher_data, "--by", "confident", "--out", tmp_path / "x", match="unknown selection")
     # sft on teacher samples splits text the teacher's way: same tokenizer, token for token
     cli.ok("distill", "--method", "sft", "--data", tmp_path / "sel", "--out", tmp_path / "sft", "--set", "epochs=1", *LM)
-    teacher_dir = json.loads((lm_teacher_data / "_manifest.json").read_text())["model"]["path"]
+    teacher_dir = json.loads((lm_teacher_data / ".manifest.json").read_text())["model"]["path"]
     assert AutoTokenizer.from_pretrained(tmp_path / "sft").get_vocab() == AutoTokenizer.from_pretrained(teacher_dir).get_vocab()
 
 
@@ -237,7 +237,7 @@ def test_smollm2_generates_teacher_data_through_the_same_path(cli, tmp_path):
            "--set", "data.sizes=[3,2,2]", "--set", "samples=1", "--set", "temperature=0", "--set", "top_k=32",
            "--set", "max_new_tokens=6", "-q")  # fmt: skip
     table = pq.read_table(tmp_path / "td")
-    manifest = json.loads((tmp_path / "td" / "_manifest.json").read_text())
+    manifest = json.loads((tmp_path / "td" / ".manifest.json").read_text())
     assert manifest["model"]["vocab_size"] == 49152 and manifest["top_k"] == 32
     row = table.to_pylist()[0]
     assert len(row["topk_ids"]) == 32 * len(row["token_ids"]) and row["completion"]
@@ -253,7 +253,7 @@ def test_uncertain_picks_the_prompts_the_student_agrees_on_least(cli, lm_dir, tm
     cli.ok("select", "basic_arithmetic", "--by", "uncertain", "--student", lm_dir, "--out", tmp_path / "u",
            "--set", "data.sizes=[40,10,10]", "--set", "uncertain_share=0.5", "--set", "max_new_tokens=4", "-q")  # fmt: skip
     chosen = pq.read_table(tmp_path / "u")
-    manifest = json.loads((tmp_path / "u" / "_manifest.json").read_text())
+    manifest = json.loads((tmp_path / "u" / ".manifest.json").read_text())
     assert chosen.num_rows == round(0.5 * manifest["selection"]["rows"])
     weights = chosen.column("weight").to_pylist()
     assert all(0 <= w <= 1 for w in weights) and all(

@@ -186,7 +186,7 @@ def test_generate_teacher_data_stores_moe_routing(cli, moe_teacher, tmp_path):
     cli.ok(
         "generate-teacher-data", "--teacher", moe_teacher / "moe", "--data", "basic_arithmetic", "--out", tmp_path / "td", *GEN
     )
-    manifest = json.loads((tmp_path / "td" / "_manifest.json").read_text())
+    manifest = json.loads((tmp_path / "td" / ".manifest.json").read_text())
     assert manifest["routing"] == {"layers": 2, "experts": 4, "experts_per_token": 2}
     table = pq.read_table(tmp_path / "td")
     assert str(table.schema.field("expert_ids").type) == "list<element: uint8>"
@@ -203,7 +203,7 @@ def test_generate_teacher_data_stores_moe_routing(cli, moe_teacher, tmp_path):
         )
         stored = pq.read_table(out, columns=["expert_ids", "expert_weights"]).to_pylist()
         assert all(r["expert_ids"] == [] and r["expert_weights"] == [] for r in stored)
-        assert "routing" not in json.loads((out / "_manifest.json").read_text())
+        assert "routing" not in json.loads((out / ".manifest.json").read_text())
 
 
 def test_routing_on_with_a_dense_teacher_is_one_clean_error(cli, moe_teacher, tmp_path):

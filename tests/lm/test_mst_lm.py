@@ -123,7 +123,7 @@ def test_teachers_built_with_lm_tokenizer_share_one_vocabulary(mst, cli, tmp_pat
 def test_every_teacher_samples_every_prompt(mst):
     table = pq.read_table(mst / "td")
     rows = table.to_pylist()
-    manifest = json.loads((mst / "td" / "_manifest.json").read_text())
+    manifest = json.loads((mst / "td" / ".manifest.json").read_text())
     assert [t["tasks"] for t in manifest["teachers"]] == [["chain_sum"], ["basic_arithmetic"]]
     assert [t["path"] for t in manifest["teachers"]] == [str(mst / "chain_sum"), str(mst / "basic_arithmetic")]
     assert manifest["model"]["path"] == str(mst / "chain_sum") and manifest["top_k"] == 8
@@ -160,10 +160,10 @@ def test_select_correct_and_old_files_without_a_teacher_column(mst, cli, tmp_pat
     cli.ok("select", mst / "td", "--by", "correct", "--set", "min_score=0", "--out", tmp_path / "sel", "-q")
     sel = pq.read_table(tmp_path / "sel")
     assert set(sel.column("teacher").to_pylist()) == {0, 1}
-    assert len(json.loads((tmp_path / "sel" / "_manifest.json").read_text())["teachers"]) == 2
+    assert len(json.loads((tmp_path / "sel" / ".manifest.json").read_text())["teachers"]) == 2
     old = tmp_path / "old"  # teacher data written before the teacher column existed
     old.mkdir()
-    shutil.copy(mst / "td" / "_manifest.json", old / "_manifest.json")
+    shutil.copy(mst / "td" / ".manifest.json", old / ".manifest.json")
     part = pq.read_table(sorted((mst / "td").glob("part-*.parquet"))[0])
     pq.write_table(part.drop_columns(["teacher"]), old / "part-00000.parquet")
     table, _ = read_table(old, LM_TEACHER_DATA, "teacher data")

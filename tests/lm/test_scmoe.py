@@ -234,7 +234,7 @@ def test_generate_teacher_data_scmoe_keeps_the_strong_top_k(cli, models, tmp_pat
     cli.ok("generate-teacher-data", "--teacher", moe, "--out", tmp_path / "s", "--decode", "scmoe", "--set", "scmoe_beta=3", *GEN)
     g, z, s = (pq.read_table(tmp_path / d).to_pylist() for d in "gzs")
     assert [r["token_ids"] for r in z] == [r["token_ids"] for r in g]
-    assert json.loads((tmp_path / "s" / "_manifest.json").read_text())["decode"] == "scmoe"
+    assert json.loads((tmp_path / "s" / ".manifest.json").read_text())["decode"] == "scmoe"
     from stages.lm.models import load_lm
 
     model, tk = load_lm(moe)

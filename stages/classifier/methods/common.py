@@ -22,13 +22,16 @@ class Trained:
 
 
 def build(ctx: Context, *, init: int = 0, experts: int | None = None, aux_classes: int = 0) -> Classifier:
-    """The configured student architecture, initialised from seed (``cfg.seed``, ``init``)."""
+    """The configured student architecture, initialised from seed (``cfg.seed``, ``init``),
+    starting with the run's train-split scaler when it has one."""
     m = ctx.cfg.model
     torch.manual_seed(ctx.cfg.seed * 1009 + init)
     model = build_classifier(
         m.arch, m.width, m.depth, m.dropout, ctx.ex.input_shape, ctx.ex.num_classes,
-        m.experts if experts is None else experts, aux_classes,
+        m.experts if experts is None else experts, aux_classes, standardize=ctx.scaler is not None,
     )  # fmt: skip
+    if ctx.scaler is not None:
+        model.scaler.load_state_dict(ctx.scaler.state_dict())
     return model.to(ctx.device)
 
 

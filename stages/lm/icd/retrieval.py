@@ -109,8 +109,9 @@ def load_embedder(embedder: str = DEFAULT_EMBEDDER, device: str = "cpu") -> _Emb
     model_dir = _model_dir(embedder)
     pooling, max_length = _pooling_config(model_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModel.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+        model = AutoModel.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32, use_safetensors=True,
+                                          trust_remote_code=False)  # fmt: skip
     except (OSError, ValueError) as exc:
         raise DistilError(
             f"cannot load embedder {embedder!r} from {model_dir} ({exc}); pass a sentence-embedding model directory"
