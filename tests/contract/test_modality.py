@@ -4,6 +4,7 @@ and the routers' refusals of the pairs they do not support, through the CLI."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -144,28 +145,30 @@ def test_of_data_a_table_named_like_a_builtin_is_read_by_its_manifest(tmp_path):
 # ---- of_model / of_method --------------------------------------------------------------
 
 
-def test_of_model_classifier_dir(tmp_path):
-    d = tmp_path / "clf"
+def _model_dir(root: Path, name: str, config: str | None) -> Path:
+    """A folder ``name`` holding ``config`` as its config.json (none when None)."""
+    d = root / name
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"arch": "mlp", "num_classes": 10}))
-    assert of_model(d) == CLASSIFIER
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert of_model(empty) == CLASSIFIER
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text("{not json")
-    assert of_model(broken) == CLASSIFIER
-    listed = tmp_path / "listed"
-    listed.mkdir()
-    (listed / "config.json").write_text(json.dumps(["model_type"]))
-    assert of_model(listed) == CLASSIFIER
+    if config is not None:
+        (d / "config.json").write_text(config)
+    return d
+
+
+@pytest.mark.parametrize(
+    "name, config",
+    [
+        ("clf", json.dumps({"arch": "mlp", "num_classes": 10})),
+        ("empty", None),
+        ("broken", "{not json"),
+        ("listed", json.dumps(["model_type"])),
+    ],
+)
+def test_of_model_classifier_dir(tmp_path, name, config):
+    assert of_model(_model_dir(tmp_path, name, config)) == CLASSIFIER
 
 
 def test_of_model_lm_dir(tmp_path):
-    d = tmp_path / "lm"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 16}))
+    d = _model_dir(tmp_path, "lm", json.dumps({"model_type": "llama", "hidden_size": 16}))
     assert of_model(d) == LM
     assert of_model(str(d)) == LM
 
