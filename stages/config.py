@@ -247,6 +247,27 @@ class DiffusionConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """Where an LM teacher runs (``stages.lm.teachers``): in process (transformers), in a
+    vLLM engine, or behind an OpenAI-compatible server (``--teacher http://HOST:PORT/v1``)."""
+
+    backend: str = _f(
+        "auto", "auto (http for a URL, else transformers), transformers, vllm or http", choices=("auto", "transformers", "vllm", "http"), only=(LM,)
+    )
+    model: str = _f("", "http: the served model's name ('' = the server's only model, from /v1/models)", only=(LM,))
+    api: str = _f("completions", "http: generate through /v1/completions or /v1/chat/completions", choices=("completions", "chat"), only=(LM,))
+    api_key_env: str = _f("OPENAI_API_KEY", "http: the environment variable holding the API key (never written anywhere)", only=(LM,))
+    concurrency: int = _f(8, "http: requests in flight at once", valid=COUNT, only=(LM,))
+    timeout: float = _f(60.0, "http: seconds one request may take", valid=POSITIVE, only=(LM,))
+    retries: int = _f(5, "http: retries of a request on 429, 5xx and connection errors (exponential backoff with jitter)", valid=NONNEG, only=(LM,))
+    backoff: float = _f(0.5, "http: seconds before the first retry; doubled each retry, Retry-After honoured", valid=NONNEG, only=(LM,))
+    token_ids: bool = _f(True, "http: ask for token ids (vLLM's and distil serve's return_tokens_as_token_ids); false for servers that refuse unknown fields", only=(LM,))
+    tokenizer: str = _f("", "http: a local model or tokenizer dir whose ids the server's tokens map to (checked); '' = text only", only=(LM,))
+    top_k: int = _f(20, "served teachers: top log-probs per token that on-policy scoring asks for", valid=COUNT, only=(LM,))
+    vllm_args: dict = _f({}, "vllm: keyword arguments of vllm.LLM (dtype, gpu_memory_utilization, max_model_len, ...)", only=(LM,))
+
+
+@dataclass
 class DistillConfig:
     method: str = _f("kd", "training method: see `distil distill --help`")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"only": (CLASSIFIER,), "help": "student architecture"})
@@ -256,6 +277,9 @@ class DistillConfig:
     diffusion: DiffusionConfig = field(
         default_factory=DiffusionConfig,
         metadata={"only": (DIFFUSION,), "help": "diffusion teacher / consistency student (generator data)"},
+    )
+    teacher: TeacherConfig = field(
+        default_factory=TeacherConfig, metadata={"only": (LM,), "help": "where the LM teacher runs (--teacher DIR, NAME or URL)"}
     )
     grad_accum: int = _f(1, "LM: micro-batches per optimiser step", only=(LM,), valid=COUNT)
     epochs: int = _f(30, "training epochs", valid=COUNT)
@@ -369,6 +393,9 @@ class GenerateTeacherDataConfig(SCMoEOptions):
     shard_prompts: int = _f(
         64, "LMs: prompts per Parquet part; a killed run resumes at the last complete part", only=(LM,), valid=COUNT
     )
+    teacher: TeacherConfig = field(
+        default_factory=TeacherConfig, metadata={"only": (LM,), "help": "where the LM teacher runs (--teacher DIR, NAME or URL)"}
+    )
     routing: str = _f(
         "auto",
         "LMs: store the teacher's routed experts per generated token: auto (when it is MoE), on (require it) or off",
@@ -458,6 +485,9 @@ class CascadeConfig:
     batch_size: int = _f(
         256, "rows per forward pass (LMs: sequences per generate call, samples included)", only=(CLASSIFIER, LM), valid=COUNT
     )
+    teacher: TeacherConfig = field(
+        default_factory=TeacherConfig, metadata={"only": (LM,), "help": "where the LM teacher runs (--teacher DIR, NAME or URL)"}
+    )
     samples: int = _f(5, "LMs: student samples per query (n) of the self-consistency policies", only=(LM,), valid=COUNT)
     temperature: float = _f(0.7, "LMs: student sampling temperature of the self-consistency policies", only=(LM,), valid=NONNEG)
     stop_confidence: float = _f(
@@ -468,6 +498,11 @@ class CascadeConfig:
     )
     top_p: float = _f(1.0, "LMs: nucleus mass of the student's samples", only=(LM,), valid=SHARE)
     max_new_tokens: int = _f(16, "LMs: completion length of every model", only=(LM,), valid=COUNT)
+    seed_per_query: bool = _f(
+        False,
+        "LMs: generate each query alone, seeded by its prompt (slower): its samples depend on nothing else, so `distil serve --policy-file` decides as this run",
+        only=(LM,),
+    )
     demos: int = _f(
         4,
         "LMs: teacher demonstrations per student prompt (k) for icd policies; adaptive and weighted-vote use them when > 0",
@@ -563,6 +598,21 @@ class EvaluateConfig(SCMoEOptions):
         256, "generators: samples per timing call of seconds_per_1k (0 = no timing)", only=(DIFFUSION,), valid=NONNEG
     )
     seed: int = _f(0, "seed", valid=NONNEG)
+
+
+@dataclass
+class ServeConfig:
+    """`distil serve`: a student, a teacher or a calibrated cascade behind an OpenAI-compatible API."""
+
+    host: str = _f("127.0.0.1", "address to listen on (0.0.0.0 exposes the server to the network)", only=(LM,))
+    port: int = _f(8000, "port to listen on", only=(LM,), valid=Range(1, 65535))
+    model_name: str = _f("", "the model's name in /v1/models and requests ('' = the model directory's name)", only=(LM,))
+    max_concurrency: int = _f(64, "requests in flight at once; more are answered 429", only=(LM,), valid=COUNT)
+    max_tokens: int = _f(512, "the largest max_tokens a request may ask for", only=(LM,), valid=COUNT)
+    max_batch: int = _f(32, "concurrent requests batched into one forward pass", only=(LM,), valid=COUNT)
+    batch_wait_ms: float = _f(5.0, "how long a request waits for others to share its batch (milliseconds)", only=(LM,), valid=NONNEG)
+    max_logprobs: int = _f(20, "the most top log-probs a request may ask for per token", only=(LM,), valid=NONNEG)
+    seed: int = _f(0, "seed of requests that name none", only=(LM,), valid=NONNEG)
 
 
 def from_dict(cls: type[T], values: dict[str, Any] | None, where: str) -> T:

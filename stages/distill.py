@@ -8,7 +8,7 @@ from pathlib import Path
 
 from stages.config import DataConfig, DistillConfig, check_modality
 from stages.errors import DistilError
-from stages.modality import CLASSIFIER, DIFFUSION, NAMES, check_models, of_data, of_method
+from stages.modality import CLASSIFIER, DIFFUSION, NAMES, as_spec, check_models, of_data, of_method
 from stages.tasks import GENERATOR_DATA
 
 
@@ -26,6 +26,7 @@ def run(cfg: DistillConfig, data: str | Path, out: Path, *, data_cfg: DataConfig
             "choose a classifier method (`distil distill --help` lists them)"
         )
     check_modality(cfg, modality)
-    check_models(modality, teacher=list(teachers))
+    teachers = [as_spec(t) for t in teachers]
+    check_models(modality, teacher=teachers)
     impl = import_module(f"stages.{modality}.distill")  # diffusers loads only for generators
     return impl.run(cfg, data, out, data_cfg=data_cfg, teachers=teachers, device=device, progress=progress)

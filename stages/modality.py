@@ -51,10 +51,22 @@ def of_data(source: str | Path, data: DataConfig | None = None) -> str:
     return CLASSIFIER
 
 
+def is_url(spec: str | Path) -> bool:
+    """An OpenAI-compatible server's base URL (``http://HOST:PORT/v1``): a language model."""
+    return str(spec).startswith(("http://", "https://"))
+
+
+def as_spec(spec: str | Path) -> str | Path:
+    """A model on the command line: a URL stays text, anything else is a path."""
+    return str(spec) if is_url(spec) else Path(spec)
+
+
 def of_model(path: str | Path) -> str | None:
     """The modality of a model directory: a diffusers folder (``model_index.json``), a
     transformers LM (its ``config.json`` names a ``model_type``) or a built-in classifier.
-    None for what is not a directory (a shipped or hub model name)."""
+    None for what is not a directory (a shipped or hub model name); LM for a server URL."""
+    if is_url(path):
+        return LM
     path = Path(path)
     if not path.is_dir():
         return None
@@ -86,7 +98,7 @@ def check_models(modality: str, **roles: Path | list[Path] | tuple | None) -> No
     tries to read it as what it is not. ``roles``: option name -> folder(s)."""
     for role, paths in roles.items():
         for path in paths if isinstance(paths, (list, tuple)) else [paths] if paths else []:
-            kind = _plainly(Path(path))
+            kind = LM if is_url(path) else _plainly(Path(path))
             if kind is not None and kind != modality:
                 raise DistilError(
                     f"--{role} {path} is a {MODELS[kind]}, not a {MODELS[modality]}, but the data is {NAMES[modality]} data; "

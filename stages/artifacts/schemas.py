@@ -93,6 +93,9 @@ LM_TEACHER_DATA = pa.schema(
         pa.field("topk_logprobs", pa.list_(pa.float16()), nullable=False),
         optional_field("expert_ids", pa.list_(pa.uint8()), "MoE teachers: routed experts per generated token; empty/null = none"),
         optional_field("expert_weights", pa.list_(pa.float16()), "MoE teachers: router weights of expert_ids"),
+        optional_field("finish_reason", pa.string(), "stop (end of sequence) or length (max_new_tokens); null in older files"),
+        optional_field("prompt_tokens", pa.int32(), "the teacher's prompt tokens of this row's request (usage)"),
+        optional_field("completion_tokens", pa.int32(), "the teacher's completion tokens of this row (usage)"),
     ]
 )
 """LM teacher samples: per generated token the top-k teacher token ids and log-probs,
@@ -101,7 +104,10 @@ vocabularies. ``answer`` is null when none could be parsed, with ``parse`` sayin
 MoE teachers also store their routing per generated token (``stages.lm.moe.routing``: the input
 position that predicted the token): ``expert_ids`` / ``expert_weights`` flattened token,
 then layer, then rank (``len(token_ids) * layers * experts_per_token`` values, shape in the
-manifest's ``routing``); empty for dense teachers, null in files written before them."""
+manifest's ``routing``); empty for dense teachers, null in files written before them.
+A teacher behind an API whose tokenizer is not the local one stores text only: empty
+``token_ids`` and top-k, NaN ``seq_logprob`` when it returned no log-probs (the manifest's
+``tokens`` says "text" and why)."""
 
 LM_SELECTION = LM_TEACHER_DATA.append(pa.field("weight", pa.float32(), nullable=False)).append(
     pa.field("reason", pa.string(), nullable=False)

@@ -303,7 +303,8 @@ def run(cfg: CascadeConfig, student: Path, teacher: Path, data: str | Path, out:
         "policy": json.dumps(fixed, sort_keys=True),
     }
     score, output = scorer(task), Output(out, fingerprint("cascade", params, inputs))
-    gen = {"batch_size": cfg.batch_size, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "device": dev_}
+    gen = {"batch_size": cfg.batch_size, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "device": dev_,
+           "per_query": cfg.seed_per_query}  # fmt: skip
     with output as work, progress_bar(progress) as bar:
         bank = Bank(bank_rows, kind=cfg.retriever, embedder=cfg.embedder, device=str(dev_)) if bank_rows is not None else None
         curve: list[dict] = []
@@ -344,14 +345,16 @@ def _bank_rows(cfg: CascadeConfig, policy: str, data, queries: dict, train: list
 
 
 def _load(cfg: CascadeConfig, paths: dict[str, Path], device) -> tuple[dict[str, LM], dict[str, dict], str]:
-    """(name -> loaded and priced ``LM``, name -> model identity, cost unit)."""
+    """(name -> ``LM`` over its ``Teacher`` backend, priced; name -> model identity; cost unit).
+    Only the teacher may be served (``--teacher http://...``, ``cascade.teacher``)."""
+    from stages.config import TeacherConfig
     from stages.lm.cascade_cost import load_model, pricers
-    from stages.lm.models import lm_identity
 
-    loaded = {name: load_model(p, name, device) for name, p in paths.items()}
-    prices, unit = pricers(cfg.costs, {name: x[2] for name, x in loaded.items()})
-    lms = {name: LM(name, x[0], x[1], prices[name], x[3]) for name, x in loaded.items()}
-    return lms, {name: lm_identity(p) for name, p in paths.items()}, unit
+    loaded = {name: load_model(p, name, device, cfg.teacher if name == "teacher" else TeacherConfig()) for name, p in paths.items()}
+    prices, unit = pricers(cfg.costs, {name: x[1] for name, x in loaded.items()})
+    lms = {name: LM(name, x[0], prices[name], x[0].context) for name, x in loaded.items()}
+    ids = {name: {k: v for k, v in x[0].identity.items() if k in ("path", "sha256", "url", "model")} for name, x in loaded.items()}
+    return lms, ids, unit
 
 
 def _fixed_policy(cfg: CascadeConfig, policy: str, fixed: dict | None, ids: dict[str, dict], policy_file: Path | None):
@@ -360,7 +363,9 @@ def _fixed_policy(cfg: CascadeConfig, policy: str, fixed: dict | None, ids: dict
     if fixed is not None and any(fixed.get(m, {}).get("sha256") != ids[m]["sha256"] for m in ("student", "teacher")):
         raise DistilError(f"{policy_file} was calibrated for student {fixed.get('student', {}).get('path')} and teacher "
                           f"{fixed.get('teacher', {}).get('path')}, not these models; calibrate a policy for this pair")  # fmt: skip
-    base = {"policy": policy, "samples": cfg.samples, "student": ids["student"], "teacher": ids["teacher"]}
+    base = {"policy": policy, "samples": cfg.samples, "student": ids["student"], "teacher": ids["teacher"],
+            "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+                         "stop_confidence": cfg.stop_confidence, "seed_per_query": cfg.seed_per_query, "demos": cfg.demos}}  # fmt: skip
     if fixed is None and (policy not in THRESHOLD_POLICIES or cfg.threshold >= 0):
         fixed = {**base, "threshold": cfg.threshold if policy in THRESHOLD_POLICIES else None, "dev": None}
     return fixed, base
@@ -425,6 +430,8 @@ def _bank_metrics(bank: Bank, train: list[dict], teacher: LM) -> dict:
     """The bank's size, what ``--online`` added, and what the teacher spent building it."""
     from stages.lm.icd.bank import build_tokens
 
+    if teacher.tokenizer is None:
+        raise DistilError("costing the demonstration bank counts the teacher's tokens: set cascade.teacher.tokenizer to its tokenizer")
     spent = build_tokens(train, lambda texts: [len(x) for x in teacher.tokenizer(texts, add_special_tokens=False)["input_ids"]])
     return {"bank_size": bank.initial, "bank_added": len(bank) - bank.initial, "bank_cost": float(teacher.pricer(*spent)),
             "retriever": bank.index.kind}  # fmt: skip

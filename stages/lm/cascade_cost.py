@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import time
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,6 @@ from numpy.typing import ArrayLike
 
 from stages import modality
 from stages.errors import DistilError
-from stages.lm.generation import sample
 from stages.tasks.reasoning import extract_answer
 
 
@@ -48,7 +48,7 @@ class Pricer:
         return (p * self.input + c * self.output) / 1000.0
 
 
-def pricers(costs: dict, params: dict[str, int]) -> tuple[dict[str, Pricer], str]:
+def pricers(costs: dict, params: dict[str, int | None]) -> tuple[dict[str, Pricer], str]:
     """One ``Pricer`` per model name in ``params`` (name -> parameter count) and the unit
     ("price" or "flops"). Every model is priced or none is."""
     unknown = sorted(set(costs) - set(params))
@@ -66,7 +66,12 @@ def pricers(costs: dict, params: dict[str, int]) -> tuple[dict[str, Pricer], str
         raise DistilError(
             f"costs price {', '.join(table)} but not {missing}; price every model the cascade runs, or none (FLOPs)"
         )
-    out = {n: Pricer(n, p, *table.get(n, (None, None))) for n, p in params.items()}
+    unknown_size = [n for n, p in params.items() if p is None]
+    if unknown_size and not table:
+        raise DistilError(
+            f"{', '.join(unknown_size)} runs behind an API, so its cost in FLOPs is unknown; price every model in cascade.costs"
+        )
+    out = {n: Pricer(n, p or 0, *table.get(n, (None, None))) for n, p in params.items()}
     return out, "price" if table else "flops"
 
 
@@ -156,13 +161,17 @@ def _choose(thresholds, accuracy, total_cost, ratio, met, *, budget: float, leve
 
 @dataclass
 class LM:
-    """A loaded model with its own tokenizer, price and context length."""
+    """A model of the cascade: a ``Teacher``-protocol backend (in process or served), its
+    price and context length."""
 
     name: str
-    model: Any
-    tokenizer: Any
+    teacher: Any
     pricer: Pricer
     context: int | None
+
+    @property
+    def tokenizer(self):
+        return self.teacher.tokenizer
 
 
 @dataclass
@@ -176,48 +185,68 @@ class Draw:
 
 
 class Sampler:
-    """Batched generation with a seed per generate call: a run makes the same calls in the
-    same order, so it is reproducible, and dev and test draw from separate seed streams."""
+    """Batched generation through ``Teacher.generate`` with a seed per generate call: a run
+    makes the same calls in the same order, so it is reproducible, and dev and test draw
+    from separate seed streams.
 
-    def __init__(self, *, seed: int, stream: int, batch_size: int, top_p: float, max_new_tokens: int, device: torch.device | str):
+    With ``per_query`` each prompt is generated alone, seeded by the prompt itself (and how
+    many times it was drawn before): a query's samples then depend on nothing else in the
+    run, so ``distil serve`` of a calibrated policy answers each query as the offline run did."""
+
+    def __init__(self, *, seed: int, stream: int, batch_size: int, top_p: float, max_new_tokens: int,
+                 device: torch.device | str = "cpu", per_query: bool = False):  # fmt: skip
         self.base, self.calls = seed * 1_000_003 + stream * 100_003, 0
         self.batch_size, self.top_p, self.max_new_tokens, self.device = batch_size, top_p, max_new_tokens, device
+        self.per_query, self.rounds = per_query, {}
+
+    def _calls(self, prompts: list[str], samples: int):
+        """(prompts of one generate call, its seed) in order."""
+        if self.per_query:
+            for p in prompts:
+                key = zlib.crc32(p.encode())
+                self.rounds[key] = self.rounds.get(key, -1) + 1
+                yield [p], (self.base + key * 1009 + self.rounds[key]) % 2**62
+            return
+        per_call = max(1, self.batch_size // samples)
+        for lo in range(0, len(prompts), per_call):
+            self.calls += 1
+            yield prompts[lo : lo + per_call], self.base + self.calls - 1
 
     def draw(self, lm: LM, prompts: list[str], samples: int, temperature: float) -> Draw:
+        from stages.lm.teachers import Sampling
+
         out = Draw()
-        lengths = [len(ids) for ids in lm.tokenizer(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
+        lengths = [len(ids) for ids in lm.tokenizer(prompts, add_special_tokens=False)["input_ids"]] if prompts and lm.tokenizer else []
         if lm.context and lengths and max(lengths) + self.max_new_tokens > lm.context:
             raise DistilError(
                 f"{lm.name} prompts reach {max(lengths)} tokens + {self.max_new_tokens} new, beyond its context of "
                 f"{lm.context}; lower demos or max_new_tokens"
             )
-        per_call = max(1, self.batch_size // samples)
-        for lo in range(0, len(prompts), per_call):
-            chunk = prompts[lo : lo + per_call]
-            torch.manual_seed(self.base + self.calls)
-            self.calls += 1
+        for chunk, seed in self._calls(prompts, samples):
             t0 = time.perf_counter()
-            rows = sample(lm.model, lm.tokenizer, chunk, samples=samples, temperature=temperature, top_p=self.top_p,
-                          max_new_tokens=self.max_new_tokens, top_k=0, device=self.device)  # fmt: skip
+            sampling = Sampling(temperature=temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens, top_k=0, seed=seed)
+            done = lm.teacher.generate(chunk, samples, sampling)
             seconds = (time.perf_counter() - t0) / len(chunk)
             for j in range(len(chunk)):
-                mine = rows[j * samples : (j + 1) * samples]
-                out.answers.append([extract_answer(r["completion"])[0] for r in mine])
-                out.completion_tokens.append([len(r["token_ids"]) for r in mine])
+                mine = done[j * samples : (j + 1) * samples]
+                out.answers.append([extract_answer(c.text)[0] for c in mine])
+                out.completion_tokens.append([c.completion_tokens for c in mine])
+                out.prompt_tokens.append(mine[0].prompt_tokens)
                 out.seconds.append(seconds)
-        out.prompt_tokens = lengths
+        if lengths:
+            out.prompt_tokens = lengths
         return out
 
 
-def load_model(path: Path | str, name: str, device: torch.device | str) -> tuple[Any, Any, int, int | None]:
-    """(model, tokenizer, parameters, context) of an LM; a classifier is refused."""
-    from stages.lm.models import load_lm
+def load_model(spec: Path | str, name: str, device: torch.device | str, teacher_cfg) -> tuple[Any, int | None]:
+    """(a ``Teacher``-protocol backend, parameter count or None when served) of an LM; a
+    classifier is refused."""
+    from stages.lm.teachers import is_url, open_teacher
 
-    if modality.of_model(path) not in (None, modality.LM):
-        raise DistilError(f"{name} {path} is not a language model (a classifier?); an LM cascade needs transformers LMs")
-    model, tokenizer = load_lm(path, device)
-    ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    return model, tokenizer, sum(p.numel() for p in model.parameters()), ctx
+    if not is_url(spec) and modality.of_model(spec) not in (None, modality.LM):
+        raise DistilError(f"{name} {spec} is not a language model (a classifier?); an LM cascade needs transformers LMs")
+    backend = open_teacher(spec, teacher_cfg, device)
+    return backend, getattr(backend, "parameters", None)
 
 
 # ---- reporting -----------------------------------------------------------------------------

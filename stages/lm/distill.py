@@ -26,7 +26,8 @@ from stages.config import DataConfig, DistillConfig, to_dict
 from stages.devices import resolve_device
 from stages.errors import DistilError
 from stages.lm.methods import LM_METHODS, LMMethod
-from stages.lm.models import LMSize, build_lm, check_same_tokenizer, lm_identity, load_lm, load_tokenizer, train_tokenizer
+from stages.lm.models import LMSize, build_lm, check_same_tokenizer, load_lm, load_tokenizer, train_tokenizer
+from stages.lm.teachers import open_teacher
 from stages.lm.teachers.vocabulary import shared_tokenizer
 from stages.lm.training import RowSource, encode, encode_tokens, fit
 from stages.runlog import finish, logged
@@ -59,8 +60,9 @@ def run(
     encode_row = _encoder(tokenizer, max_len, manifest.get("top_k", 0), method.token_level)
     pairs = {split: RowSource(*sources[split], encode_row) for split in SPLITS}
     loss_fn = _loss(method, cfg, live, tokenizer, max_len)
+    teacher_id = live.identity["sha256"] if live is not None else ""
     return _train(cfg, data, data_cfg, out, model, tokenizer, pairs, loss_fn,
-                  gated=gated, teachers=teachers, device=dev_, progress=progress)  # fmt: skip
+                  gated=gated, teacher_id=teacher_id, device=dev_, progress=progress)  # fmt: skip
 
 
 def _check(cfg: DistillConfig, teachers) -> LMMethod:
@@ -70,7 +72,7 @@ def _check(cfg: DistillConfig, teachers) -> LMMethod:
     method = LM_METHODS[cfg.method]
     live = method.teacher == "live"
     if live and len(teachers) != 1:
-        raise DistilError(f"{cfg.method} needs exactly one live teacher; pass --teacher DIR")
+        raise DistilError(f"{cfg.method} needs exactly one live teacher; pass --teacher DIR (or a server URL)")
     if teachers and not live:
         raise DistilError(f"method '{cfg.method}' learns from teacher data on disk, not from a live --teacher; drop --teacher")
     if not 0 <= cfg.lmbda <= 1:
@@ -165,7 +167,12 @@ def _student(cfg: DistillConfig, method: LMMethod, manifest: dict, teacher_data:
     elif teacher_data and not lm.init and not lm.tokenizer:
         teacher_tok = _teacher_tokenizer_if_any(manifest)
     if method.teacher == "live":
-        live, teacher_tok = load_lm(teachers[0], dev_)
+        live = open_teacher(teachers[0], cfg.teacher, dev_)
+        teacher_tok = live.tokenizer
+        if teacher_tok is None:
+            raise DistilError(
+                f"{cfg.method} scores the student's tokens with the teacher: set teacher.tokenizer to the served teacher's tokenizer dir"
+            )
     if lm.init:
         model, tokenizer = load_lm(lm.init, dev_)
     else:
@@ -225,11 +232,10 @@ def _loss(method: LMMethod, cfg: DistillConfig, live, tokenizer, max_len: int):
 
 
 def _train(cfg: DistillConfig, data, data_cfg: DataConfig, out: Path, model, tokenizer, pairs: dict, loss_fn, *,
-           gated: dict, teachers, device, progress: bool) -> Path:  # fmt: skip
+           gated: dict, teacher_id: str, device, progress: bool) -> Path:  # fmt: skip
     """Fit the student (resumably, in ``out``'s work directory) and commit it with its tokenizer."""
     params = {"distill": to_dict(cfg), "data": to_dict(data_cfg)}
-    inputs = {"data": source_identity(data) if Path(data).exists() else f"task:{data}",
-              "teacher": lm_identity(teachers[0])["sha256"] if teachers else ""}  # fmt: skip
+    inputs = {"data": source_identity(data) if Path(data).exists() else f"task:{data}", "teacher": teacher_id}
     output = Output(out, fingerprint("distill", params, inputs))
     with output as work:
         with logged(work, progress) as (live, bar):

@@ -1,5 +1,11 @@
 """`distil generate-teacher-data` for language-model teachers.
 
+The teacher is a ``stages.lm.teachers.Teacher``: a model run in process, a vLLM engine, or
+an OpenAI-compatible server (``--teacher http://HOST:PORT/v1``); the table is the same
+whatever the backend. A served teacher's samples carry token ids and top-k only when its
+tokenizer is checked to be ``teacher.tokenizer``; otherwise they are stored as text (for
+``sft``), and the manifest says why.
+
 For each prompt the teacher samples ``samples`` completions (batched, with the KV cache)
 and each row stores the completion, its extracted answer and score
 (``stages.lm.scoring.scorer``), the sequence log-probability, and per generated token the
@@ -24,26 +30,26 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from stages.artifacts import LM_TEACHER_DATA, Kind, Output, TableWriter, fingerprint, write_manifest
 from stages.config import DataConfig, GenerateTeacherDataConfig, to_dict
 from stages.devices import resolve_device
 from stages.errors import DistilError
-from stages.lm.generation import sample
 from stages.lm.models import is_moe, load_lm
 from stages.lm.moe.routing import routing_shape
 from stages.lm.moe.scmoe import check_decode, decoding
 from stages.lm.scoring import scorer
+from stages.lm.teachers import Sampling, backend_of, open_teacher
 from stages.lm.teachers.vocabulary import describe_teachers
 from stages.progress import progress_bar
 from stages.tasks import prompts_in_splits, source_identity
 from stages.tasks.reasoning import extract_answer
 
 
-def run(cfg: GenerateTeacherDataConfig, teacher: Path | list[Path], data, out: Path, *, data_cfg: DataConfig, device: str = "auto",
+def run(cfg: GenerateTeacherDataConfig, teacher: Path | str | list, data, out: Path, *, data_cfg: DataConfig, device: str = "auto",
         progress: bool = True) -> Path:  # fmt: skip
     if cfg.samples < 1 or cfg.max_new_tokens < 1 or cfg.shard_prompts < 1 or cfg.top_k < 0:
         raise DistilError("samples, max_new_tokens and shard_prompts must be positive and top_k >= 0")
@@ -51,12 +57,14 @@ def run(cfg: GenerateTeacherDataConfig, teacher: Path | list[Path], data, out: P
         raise DistilError("several samples per prompt need temperature > 0 (greedy decoding repeats itself)")
     check_decode(cfg.decode, cfg.scmoe_beta, cfg.scmoe_alpha, cfg.scmoe_weak_rank)
     dev_ = resolve_device(device)
-    teachers = [Path(t) for t in teacher] if isinstance(teacher, (list, tuple)) else [Path(teacher)]
-    teacher, entries = teachers[0], describe_teachers(teachers, cfg.top_k)  # several: one tokenizer when top_k > 0
-    model, tokenizer = load_lm(teacher, dev_)
-    decode = decoding(cfg, model, teacher)  # scmoe: rescored steps; the stored top-k stay the teacher's own
-    routed = _routing_plan(cfg.routing, model, teacher)  # the recorded routing's shape; None = not recorded
-    prompts, task = prompts_in_splits(data, data_cfg, cfg.splits)
+    specs = [str(t) for t in teacher] if isinstance(teacher, (list, tuple)) else [str(teacher)]
+    local = _check_backends(cfg, specs)
+    teachers = [Path(t) for t in specs] if local else specs
+    prompts, task = prompts_in_splits(data, data_cfg, cfg.splits)  # bad data is refused before a server is asked
+    current = _open(cfg, teachers[0], dev_, local)
+    entries = describe_teachers(teachers, cfg.top_k) if local else [_remote_entry(current)]
+    routed = _routing_plan(cfg.routing, current.model, teachers[0]) if local else None
+    text_only = None if local else _text_only(current, cfg.top_k)
     params = {"generate_teacher_data": to_dict(cfg), "data": to_dict(data_cfg)}
     inputs = {"teacher": entries[0]["sha256"], "data": source_identity(data) if Path(data).exists() else f"task:{data}"}
     if len(teachers) > 1:
@@ -66,57 +74,150 @@ def run(cfg: GenerateTeacherDataConfig, teacher: Path | list[Path], data, out: P
     with output as work:
         writer = TableWriter(work, LM_TEACHER_DATA)
         start = writer.done_rows // cfg.samples
-        tokens, t0 = 0, time.perf_counter()
+        k_store = _stored_k(work) if text_only is None else 0
+        usage, tokens, t0 = {"prompt_tokens": 0, "completion_tokens": 0}, 0, time.perf_counter()
         with progress_bar(progress) as bar:
             job = bar.add_task("teacher samples", total=len(prompts) * len(teachers), completed=start, info="prompts")
             # several teachers: teacher-major (all parts of teacher 0, then 1, ...), one in memory at a time
             parts = [
                 (t, part, lo) for t in range(len(teachers)) for part, lo in enumerate(range(0, len(prompts), cfg.shard_prompts))
             ]
-            current = 0
+            at = 0
             for t, part, lo in parts:
                 if t * len(prompts) + lo < start:
                     continue
-                if t != current:
-                    model = decode = None  # release the previous teacher before loading the next
-                    model, tokenizer = load_lm(teachers[t], dev_)
-                    decode, current = decoding(cfg, model, teachers[t]), t
+                if t != at:
+                    current.close()  # release the previous teacher before loading the next
+                    current, at = _open(cfg, teachers[t], dev_, local), t
                 chunk = prompts[lo : lo + cfg.shard_prompts]
-                torch.manual_seed(cfg.seed * 1_000_003 + part + (t << 32))  # per-part seed: resumed parts sample the same
-                record = routed is not None and _routes_as(routed, cfg.routing, model, teachers[t])
-                rows = sample(model, tokenizer, [r["prompt"] for r in chunk], samples=cfg.samples, temperature=cfg.temperature,
-                              top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, device=dev_,
-                              decode=decode, routing=record)  # fmt: skip
-                records = _records(chunk, rows, score, teacher=t, teachers=len(teachers), samples=cfg.samples)
+                if local:
+                    current.routing = routed is not None and _routes_as(routed, cfg.routing, current.model, teachers[t])
+                sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                    top_k=cfg.top_k if text_only is None else 0,
+                                    seed=cfg.seed * 1_000_003 + part + (t << 32))  # per-part seed: resumed parts sample the same
+                done = current.generate([r["prompt"] for r in chunk], cfg.samples, sampling)
+                k_store = _uniform_k(done, k_store, text_only is not None, teachers[t])
+                records = _records(chunk, done, score, teacher=t, teachers=len(teachers), samples=cfg.samples, k=k_store)
                 tokens += sum(len(r["token_ids"]) for r in records)
+                for key in usage:
+                    usage[key] += sum(r[key] for r in records)
                 writer.write(pa.Table.from_pylist(records, schema=LM_TEACHER_DATA))
                 bar.update(job, completed=t * len(prompts) + min(lo + cfg.shard_prompts, len(prompts)))
+        current.close()
         seconds = time.perf_counter() - t0
-        _write_manifest(work, cfg, data, params, inputs, entries, routed, teacher=teacher, rows=writer.done_rows, tokens=tokens,
-                        seconds=seconds)  # fmt: skip
+        _write_manifest(work, cfg, data, params, inputs, entries, routed, teacher=teachers[0], rows=writer.done_rows, tokens=tokens,
+                        seconds=seconds, top_k=k_store, text_only=text_only, usage=usage)  # fmt: skip
         return output.commit()
 
 
-def _records(chunk: list[dict], rows: list[dict], score, *, teacher: int, teachers: int, samples: int) -> list[dict]:
-    """The teacher-data rows of one part: per sample its prompt, parsed answer and score and
-    the sample's tokens; ids are unique over prompts, teachers and samples."""
+def _check_backends(cfg: GenerateTeacherDataConfig, specs: list[str]) -> bool:
+    """Whether every teacher runs in process (transformers); a served or vLLM teacher is
+    one teacher alone, without the options only an in-process model has."""
+    backends = {backend_of(s, cfg.teacher.backend) for s in specs}
+    if backends == {"transformers"}:
+        return True
+    if len(specs) > 1:
+        raise DistilError("several teachers (for mst) must be model directories run in process; pass one served or vLLM teacher")
+    if cfg.decode != "greedy" or cfg.routing == "on":
+        raise DistilError(
+            f"decode={cfg.decode} and routing=on read an MoE teacher's internals: run it in process (a model directory)"
+        )
+    return False
+
+
+def _open(cfg: GenerateTeacherDataConfig, spec, device, local: bool):
+    """The ``Teacher`` of one spec; an in-process one with SCMoE decoding when asked."""
+    if not local:
+        return open_teacher(spec, cfg.teacher, device)
+    model, tokenizer = load_lm(spec, device)
+    return open_teacher(spec, cfg.teacher, device, model=model, tokenizer=tokenizer, decode=decoding(cfg, model, spec))
+
+
+def _remote_entry(teacher) -> dict:
+    """The manifest entry of a served teacher: its identity (URL, model name; never a key)."""
+    tok = teacher.tokenizer
+    return {**teacher.identity, "path": teacher.identity.get("url"), "vocab_size": len(tok) if tok is not None else None, "tasks": []}
+
+
+def _text_only(teacher, top_k: int) -> str | None:
+    """Why a served teacher's samples are stored as text only (None: its token ids are
+    this tokenizer's, checked)."""
+    if teacher.tokenizer is None:
+        return "no local tokenizer names the server's ids (set teacher.tokenizer to the teacher's model or tokenizer dir)"
+    if not getattr(teacher, "same_tokenizer", True):
+        return getattr(teacher, "why_text_only", "the server's tokenizer differs from teacher.tokenizer")
+    return None
+
+
+def _stored_k(work: Path) -> int | None:
+    """The top-k width of the parts already written (a resumed run keeps it); None before any."""
+    for part in sorted(work.glob("part-*.parquet")):
+        table = pq.read_table(part, columns=["token_ids", "topk_ids"])
+        for ids, top in zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True):
+            if ids:
+                return len(top) // len(ids)
+    return None
+
+
+def _uniform_k(done: list, k_store: int | None, text_only: bool, spec) -> int:
+    """One top-k width for the whole table: the smallest a server returned in the first part
+    (it may give fewer than asked); a later part that gives fewer is an error."""
+    if text_only:
+        return 0
+    if any(c.token_ids is None for c in done):
+        raise DistilError(
+            f"teacher {spec} returned tokens that do not map to teacher.tokenizer's ids; the tokenizers differ: "
+            "set teacher.tokenizer='' to store text only"
+        )
+    ks = [c.k for c in done if c.token_ids]
+    if not ks:
+        return k_store or 0
+    if k_store is None:
+        return min(ks)
+    if min(ks) < k_store:
+        raise DistilError(f"teacher {spec} returned {min(ks)} top log-probs per token after {k_store} earlier; rerun with top_k={min(ks)}")
+    return k_store
+
+
+def _records(chunk: list[dict], done: list, score, *, teacher: int, teachers: int, samples: int, k: int) -> list[dict]:
+    """The teacher-data rows of one part: per sample its prompt, parsed answer and score,
+    the sample's tokens with ``k`` top log-probs each, finish reason and usage; ids are
+    unique over prompts, teachers and samples."""
     records = []
-    for j, gen in enumerate(rows):
+    for j, c in enumerate(done):
         p = chunk[j // samples]
-        answer, parse = extract_answer(gen["completion"])
+        answer, parse = extract_answer(c.text)
+        ids = c.token_ids or []
+        top_ids, top_lp = _top_k(c, len(ids), k)
         records.append({
             "id": (p["id"] * teachers + teacher) * samples + j % samples, "prompt_id": p["id"],
             "sample": j % samples, "teacher": teacher,
             "split": p["split"], "task": p["task"], "item": p["item"], "prompt": p["prompt"], "gold": p["answer"],
-            "answer": answer, "parse": parse, "score": score(p, answer), "expert_ids": [], "expert_weights": [], **gen,
+            "answer": answer, "parse": parse, "score": score(p, answer), "completion": c.text,
+            "seq_logprob": float("nan") if c.seq_logprob is None else c.seq_logprob, "token_ids": ids,
+            "topk_ids": top_ids, "topk_logprobs": top_lp, "expert_ids": c.extra.get("expert_ids", []),
+            "expert_weights": c.extra.get("expert_weights", []), "finish_reason": c.finish_reason,
+            "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
         })  # fmt: skip
     return records
 
 
+def _top_k(c, n: int, k: int) -> tuple[list[int], np.ndarray]:
+    """The first ``k`` of each token's stored top-k (a completion may carry more)."""
+    if k == 0 or n == 0:
+        return [], np.zeros(0, np.float16)
+    if c.k == k:
+        return list(c.topk_ids), np.asarray(c.topk_logprobs, np.float16)
+    ids = np.asarray(c.topk_ids).reshape(n, c.k)[:, :k]
+    return ids.reshape(-1).tolist(), np.asarray(c.topk_logprobs, np.float16).reshape(n, c.k)[:, :k].reshape(-1)
+
+
 def _write_manifest(work: Path, cfg: GenerateTeacherDataConfig, data, params: dict, inputs: dict, entries: list[dict],
-                    routed: dict | None, *, teacher: Path, rows: int, tokens: int, seconds: float) -> None:  # fmt: skip
-    """The manifest: the first teacher as ``model``, every teacher, and what generation cost
-    (tokens over all parts, resumed ones included; speed of this run's parts)."""
+                    routed: dict | None, *, teacher, rows: int, tokens: int, seconds: float, top_k: int | None,
+                    text_only: str | None, usage: dict) -> None:  # fmt: skip
+    """The manifest: the first teacher as ``model``, every teacher, the top-k width actually
+    stored, and what generation cost (tokens over all parts, resumed ones included; speed
+    and usage of this run's parts)."""
     size = sum(p.stat().st_size for p in work.glob("part-*.parquet"))
     all_tokens = sum(
         len(ids)
@@ -125,8 +226,11 @@ def _write_manifest(work: Path, cfg: GenerateTeacherDataConfig, data, params: di
     )
     write_manifest(
         work, kind=Kind.LM_TEACHER_DATA, params=params, inputs=inputs, rows=rows,
-        model={"path": str(teacher), "sha256": inputs["teacher"], "vocab_size": entries[0]["vocab_size"]},
-        extra={"task": {"name": str(data)}, "teachers": entries, "top_k": cfg.top_k, "decode": cfg.decode, "tokens_generated": all_tokens,
+        model={"path": str(teacher), "sha256": inputs["teacher"], "vocab_size": entries[0]["vocab_size"],
+               "backend": entries[0].get("backend", "transformers")},
+        extra={"task": {"name": str(data)}, "teachers": entries, "top_k": top_k or 0, "top_k_requested": cfg.top_k,
+               "tokens": "text" if text_only else "ids", **({"text_only": text_only} if text_only else {}),
+               "decode": cfg.decode, "tokens_generated": all_tokens, "usage": usage,
                "tokens_per_second": tokens / max(seconds, 1e-9), "bytes_per_token": size / max(all_tokens, 1),
                **({"routing": routed} if routed is not None else {})},
     )  # fmt: skip

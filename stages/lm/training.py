@@ -81,10 +81,21 @@ class RowSource:
 
     ``parts`` are callables returning raw rows (dicts); ``encode_row`` turns a raw row into
     the tuple ``collate`` takes. An epoch visits the parts in a seeded order and shuffles
-    rows within each part: deterministic for resuming, bounded in memory."""
+    rows within each part: deterministic for resuming, bounded in memory. Encoded parts
+    are kept between epochs while their rows total at most ``cache_rows`` (token ids are
+    small: a few hundred bytes a row), so a small dataset is read and tokenised once."""
 
-    def __init__(self, parts: list, counts: list[int], encode_row):
+    def __init__(self, parts: list, counts: list[int], encode_row, cache_rows: int = 200_000):
         self.parts, self.counts, self.encode_row = parts, counts, encode_row
+        self.cache_rows, self._cache = cache_rows, {}
+
+    def _encoded(self, p: int) -> list:
+        if p in self._cache:
+            return self._cache[p]
+        rows = [self.encode_row(r) for r in self.parts[p]()]
+        if sum(len(v) for v in self._cache.values()) + len(rows) <= self.cache_rows:
+            self._cache[p] = rows
+        return rows
 
     def __len__(self) -> int:
         return sum(self.counts)
@@ -97,7 +108,7 @@ class RowSource:
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         order = torch.randperm(len(self.parts), generator=g).tolist() if g is not None else range(len(self.parts))
         for p in order:
-            rows = [self.encode_row(r) for r in self.parts[p]()]
+            rows = self._encoded(p)
             idx = torch.randperm(len(rows), generator=g).tolist() if g is not None else range(len(rows))
             for i in idx:
                 yield rows[i]

@@ -1,5 +1,11 @@
 """The loss of ``distil distill --method on-policy``: generalised knowledge distillation
 against one live teacher, on completions the student partly samples itself.
+
+The teacher is a ``stages.lm.teachers.Teacher``. Run in process it gives its full
+next-token distribution (``logits``) and the divergence is dense; behind a server it
+scores the completions through ``Teacher.score`` and the divergence is the sparse top-k
+one of ``stages.losses`` (the teacher's ``teacher.top_k`` most likely tokens plus one
+"other" bucket), the form TRL's served-teacher trainers use.
 """
 
 from __future__ import annotations
@@ -23,18 +29,43 @@ def on_policy_loss(method: LMMethod, cfg: DistillConfig, teacher, tokenizer, max
     ("On Teacher Hacking")."""
     divergence, hyper = DIVERGENCES[method.divergence], divergence_hyper(method.divergence, cfg)
     rng = torch.Generator().manual_seed(cfg.seed)  # its own stream: the coin flips leave torch's global RNG alone
+    dense = hasattr(teacher, "logits")
 
     def loss(m, b):
         ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
         if torch.rand(1, generator=rng).item() < cfg.lmbda:
             ids, mask, labels = _student_samples(m, tokenizer, ids, labels, max_len, cfg.lm.max_new_tokens)
-        with torch.no_grad():
-            t_logits = teacher(input_ids=ids, attention_mask=mask).logits.float()
+        if dense:
+            target = teacher.logits(ids, mask).to(ids.device)[:, :-1]
+        else:
+            target = tuple(t[:, :-1] for t in scored_top_k(teacher, ids, labels, cfg.teacher.top_k))
         logits = m(input_ids=ids, attention_mask=mask).logits
         keep = labels[:, 1:] != IGNORE
-        return divergence(logits[:, :-1], t_logits[:, :-1], mask=keep, weight=b["w"][:, None].expand_as(keep), **hyper)
+        return divergence(logits[:, :-1], target, mask=keep, weight=b["w"][:, None].expand_as(keep), **hyper)
 
     return loss
+
+
+def scored_top_k(teacher, ids: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-k (ids [B, T, k], log-probs [B, T, k]) at every position that
+    predicts a completion token (position t predicts token t + 1), from ``Teacher.score``
+    of each row's prompt and completion; log-prob -1e4 (nothing) elsewhere."""
+    prompts, completions, starts = [], [], []
+    for row, lab in zip(ids.tolist(), labels.tolist(), strict=True):
+        first = next(i for i, v in enumerate(lab) if v != IGNORE)
+        last = max(i for i, v in enumerate(lab) if v != IGNORE)
+        prompts.append(row[:first])
+        completions.append(row[first : last + 1])
+        starts.append(first - 1)
+    scored = teacher.score(prompts, completions, k)
+    width = min(s.topk_ids.shape[1] for s in scored) if scored else k
+    t_ids = torch.zeros((*ids.shape, width), dtype=torch.long)
+    t_lp = torch.full((*ids.shape, width), -1e4, dtype=torch.float32)
+    for i, (s, start) in enumerate(zip(scored, starts, strict=True)):
+        n = len(s.logprobs)
+        t_ids[i, start : start + n] = torch.as_tensor(s.topk_ids[:, :width], dtype=torch.long)
+        t_lp[i, start : start + n] = torch.as_tensor(s.topk_logprobs[:, :width], dtype=torch.float32)
+    return t_ids.to(ids.device), t_lp.to(ids.device)
 
 
 def _student_samples(model, tokenizer, ids, labels, max_len, max_new):

@@ -69,3 +69,15 @@ def training_tasks(path: str | Path, depth: int = 0) -> list[str]:
         if inner:
             return inner
     return [Path(name).stem]
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """What identifies a tokenizer's ids: the sha256 of its token -> id table, its size and
+    end-of-sequence id. ``distil serve`` advertises it in ``/v1/models``; the HTTP teacher
+    compares it with its local tokenizer before it trusts the server's token ids."""
+    import hashlib
+    import json
+
+    vocab = tokenizer.get_vocab()
+    digest = hashlib.sha256(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode()).hexdigest()
+    return {"sha256": digest, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id}
