@@ -20,6 +20,7 @@ BENCHMARKS = [
     "lm_cascade",
     "lm_moe",
     "diffusion",
+    "teachers",
 ]
 
 

@@ -40,10 +40,11 @@ from stages import doctor as doctor_stage
 from stages import evaluate as evaluate_stage
 from stages import generate_teacher_data as gtd_stage
 from stages import select as select_stage
+from stages import serve as serve_stage
 from stages.classifier.cascade import POLICIES
 from stages.classifier.methods import METHODS
 from stages.classifier.selectors import SELECTORS
-from stages.config import CascadeConfig, DistillConfig, EvaluateConfig, GenerateTeacherDataConfig, SelectConfig
+from stages.config import CascadeConfig, DistillConfig, EvaluateConfig, GenerateTeacherDataConfig, SelectConfig, ServeConfig
 from stages.diffusion.methods import DIFFUSION_METHODS
 from stages.lm.cascade import LM_POLICIES
 from stages.lm.methods import LM_METHODS
@@ -80,7 +81,7 @@ def _list(table: dict[str, str]) -> str:
 
 
 def generate_teacher_data(
-    teacher: Annotated[list[Path], typer.Option("--teacher", "-t", help="Trained teacher model directory; LMs: repeat it for several teachers (rows carry a `teacher` index; for --method mst).")],
+    teacher: Annotated[list[str], typer.Option("--teacher", "-t", help="Trained teacher model directory; LMs: a model name or an OpenAI-compatible server URL (http://HOST:PORT/v1) too, or repeat it for several teachers (rows carry a `teacher` index; for --method mst).")],
     data: DataOpt,
     out: OutOpt,
     decode: DecodeOpt = None,
@@ -128,8 +129,8 @@ def distill(
     out: OutOpt,
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="Training method (see the list above).")] = None,
     teacher: Annotated[
-        Optional[list[Path]],
-        typer.Option("--teacher", "-t", help="Teacher run live on each (augmented) batch instead of stored logits; repeat for mst."),
+        Optional[list[str]],
+        typer.Option("--teacher", "-t", help="Teacher run live on each (augmented) batch instead of stored logits (LMs: a directory, name or server URL)."),
     ] = None,
     params: ParamsOpt = PARAMS, section: SectionOpt = None, set_: SetOpt = None, seed: SeedOpt = None,
     device: DeviceOpt = "auto", features: FeaturesOpt = None, label: LabelOpt = None, quiet: QuietOpt = False,
@@ -147,7 +148,7 @@ def distill(
 
 def cascade(
     student: Annotated[Path, typer.Option("--student", "-s", help="Student model directory.")],
-    teacher: Annotated[Path, typer.Option("--teacher", "-t", help="Teacher model directory.")],
+    teacher: Annotated[str, typer.Option("--teacher", "-t", help="Teacher model directory (LMs: or an OpenAI-compatible server URL, http://HOST:PORT/v1).")],
     data: DataOpt,
     out: OutOpt,
     policy: Annotated[Optional[str], typer.Option("--policy", help="Classifiers: " + ", ".join(POLICIES) + ". Language models: " + ", ".join(LM_POLICIES) + ". Default auto: confidence / icd-sc-cascade.")] = None,
@@ -195,6 +196,26 @@ def evaluate(
         done(path, "evaluation")
 
 
+def serve(
+    model: Annotated[Path, typer.Argument(help="A language model directory (a student or a teacher from `distil distill`).")],
+    host: Annotated[Optional[str], typer.Option("--host", help="Address to listen on (default 127.0.0.1; 0.0.0.0 exposes it).")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", help="Port to listen on (default 8000).")] = None,
+    teacher: Annotated[Optional[str], typer.Option("--teacher", "-t", help="Serve a cascade: MODEL is its student, this its teacher (a directory or server URL); needs --policy-file.")] = None,
+    policy_file: Annotated[Optional[Path], typer.Option("--policy-file", help="Serve a cascade: the policy.json a `distil cascade` run calibrated for MODEL and --teacher.")] = None,
+    params: ParamsOpt = PARAMS, section: SectionOpt = None, set_: SetOpt = None, seed: SeedOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:  # fmt: skip
+    """Serve a language model behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models) until SIGTERM or Ctrl-C, which drain the requests in flight.
+
+    Example: `distil serve models/student --port 8000`, then `distil generate-teacher-data --teacher http://127.0.0.1:8000/v1 ...` or any OpenAI client.
+
+    A calibrated cascade (each choice reports its route and cost in the `distil` field): `distil serve models/lm_kd --teacher models/lm_teacher --policy-file cascade_lm/policy.json`
+    """
+    with handled():
+        cfg, _ = config(ServeConfig, params, section, "serve", set_, host=host, port=port, seed=seed)
+        serve_stage.run(cfg, model, teacher=teacher, policy_file=policy_file, device=device)
+
+
 def doctor(
     path: Annotated[Path, typer.Argument(help="An artifact: a table, a model, a cascade or an evaluation directory.")],
 ) -> None:
@@ -236,6 +257,7 @@ app.command("select")(select)
 app.command("distill")(distill)
 app.command("cascade")(cascade)
 app.command("evaluate")(evaluate)
+app.command("serve")(serve)
 app.command("doctor")(doctor)
 
 

@@ -8,14 +8,14 @@ from importlib import import_module
 from pathlib import Path
 
 from stages.config import CascadeConfig, DataConfig, check_modality
-from stages.modality import DIFFUSION, LM, as_spec, check_models, of_data, of_model, refuse
+from stages.modality import DIFFUSION, LM, as_spec, check_models, is_url, of_data, of_model, refuse
 
 
 def run(cfg: CascadeConfig, student: Path, teacher: Path, data: str | Path, out: Path, *, data_cfg: DataConfig,
         policy_file: Path | None = None, device: str = "auto", models: list[Path] | tuple = (),
         progress: bool = True) -> Path:  # fmt: skip
     teacher = as_spec(teacher)
-    modality = LM if LM in (of_model(student), of_model(teacher)) else of_data(data, data_cfg)
+    modality = LM if of_model(student) == LM or is_url(teacher) else of_data(data, data_cfg)
     if DIFFUSION in (modality, of_model(student), of_model(teacher)):
         raise refuse("cascade", DIFFUSION, "a generator's samples have no answer to agree on; evaluate it with `distil evaluate`")
     check_modality(cfg, modality)

@@ -264,6 +264,7 @@ class TeacherConfig:
     token_ids: bool = _f(True, "http: ask for token ids (vLLM's and distil serve's return_tokens_as_token_ids); false for servers that refuse unknown fields", only=(LM,))
     tokenizer: str = _f("", "http: a local model or tokenizer dir whose ids the server's tokens map to (checked); '' = text only", only=(LM,))
     top_k: int = _f(20, "served teachers: top log-probs per token that on-policy scoring asks for", valid=COUNT, only=(LM,))
+    endpoints: dict = _f({}, "named servers, {NAME: {url: http://HOST:PORT/v1, model: NAME}}: --teacher NAME picks one", only=(LM,))
     vllm_args: dict = _f({}, "vllm: keyword arguments of vllm.LLM (dtype, gpu_memory_utilization, max_model_len, ...)", only=(LM,))
 
 
@@ -610,7 +611,12 @@ class ServeConfig:
     max_concurrency: int = _f(64, "requests in flight at once; more are answered 429", only=(LM,), valid=COUNT)
     max_tokens: int = _f(512, "the largest max_tokens a request may ask for", only=(LM,), valid=COUNT)
     max_batch: int = _f(32, "concurrent requests batched into one forward pass", only=(LM,), valid=COUNT)
-    batch_wait_ms: float = _f(5.0, "how long a request waits for others to share its batch (milliseconds)", only=(LM,), valid=NONNEG)
+    batch_wait_ms: float = _f(
+        0.0,
+        "how long an idle engine waits for more requests before it starts a batch (ms); while it is busy, requests gather anyway",
+        only=(LM,),
+        valid=NONNEG,
+    )
     max_logprobs: int = _f(20, "the most top log-probs a request may ask for per token", only=(LM,), valid=NONNEG)
     seed: int = _f(0, "seed of requests that name none", only=(LM,), valid=NONNEG)
 

@@ -142,7 +142,7 @@ def student_step(policy: str, n: int, threshold: float, temperature: float, samp
     """The student side of one step of test queries: per query its sampled answers, the
     student's answer, agreement, whether it keeps the query, samples used, tokens, seconds and
     the voters' cost (weighted-vote)."""
-    empty = {"answers": [], "student_answer": None, "agreement": None, "keep": False, "used": 0, "s_prompt": 0,
+    empty = {"answers": [], "texts": [], "student_answer": None, "agreement": None, "keep": False, "used": 0, "s_prompt": 0,
              "s_completion": 0, "seconds": 0.0, "v_prompt": 0, "v_completion": 0, "v_cost": 0.0}  # fmt: skip
     out = [dict(empty) for _ in prompts]
     if policy == "teacher" or not prompts:
@@ -150,12 +150,14 @@ def student_step(policy: str, n: int, threshold: float, temperature: float, samp
     if policy == "adaptive":
         streams: list[list[str | None]] = [[] for _ in prompts]
         state = [adaptive_state([], n, threshold, stop_confidence) for _ in prompts]
-        draw = first_round(n, threshold, stop_confidence)
+        draw, round_ = first_round(n, threshold, stop_confidence), 0
         while todo := [i for i, s in enumerate(state) if s is None]:
-            d = sampler.draw(student, [prompts[i] for i in todo], draw, temperature)
+            d = sampler.draw(student, [prompts[i] for i in todo], draw, temperature, round_)
+            round_ += 1
             for j, i in enumerate(todo):
                 streams[i].extend(d.answers[j])
                 o = out[i]
+                o["texts"] = o["texts"] + d.texts[j]
                 o["s_prompt"] += d.prompt_tokens[j]  # every round is a call that reads the prompt again
                 o["s_completion"] += sum(d.completion_tokens[j])
                 o["seconds"] += d.seconds[j]
@@ -174,7 +176,7 @@ def student_step(policy: str, n: int, threshold: float, temperature: float, samp
         agreement, keep = votes / k, greedy or policy == "weighted-vote" or meets(votes, n, threshold)
         if policy == "weighted-vote":
             answer, agreement = weighted_vote([d.answers[i]] + [vd.answers[i] for _, vd in draws])
-        o.update(answers=list(d.answers[i]) + [a for _, vd in draws for a in vd.answers[i]], student_answer=answer,
+        o.update(answers=list(d.answers[i]) + [a for _, vd in draws for a in vd.answers[i]], texts=list(d.texts[i]), student_answer=answer,
                  agreement=agreement, keep=keep, used=k, s_prompt=d.prompt_tokens[i], s_completion=sum(d.completion_tokens[i]),
                  seconds=d.seconds[i] + sum(vd.seconds[i] for _, vd in draws))  # fmt: skip
         for v, vd in draws:
@@ -365,7 +367,8 @@ def _fixed_policy(cfg: CascadeConfig, policy: str, fixed: dict | None, ids: dict
                           f"{fixed.get('teacher', {}).get('path')}, not these models; calibrate a policy for this pair")  # fmt: skip
     base = {"policy": policy, "samples": cfg.samples, "student": ids["student"], "teacher": ids["teacher"],
             "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
-                         "stop_confidence": cfg.stop_confidence, "seed_per_query": cfg.seed_per_query, "demos": cfg.demos}}  # fmt: skip
+                         "stop_confidence": cfg.stop_confidence, "seed_per_query": cfg.seed_per_query, "demos": cfg.demos},
+            "costs": cfg.costs}  # fmt: skip
     if fixed is None and (policy not in THRESHOLD_POLICIES or cfg.threshold >= 0):
         fixed = {**base, "threshold": cfg.threshold if policy in THRESHOLD_POLICIES else None, "dev": None}
     return fixed, base

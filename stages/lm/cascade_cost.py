@@ -179,6 +179,7 @@ class Draw:
     """Per prompt: parsed answers and completion tokens per sample, prompt tokens, seconds."""
 
     answers: list[list[str | None]] = field(default_factory=list)
+    texts: list[list[str]] = field(default_factory=list)
     completion_tokens: list[list[int]] = field(default_factory=list)
     prompt_tokens: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
@@ -189,30 +190,30 @@ class Sampler:
     makes the same calls in the same order, so it is reproducible, and dev and test draw
     from separate seed streams.
 
-    With ``per_query`` each prompt is generated alone, seeded by the prompt itself (and how
-    many times it was drawn before): a query's samples then depend on nothing else in the
-    run, so ``distil serve`` of a calibrated policy answers each query as the offline run did."""
+    With ``per_query`` each prompt is generated alone, seeded by the model, the prompt and
+    the caller's ``round`` (adaptive sampling's draws of one query): a query's samples then
+    depend on nothing else in the run (a repeated prompt gets the same samples), so ``distil
+    serve`` of a calibrated policy answers each query as the offline run did."""
 
     def __init__(self, *, seed: int, stream: int, batch_size: int, top_p: float, max_new_tokens: int,
                  device: torch.device | str = "cpu", per_query: bool = False):  # fmt: skip
         self.base, self.calls = seed * 1_000_003 + stream * 100_003, 0
         self.batch_size, self.top_p, self.max_new_tokens, self.device = batch_size, top_p, max_new_tokens, device
-        self.per_query, self.rounds = per_query, {}
+        self.per_query = per_query
 
-    def _calls(self, prompts: list[str], samples: int):
+    def _calls(self, model: str, prompts: list[str], samples: int, round_: int):
         """(prompts of one generate call, its seed) in order."""
         if self.per_query:
             for p in prompts:
-                key = zlib.crc32(p.encode())
-                self.rounds[key] = self.rounds.get(key, -1) + 1
-                yield [p], (self.base + key * 1009 + self.rounds[key]) % 2**62
+                key = zlib.crc32(f"{model}\0{p}".encode())  # each model its own stream
+                yield [p], (self.base + key * 1009 + round_) % 2**62
             return
         per_call = max(1, self.batch_size // samples)
         for lo in range(0, len(prompts), per_call):
             self.calls += 1
             yield prompts[lo : lo + per_call], self.base + self.calls - 1
 
-    def draw(self, lm: LM, prompts: list[str], samples: int, temperature: float) -> Draw:
+    def draw(self, lm: LM, prompts: list[str], samples: int, temperature: float, round_: int = 0) -> Draw:
         from stages.lm.teachers import Sampling
 
         out = Draw()
@@ -222,7 +223,7 @@ class Sampler:
                 f"{lm.name} prompts reach {max(lengths)} tokens + {self.max_new_tokens} new, beyond its context of "
                 f"{lm.context}; lower demos or max_new_tokens"
             )
-        for chunk, seed in self._calls(prompts, samples):
+        for chunk, seed in self._calls(lm.name, prompts, samples, round_):
             t0 = time.perf_counter()
             sampling = Sampling(temperature=temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens, top_k=0, seed=seed)
             done = lm.teacher.generate(chunk, samples, sampling)
@@ -230,6 +231,7 @@ class Sampler:
             for j in range(len(chunk)):
                 mine = done[j * samples : (j + 1) * samples]
                 out.answers.append([extract_answer(c.text)[0] for c in mine])
+                out.texts.append([c.text for c in mine])
                 out.completion_tokens.append([c.completion_tokens for c in mine])
                 out.prompt_tokens.append(mine[0].prompt_tokens)
                 out.seconds.append(seconds)

@@ -42,7 +42,7 @@ from stages.lm.models import is_moe, load_lm
 from stages.lm.moe.routing import routing_shape
 from stages.lm.moe.scmoe import check_decode, decoding
 from stages.lm.scoring import scorer
-from stages.lm.teachers import Sampling, backend_of, open_teacher
+from stages.lm.teachers import Sampling, backend_of, open_teacher, resolve
 from stages.lm.teachers.vocabulary import describe_teachers
 from stages.progress import progress_bar
 from stages.tasks import prompts_in_splits, source_identity
@@ -113,7 +113,7 @@ def run(cfg: GenerateTeacherDataConfig, teacher: Path | str | list, data, out: P
 def _check_backends(cfg: GenerateTeacherDataConfig, specs: list[str]) -> bool:
     """Whether every teacher runs in process (transformers); a served or vLLM teacher is
     one teacher alone, without the options only an in-process model has."""
-    backends = {backend_of(s, cfg.teacher.backend) for s in specs}
+    backends = {backend_of(resolve(s, cfg.teacher)[0], cfg.teacher.backend) for s in specs}
     if backends == {"transformers"}:
         return True
     if len(specs) > 1:

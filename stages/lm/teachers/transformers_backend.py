@@ -42,6 +42,9 @@ class TransformersTeacher:
 
         if not prompts:
             return []
+        if sampling.temperature <= 0 and n > 1:  # greedy decoding gives one answer: computed once, repeated n times
+            once = self.generate(prompts, 1, sampling)
+            return [c for c in once for _ in range(n)]
         torch.manual_seed(sampling.seed)
         rows = sample(self.model, self.tokenizer, prompts, samples=n, temperature=sampling.temperature, top_p=sampling.top_p,
                       max_new_tokens=sampling.max_new_tokens, top_k=sampling.top_k, device=self.device, decode=self.decode,
