@@ -60,25 +60,25 @@ def build_app(engine, cfg: ServeConfig, name: str) -> FastAPI:
             card["tokenizer"] = tokenizer_fingerprint(engine.tokenizer)
         return JSON({"object": "list", "data": [card]})
 
+    async def respond(ask, req, chat: bool) -> JSON | StreamingResponse:
+        """One completion or chat response (or its SSE stream) for the parsed request ``ask``."""
+        choices, prompt_tokens = await answers.answer(ask)
+        names, used = answers.names(bool(req.return_tokens_as_token_ids)), usage(prompt_tokens, sum(c.count for c in choices))
+        rid, now = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            chunks = chat_chunks if chat else completion_chunks
+            parts = (part for c in choices for part in chunks(c, names))
+            return _stream("chat.completion.chunk" if chat else "text_completion", rid, now, name, parts, used, req.stream_options)
+        render = chat_choice if chat else completion_choice
+        return JSON(envelope("chat.completion" if chat else "text_completion", rid, now, name, [render(c, names) for c in choices], used))
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        choices, prompt_tokens = await answers.answer(answers.completion(req))
-        names, used = answers.names(bool(req.return_tokens_as_token_ids)), usage(prompt_tokens, sum(c.count for c in choices))
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if req.stream:
-            parts = (part for c in choices for part in completion_chunks(c, names))
-            return _stream("text_completion", rid, now, name, parts, used, req.stream_options)
-        return JSON(envelope("text_completion", rid, now, name, [completion_choice(c, names) for c in choices], used))
+        return await respond(answers.completion(req), req, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
-        choices, prompt_tokens = await answers.answer(answers.chat(req))
-        names, used = answers.names(bool(req.return_tokens_as_token_ids)), usage(prompt_tokens, sum(c.count for c in choices))
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if req.stream:
-            parts = (part for c in choices for part in chat_chunks(c, names))
-            return _stream("chat.completion.chunk", rid, now, name, parts, used, req.stream_options)
-        return JSON(envelope("chat.completion", rid, now, name, [chat_choice(c, names) for c in choices], used))
+        return await respond(answers.chat(req), req, chat=True)
 
     return app
 
