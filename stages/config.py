@@ -153,6 +153,23 @@ class LMConfig:
     init: str = _f("", "start from this model directory or hub name instead of a config")
     precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
     max_new_tokens: int = _f(16, "on-policy: length of the completions the student samples", valid=COUNT)
+    chat_template: str = _f(
+        "", "chat data: a Jinja chat template that replaces the model's own ('' = the tokenizer's, else the plain format)"
+    )
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (long sequences, less memory)")
+
+
+@dataclass
+class LoraConfig:
+    """A LoRA adapter on the student (``peft``): ``r`` 0 trains every weight."""
+
+    r: int = _f(0, "adapter rank (0 = no LoRA: train every weight)", only=(LM,), valid=NONNEG)
+    alpha: float = _f(16.0, "LoRA scaling alpha (the update is scaled by alpha / r)", only=(LM,), valid=POSITIVE)
+    dropout: float = _f(0.0, "dropout on the adapter's input", only=(LM,), valid=Range(0, 1, high_open=True))
+    target_modules: list[str] = _f(
+        [], "module names to adapt ([] = peft's default for the model family, e.g. q_proj and v_proj)", only=(LM,)
+    )
+    merge: bool = _f(False, "also write merged weights that plain transformers loads (besides the adapter)", only=(LM,))
 
 
 @dataclass
@@ -282,6 +299,7 @@ class DistillConfig:
     teacher: TeacherConfig = field(
         default_factory=TeacherConfig, metadata={"only": (LM,), "help": "where the LM teacher runs (--teacher DIR, NAME or URL)"}
     )
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"only": (LM,), "help": "a LoRA adapter on the LM student (peft)"})
     grad_accum: int = _f(1, "LM: micro-batches per optimiser step", only=(LM,), valid=COUNT)
     epochs: int = _f(30, "training epochs", valid=COUNT)
     steps: int = _f(

@@ -102,6 +102,9 @@ def _sources(cfg: DistillConfig, method: LMMethod, data, data_cfg: DataConfig, m
 def _teacher_data_sources(cfg: DistillConfig, method: LMMethod, data, manifest: dict):
     """Teacher samples, one part file at a time: only the gate's teacher per prompt for a
     ``gated`` method, with retrieved demonstrations in the prompt when ``demos`` > 0."""
+    if method.token_level and manifest.get("tokens") == "text":
+        raise DistilError(f"{data} holds the teacher's text only (top_k = 0): {manifest.get('text_only')}; "
+                          f"{cfg.method} compares token distributions: train sft on it, or regenerate with teacher.tokenizer set")  # fmt: skip
     if method.token_level and not manifest.get("top_k"):
         raise DistilError(f"{data} stores no top-k log-probs (top_k = 0); regenerate it with generate_teacher_data.top_k > 0")
     files = sorted(Path(data).glob("part-*.parquet"))

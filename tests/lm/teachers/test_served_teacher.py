@@ -84,7 +84,7 @@ def test_without_a_local_tokenizer_teacher_data_is_text_for_sft_only(cli, server
     table = pq.read_table(tmp_path / "td").to_pylist()
     assert manifest["tokens"] == "text" and "teacher.tokenizer" in manifest["text_only"] and manifest["top_k"] == 0
     assert all(r["token_ids"] == [] and r["completion"] for r in table)
-    cli.fails("distill", "--method", "kd", "--data", tmp_path / "td", "--out", tmp_path / "kd", *LM, match="top_k = 0")
+    cli.fails("distill", "--method", "kd", "--data", tmp_path / "td", "--out", tmp_path / "kd", *LM, match="holds the teacher's text only")
     cli.ok("distill", "--method", "sft", "--data", tmp_path / "td", "--out", tmp_path / "sft", "--set", "epochs=1", *LM)
     assert not (tmp_path / "kd").exists()
 
