@@ -25,7 +25,8 @@ MODELS = {CLASSIFIER: "classifier", LM: "language model", DIFFUSION: "diffusion 
 
 
 def of_data(source: str | Path, data: DataConfig | None = None) -> str:
-    """The modality of a ``--data`` source: a distil table, a built-in name or a user file."""
+    """The modality of a ``--data`` source: a distil table, a built-in name or a user file (a
+    table with a prompt or a ``messages`` column is LM data)."""
     from stages.tasks import GENERATOR_DATA
     from stages.tasks.mixture import task_names
 
@@ -42,12 +43,12 @@ def of_data(source: str | Path, data: DataConfig | None = None) -> str:
         import pyarrow.parquet as pq
 
         try:
-            return LM if prompt in pq.read_schema(path).names else CLASSIFIER
+            return LM if {prompt, "messages"} & set(pq.read_schema(path).names) else CLASSIFIER
         except (pa.ArrowInvalid, OSError):
             return CLASSIFIER
     if path.is_file() and path.suffix.lower() == ".csv":
         with open(path, encoding="utf-8", errors="replace") as fh:
-            return LM if prompt in fh.readline().strip().split(",") else CLASSIFIER
+            return LM if {prompt, "messages"} & set(fh.readline().strip().split(",")) else CLASSIFIER
     return CLASSIFIER
 
 
@@ -63,7 +64,8 @@ def as_spec(spec: str | Path) -> str | Path:
 
 def of_model(path: str | Path) -> str | None:
     """The modality of a model directory: a diffusers folder (``model_index.json``), a
-    transformers LM (its ``config.json`` names a ``model_type``) or a built-in classifier.
+    transformers LM (its ``config.json`` names a ``model_type``, or a PEFT adapter's
+    ``adapter_config.json``: a LoRA student) or a built-in classifier.
     None for what is not a directory (a shipped or hub model name); LM for a server URL."""
     if is_url(path):
         return LM
@@ -72,6 +74,8 @@ def of_model(path: str | Path) -> str | None:
         return None
     if (path / "model_index.json").is_file():
         return DIFFUSION
+    if (path / "adapter_config.json").is_file():
+        return LM
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError):

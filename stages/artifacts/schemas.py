@@ -82,6 +82,11 @@ LM_TEACHER_DATA = pa.schema(
         pa.field("task", pa.string(), nullable=False),
         pa.field("item", pa.int64()),
         pa.field("prompt", pa.string(), nullable=False),
+        optional_field(
+            "messages",
+            pa.string(),
+            "chat rows: the prompt conversation as JSON [{role, content}], no final assistant turn; null = text",
+        ),
         pa.field("gold", pa.string()),
         pa.field("completion", pa.string(), nullable=False),
         pa.field("answer", pa.string()),
@@ -107,7 +112,9 @@ then layer, then rank (``len(token_ids) * layers * experts_per_token`` values, s
 manifest's ``routing``); empty for dense teachers, null in files written before them.
 A teacher behind an API whose tokenizer is not the local one stores text only: empty
 ``token_ids`` and top-k, NaN ``seq_logprob`` when it returned no log-probs (the manifest's
-``tokens`` says "text" and why)."""
+``tokens`` says "text" and why).
+A chat row's ``prompt`` is its conversation rendered with the teacher's chat template and
+generation prompt, its ``messages`` that conversation (``stages.tasks.messages``)."""
 
 LM_SELECTION = LM_TEACHER_DATA.append(pa.field("weight", pa.float32(), nullable=False)).append(
     pa.field("reason", pa.string(), nullable=False)

@@ -20,6 +20,10 @@ metrics, with segment length ``routing_segment`` and cache size ``routing_cache`
 per-layer values go to ``routing_layers.csv`` and each layer's expert load to
 ``plots/<model>/routing_load.csv``. The recorder runs inside the timed pass (a few small
 copies per layer and step). Dense models get no routing keys.
+
+Chat rows (``messages``) are prompted with their conversation rendered by each evaluated
+model's own chat template (``stages.lm.chat.row_prompt``; the plain format without one), so
+a teacher and its student each read the conversation as they were trained to.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from stages.artifacts import Kind, Output, artifact_hash, fingerprint, read_mani
 from stages.config import DataConfig, EvaluateConfig, to_dict
 from stages.devices import resolve_device
 from stages.errors import DistilError
+from stages.lm.chat import row_prompt
 from stages.lm.generation import sample
 from stages.lm.models import is_moe, load_lm
 from stages.lm.moe.metrics import routing_metrics
@@ -43,6 +48,7 @@ from stages.lm.scoring import agree, majority, scorer
 from stages.metrics import ece
 from stages.report import write_summary
 from stages.tasks import prompts_in_splits
+from stages.tasks.messages import MESSAGES
 from stages.tasks.reasoning import extract_answer, normalise
 
 
@@ -54,7 +60,7 @@ def lm_metrics(path: Path, rows: list[dict], task, cfg, device, teacher_answers:
     moe = is_moe(model)
     decode = decoding(cfg, model, path)  # None = the model's own decoding
     score = scorer(task)
-    prompts = [r["prompt"] for r in rows]
+    prompts = [row_prompt(tokenizer, r) for r in rows]
     t0 = time.perf_counter()
     greedy = []
     for i in range(0, len(prompts), min(cfg.batch_size, 64)):
@@ -142,7 +148,7 @@ def _sampled(model, tokenizer, rows, cfg, device, score, decode=None) -> dict[st
     per_batch = max(1, 64 // n)
     for i in range(0, len(rows), per_batch):
         chunk = rows[i : i + per_batch]
-        gens = sample(model, tokenizer, [r["prompt"] for r in chunk], samples=n, temperature=cfg.temperature, top_p=cfg.top_p,
+        gens = sample(model, tokenizer, [row_prompt(tokenizer, r) for r in chunk], samples=n, temperature=cfg.temperature, top_p=cfg.top_p,
                       max_new_tokens=cfg.max_new_tokens, top_k=0, device=device, decode=decode)  # fmt: skip
         for j, r in enumerate(chunk):
             answers = [extract_answer(g["completion"])[0] for g in gens[j * n : (j + 1) * n]]
@@ -200,19 +206,21 @@ def run(cfg: EvaluateConfig, models: list[Path], data, out: Path, *, data_cfg: D
 def _teacher_data_prompts(path: Path, split: str):
     """(one row per prompt of ``split``, the task, prompt id -> the teacher's majority answer,
     normalised) of LM teacher data."""
+    import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
     from stages.tasks.mixture import task_from_manifest
 
     manifest = read_manifest(path)
-    table = pq.read_table(path, columns=["prompt_id", "split", "item", "prompt", "gold", "answer", "task"])
+    chat = [MESSAGES] if MESSAGES in pads.dataset(path, format="parquet").schema.names else []  # older tables have none
+    table = pq.read_table(path, columns=["prompt_id", "split", "item", "prompt", "gold", "answer", "task", *chat])
     by_prompt: dict[int, dict] = {}
     answers: dict[int, list[str]] = {}
     for r in table.to_pylist():
         if r["split"] != split:
             continue
         by_prompt.setdefault(r["prompt_id"], {"id": r["prompt_id"], "split": r["split"], "item": r["item"], "prompt": r["prompt"],
-                                              "answer": r["gold"], "task": r["task"]})  # fmt: skip
+                                              "answer": r["gold"], "task": r["task"], MESSAGES: r.get(MESSAGES)})  # fmt: skip
         if r["answer"] is not None:
             answers.setdefault(r["prompt_id"], []).append(r["answer"])
     task = task_from_manifest(manifest)

@@ -23,10 +23,20 @@ An MoE teacher also stores its routing per generated token (``routing: auto``, t
 default; ``on`` requires an MoE teacher, ``off`` skips it): ``expert_ids`` and
 ``expert_weights`` of every MoE layer (``stages.lm.moe.routing``), shape in the manifest's
 ``routing``. SCMoE's weak passes are not recorded.
+Chat rows (a ``messages`` column, ``stages.tasks.messages``) are prompted with the
+conversation before any final assistant turn, rendered with the teacher's own chat template
+and the generation prompt (``stages.lm.chat.render``; the plain format without a template);
+the row stores that text in ``prompt`` and the conversation as JSON in ``messages``. A served
+teacher renders locally with ``teacher.tokenizer`` through ``teacher.api=completions`` (and
+is refused without one); through ``teacher.api=chat`` the server applies its own template to
+the one user message the Teacher protocol sends, so only single-turn prompts without a
+system message go that way, and ``prompt`` keeps the local rendering for reference.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -37,7 +47,9 @@ import pyarrow.parquet as pq
 from stages.artifacts import LM_TEACHER_DATA, Kind, Output, TableWriter, fingerprint, write_manifest
 from stages.config import DataConfig, GenerateTeacherDataConfig, to_dict
 from stages.devices import resolve_device
+from stages.distributed import barrier, ranks
 from stages.errors import DistilError
+from stages.lm.chat import render
 from stages.lm.models import is_moe, load_lm
 from stages.lm.moe.routing import routing_shape
 from stages.lm.moe.scmoe import check_decode, decoding
@@ -46,6 +58,7 @@ from stages.lm.teachers import Sampling, backend_of, open_teacher, resolve
 from stages.lm.teachers.vocabulary import describe_teachers
 from stages.progress import progress_bar
 from stages.tasks import prompts_in_splits, source_identity
+from stages.tasks.messages import MESSAGES, from_json, plain, prompt_turns, to_json
 from stages.tasks.reasoning import extract_answer
 
 
@@ -61,6 +74,7 @@ def run(cfg: GenerateTeacherDataConfig, teacher: Path | str | list, data, out: P
     local = _check_backends(cfg, specs)
     teachers = [Path(t) for t in specs] if local else specs
     prompts, task = prompts_in_splits(data, data_cfg, cfg.splits)  # bad data is refused before a server is asked
+    chat_api = _check_chat(prompts, cfg, specs, local)
     current = _open(cfg, teachers[0], dev_, local)
     entries = describe_teachers(teachers, cfg.top_k) if local else [_remote_entry(current)]
     routed = _routing_plan(cfg.routing, current.model, teachers[0]) if local else None
@@ -71,43 +85,98 @@ def run(cfg: GenerateTeacherDataConfig, teacher: Path | str | list, data, out: P
         inputs["teachers"] = [e["sha256"] for e in entries]
     output = Output(out, fingerprint("generate_teacher_data", params, inputs))
     score = scorer(task)
-    with output as work:
-        writer = TableWriter(work, LM_TEACHER_DATA)
-        start = writer.done_rows // cfg.samples
-        k_store = _stored_k(work) if text_only is None else 0
-        usage, tokens, t0 = {"prompt_tokens": 0, "completion_tokens": 0}, 0, time.perf_counter()
-        with progress_bar(progress) as bar:
-            job = bar.add_task("teacher samples", total=len(prompts) * len(teachers), completed=start, info="prompts")
-            # several teachers: teacher-major (all parts of teacher 0, then 1, ...), one in memory at a time
-            parts = [
-                (t, part, lo) for t in range(len(teachers)) for part, lo in enumerate(range(0, len(prompts), cfg.shard_prompts))
-            ]
-            at = 0
-            for t, part, lo in parts:
-                if t * len(prompts) + lo < start:
-                    continue
-                if t != at:
-                    current.close()  # release the previous teacher before loading the next
-                    current, at = _open(cfg, teachers[t], dev_, local), t
-                chunk = prompts[lo : lo + cfg.shard_prompts]
-                if local:
-                    current.routing = routed is not None and _routes_as(routed, cfg.routing, current.model, teachers[t])
-                sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                    top_k=cfg.top_k if text_only is None else 0,
-                                    seed=cfg.seed * 1_000_003 + part + (t << 32))  # per-part seed: resumed parts sample the same
-                done = current.generate([r["prompt"] for r in chunk], cfg.samples, sampling)
-                k_store = _uniform_k(done, k_store, text_only is not None, teachers[t])
-                records = _records(chunk, done, score, teacher=t, teachers=len(teachers), samples=cfg.samples, k=k_store)
-                tokens += sum(len(r["token_ids"]) for r in records)
-                for key in usage:
-                    usage[key] += sum(r[key] for r in records)
-                writer.write(pa.Table.from_pylist(records, schema=LM_TEACHER_DATA))
-                bar.update(job, completed=t * len(prompts) + min(lo + cfg.shard_prompts, len(prompts)))
-        current.close()
+    rank, world = ranks()
+    with _opened(output, rank, world) as work:
+        mine = work if world == 1 else work / f"rank-{rank:03d}"
+        mine.mkdir(exist_ok=True)
+        writer = TableWriter(mine, LM_TEACHER_DATA)
+        # several teachers: teacher-major (all parts of teacher 0, then 1, ...), one in memory at a time; with several
+        # processes part i is process i % world's
+        parts = [(t, part, lo) for t in range(len(teachers)) for part, lo in enumerate(range(0, len(prompts), cfg.shard_prompts))]
+        todo = [p for i, p in enumerate(parts) if i % world == rank][len(writer.parts) :]  # a resumed run skips its complete parts
+        t0 = time.perf_counter()
+        with progress_bar(progress and rank == 0) as bar:
+            job = bar.add_task("teacher samples", total=len(parts), completed=len(parts) - len(todo) * world, info="parts")
+            step = {"cfg": cfg, "teachers": teachers, "prompts": prompts, "score": score, "routed": routed, "text_only": text_only,
+                    "local": local, "chat_api": chat_api, "device": dev_, "k": _stored_k(mine) if text_only is None else 0}  # fmt: skip
+            tokens = _generate(step, current, todo, writer, lambda: bar.update(job, advance=world))
         seconds = time.perf_counter() - t0
-        _write_manifest(work, cfg, data, params, inputs, entries, routed, teacher=teachers[0], rows=writer.done_rows, tokens=tokens,
-                        seconds=seconds, top_k=k_store, text_only=text_only, usage=usage)  # fmt: skip
+        barrier()
+        if rank != 0:
+            return output.final
+        _merge_ranks(work, world)
+        _write_manifest(work, cfg, data, params, inputs, entries, routed, teacher=teachers[0], rows=_rows(work), tokens=tokens,
+                        seconds=seconds, top_k=_stored_k(work) if text_only is None else 0, text_only=text_only)  # fmt: skip
         return output.commit()
+
+
+def _generate(step: dict, current, todo: list[tuple], writer: TableWriter, advance) -> int:
+    """Sample the parts ``todo`` ((teacher, part, first prompt) each) and write each as one
+    Parquet part; returns the tokens generated."""
+    cfg, teachers, local, tokens, at = step["cfg"], step["teachers"], step["local"], 0, 0
+    for t, part, lo in todo:
+        if t != at:
+            current.close()  # release the previous teacher before loading the next
+            current, at = _open(cfg, teachers[t], step["device"], local), t
+        chunk = step["prompts"][lo : lo + cfg.shard_prompts]
+        routed = step["routed"]
+        if local:
+            current.routing = routed is not None and _routes_as(routed, cfg.routing, current.model, teachers[t])
+        sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                            top_k=cfg.top_k if step["text_only"] is None else 0,
+                            seed=cfg.seed * 1_000_003 + part + (t << 32))  # per-part seed: resumed parts sample the same
+        chunk, sent = _chat_prompts(chunk, current, step["chat_api"])
+        done = current.generate(sent, cfg.samples, sampling)
+        step["k"] = _uniform_k(done, step["k"], step["text_only"] is not None, teachers[t])
+        records = _records(chunk, done, step["score"], teacher=t, teachers=len(teachers), samples=cfg.samples, k=step["k"])
+        tokens += sum(len(r["token_ids"]) for r in records)
+        writer.write(pa.Table.from_pylist(records, schema=LM_TEACHER_DATA))
+        advance()
+    current.close()
+    return tokens
+
+
+@contextlib.contextmanager
+def _opened(output: Output, rank: int, world: int):
+    """The work directory: opened by the first process (which clears a stale one), then
+    shared; a resumed run must have as many processes as the killed one."""
+    if world == 1:
+        with output as work:
+            if list(work.glob("rank-*")):
+                raise DistilError(f"{work} was started by several processes: resume with as many (torchrun / accelerate launch), "
+                                  f"or delete {work}")  # fmt: skip
+            yield work
+        return
+    if rank == 0:
+        work = output.open()
+        seen = work / ".processes"
+        before = seen.read_text().strip() if seen.exists() else ("1" if list(work.glob("part-*.parquet")) else str(world))
+        if before != str(world):
+            barrier()
+            raise DistilError(f"{work} was started by {before} process(es), not {world}: resume with as many, or delete {work}")
+        seen.write_text(f"{world}\n")
+    barrier()
+    seen = output.dir / ".processes"
+    if rank != 0 and not (seen.exists() and seen.read_text().strip() == str(world)):
+        raise DistilError(f"{output.dir} cannot be resumed by {world} processes; see the first process's message")
+    yield output.dir
+
+
+def _merge_ranks(work: Path, world: int) -> None:
+    """Each process's parts into one table, in the order one process writes them: process
+    r's j-th part is part j * world + r."""
+    if world == 1:
+        return
+    for r in range(world):
+        mine = work / f"rank-{r:03d}"
+        for j, part in enumerate(sorted(mine.glob("part-*.parquet"))):
+            os.replace(part, work / f"part-{j * world + r:05d}.parquet")
+        mine.rmdir()
+    (work / ".processes").unlink(missing_ok=True)
+
+
+def _rows(work: Path) -> int:
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in work.glob("part-*.parquet"))
 
 
 def _check_backends(cfg: GenerateTeacherDataConfig, specs: list[str]) -> bool:
@@ -123,6 +192,47 @@ def _check_backends(cfg: GenerateTeacherDataConfig, specs: list[str]) -> bool:
             f"decode={cfg.decode} and routing=on read an MoE teacher's internals: run it in process (a model directory)"
         )
     return False
+
+
+def _check_chat(prompts: list[dict], cfg: GenerateTeacherDataConfig, specs: list[str], local: bool) -> bool:
+    """Whether chat rows go to a served teacher's chat API (each as its one user message);
+    chat rows a served teacher cannot be given are refused before any server is asked."""
+    chats = [r for r in prompts if r.get(MESSAGES)]
+    if local or not chats or backend_of(resolve(specs[0], cfg.teacher)[0], cfg.teacher.backend) != "http":
+        return False
+    if cfg.teacher.api == "completions":
+        if not cfg.teacher.tokenizer:
+            raise DistilError(
+                "chat prompts through teacher.api=completions are rendered locally with the teacher's chat template: set "
+                "teacher.tokenizer to the teacher's tokenizer dir, or teacher.api=chat to let the server apply its own"
+            )
+        return False
+    for r in chats:
+        turns = prompt_turns(from_json(r[MESSAGES]))
+        if len(turns) > 1:
+            raise DistilError(
+                f"prompt {r['id']} has {len(turns)} messages (a system message or several turns), but teacher.api=chat sends "
+                "each prompt as one user message; use teacher.api=completions with teacher.tokenizer set (rendered locally)"
+            )
+    return True
+
+
+def _chat_prompts(chunk: list[dict], teacher, chat_api: bool) -> tuple[list[dict], list[str]]:
+    """(the part's rows, a chat row's ``prompt`` rendered as this teacher reads it and its
+    ``messages`` the turns before any final assistant one; the prompts to send: the rendered
+    text, or through the chat API the one user message)."""
+    rows, sent = [], []
+    for r in chunk:
+        if not r.get(MESSAGES):
+            rows.append(r)
+            sent.append(r["prompt"])
+            continue
+        turns = prompt_turns(from_json(r[MESSAGES]))
+        tok = teacher.tokenizer
+        text = render(tok, turns, add_generation_prompt=True) if tok is not None else plain(turns, add_generation_prompt=True)
+        rows.append({**r, "prompt": text, MESSAGES: to_json(turns)})
+        sent.append(turns[-1]["content"] if chat_api else text)
+    return rows, sent
 
 
 def _open(cfg: GenerateTeacherDataConfig, spec, device, local: bool):
@@ -192,7 +302,8 @@ def _records(chunk: list[dict], done: list, score, *, teacher: int, teachers: in
         records.append({
             "id": (p["id"] * teachers + teacher) * samples + j % samples, "prompt_id": p["id"],
             "sample": j % samples, "teacher": teacher,
-            "split": p["split"], "task": p["task"], "item": p["item"], "prompt": p["prompt"], "gold": p["answer"],
+            "split": p["split"], "task": p["task"], "item": p["item"], "prompt": p["prompt"], MESSAGES: p.get(MESSAGES),
+            "gold": p["answer"],
             "answer": answer, "parse": parse, "score": score(p, answer), "completion": c.text,
             "seq_logprob": float("nan") if c.seq_logprob is None else c.seq_logprob, "token_ids": ids,
             "topk_ids": top_ids, "topk_logprobs": top_lp, "expert_ids": c.extra.get("expert_ids", []),
@@ -214,16 +325,17 @@ def _top_k(c, n: int, k: int) -> tuple[list[int], np.ndarray]:
 
 def _write_manifest(work: Path, cfg: GenerateTeacherDataConfig, data, params: dict, inputs: dict, entries: list[dict],
                     routed: dict | None, *, teacher, rows: int, tokens: int, seconds: float, top_k: int | None,
-                    text_only: str | None, usage: dict) -> None:  # fmt: skip
+                    text_only: str | None) -> None:  # fmt: skip
     """The manifest: the first teacher as ``model``, every teacher, the top-k width actually
     stored, and what generation cost (tokens over all parts, resumed ones included; speed
     and usage of this run's parts)."""
     size = sum(p.stat().st_size for p in work.glob("part-*.parquet"))
-    all_tokens = sum(
-        len(ids)
-        for part in work.glob("part-*.parquet")
-        for ids in pq.read_table(part, columns=["token_ids"]).column(0).to_pylist()
-    )
+    all_tokens, usage = 0, {"prompt_tokens": 0, "completion_tokens": 0}
+    for part in work.glob("part-*.parquet"):
+        table = pq.read_table(part, columns=["token_ids", *usage])
+        all_tokens += sum(len(ids) for ids in table.column("token_ids").to_pylist())
+        for key in usage:
+            usage[key] += sum(v or 0 for v in table.column(key).to_pylist())
     write_manifest(
         work, kind=Kind.LM_TEACHER_DATA, params=params, inputs=inputs, rows=rows,
         model={"path": str(teacher), "sha256": inputs["teacher"], "vocab_size": entries[0]["vocab_size"],

@@ -192,6 +192,9 @@ def fit(
     """Train ``model`` in place (ending with its selected weights); return a summary.
     ``loss_fn(model, batch)`` defaults to next-token cross-entropy on the completions."""
     acc = _accelerator(cfg, device)
+    if cfg.batch_size % acc.num_processes:
+        raise DistilError(f"batch_size {cfg.batch_size} does not split over {acc.num_processes} processes (the global batch "
+                          f"is shared evenly): set a multiple of {acc.num_processes}")  # fmt: skip
     loss_fn = loss_fn or next_token_loss
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     epochs, sched = _schedule(opt, len(train), cfg)
@@ -208,7 +211,11 @@ def fit(
         progress["seconds"] += time.perf_counter() - t0
         _end_epoch(progress, epoch, train_loss, dev_loss, live)
         best = cfg.checkpoint == "last" or dev_loss < progress["best_loss"]
-        _checkpoint(ckpt, acc.unwrap_model(model), opt, sched, progress, best=best)
+        if acc.is_main_process:  # one writer; the others wait for the checkpoint (and keep the same progress)
+            _checkpoint(ckpt, acc.unwrap_model(model), opt, sched, progress, best=best)
+        else:
+            _note_epoch(progress, best=best)
+        acc.wait_for_everyone()
         if task is not None:
             bar.update(task, advance=1, info=f"loss {train_loss:.3f}  dev loss {dev_loss:.3f}")
     model = acc.unwrap_model(model)
@@ -260,10 +267,16 @@ def _resume(ckpt: Path, model, opt, sched) -> dict[str, Any]:
 
 
 def _train_epoch(model, rows, loss_fn, aux: RouterAuxLoss, acc, opt, sched, cfg: DistillConfig, pad_id: int) -> float:
-    """One pass over ``rows``; the mean training loss of its batches."""
+    """One pass over ``rows``; the mean training loss of its batches. With several processes
+    each takes every ``world``-th row of a global batch of ``batch_size`` rows (DDP averages
+    the gradients); a last batch smaller than the number of processes is dropped."""
     model.train()
-    total, count = 0.0, 0
+    total, count, rank, world = 0.0, 0, acc.process_index, acc.num_processes
     for chunk in batches(rows, cfg.batch_size):
+        if world > 1:
+            if len(chunk) < world:
+                continue
+            chunk = chunk[rank::world]
         batch = {k: v.to(acc.device) for k, v in collate(chunk, pad_id).items()}
         with acc.accumulate(model):
             loss = aux.add_to(loss_fn(model, batch))
@@ -276,7 +289,8 @@ def _train_epoch(model, rows, loss_fn, aux: RouterAuxLoss, acc, opt, sched, cfg:
             opt.zero_grad(set_to_none=True)
         total += float(loss.detach())
         count += 1
-    return total / max(count, 1)
+    mean = total / max(count, 1)
+    return float(acc.reduce(torch.tensor(mean, device=acc.device), "mean")) if world > 1 else mean
 
 
 def _end_epoch(progress: dict, epoch: int, train_loss: float, dev_loss: float, live) -> None:
@@ -288,14 +302,20 @@ def _end_epoch(progress: dict, epoch: int, train_loss: float, dev_loss: float, l
         live.next_step()
 
 
-def _checkpoint(ckpt: Path, model, opt, sched, progress: dict, *, best: bool) -> None:
-    """Save the epoch: its weights as the selected ones when ``best``, then the whole state
-    (safetensors + JSON) that a killed run resumes from."""
+def _note_epoch(progress: dict, *, best: bool) -> None:
+    """The epoch done (and the best one) in ``progress``."""
     row = progress["history"][-1]
     if best:
         progress.update(best_loss=row["dev_loss"], best_epoch=row["epoch"])
-        save_tensors(ckpt / "best.safetensors", model.state_dict())
     progress["epoch"] = row["epoch"]
+
+
+def _checkpoint(ckpt: Path, model, opt, sched, progress: dict, *, best: bool) -> None:
+    """Save the epoch: its weights as the selected ones when ``best``, then the whole state
+    (safetensors + JSON) that a killed run resumes from."""
+    _note_epoch(progress, best=best)
+    if best:
+        save_tensors(ckpt / "best.safetensors", model.state_dict())
     save_state(ckpt / "state", {
         "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
         "progress": progress, "rng": torch.get_rng_state(),

@@ -21,8 +21,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from stages.artifacts import read_any_table
+from stages.artifacts import optional_field, read_any_table
 from stages.errors import DistilError
+from stages.tasks.messages import MESSAGES, final_answer, parse_messages, plain, prompt_turns, to_json
 
 TASKS = ("basic_arithmetic", "chain_sum", "number_sorting", "gsm_symbolic", "rule_arithmetic")
 """reasoning-gym's tasks, and ``rule_arithmetic`` (ours, registered with its factory)."""
@@ -41,10 +42,15 @@ PROMPTS = pa.schema(
         pa.field("prompt", pa.string(), nullable=False),
         pa.field("answer", pa.string()),
         pa.field("item", pa.int64()),
+        optional_field(MESSAGES, pa.string(), "chat rows: the conversation as JSON [{role, content}]; null = a text prompt"),
     ]
 )
 """Prompts for a language model: the gold ``answer`` may be null (unlabelled prompts);
-``item`` indexes the task's generator (-1 for user data) so its scorer can be rerun."""
+``item`` indexes the task's generator (-1 for user data) so its scorer can be rerun.
+A chat row (``stages.tasks.messages``) keeps its whole conversation in ``messages``, its
+``prompt`` is the conversation before a final assistant turn in the plain format (for
+commands that read text prompts only), and ``answer`` is the answer column's, else the
+final assistant message's content."""
 
 
 def prompt_for(question: str) -> str:
@@ -116,6 +122,7 @@ class ReasoningTask:
                 labelled = split != "train" or i < self.sizes[0]
                 rows["answer"].append(str(x["answer"]) if labelled else None)
                 rows["item"].append(i)
+                rows[MESSAGES].append(None)
         return pa.table(rows, schema=PROMPTS)
 
     def score(self, answer: str | None, split: str, item: int) -> float:
@@ -132,43 +139,69 @@ def normalise(answer: str) -> str:
 
 def load_prompt_table(path: Path, prompt_column: str = "prompt", answer_column: str = "answer") -> pa.Table:
     """A user prompt table (JSONL, Parquet or CSV) as ``PROMPTS``; answers are optional.
-    Without a split column every row is a test row."""
+    Without a split column every row is a test row. A table holds text prompts
+    (``prompt_column``) or conversations (a ``messages`` column, or ``prompt_column:
+    messages``; ``stages.tasks.messages``): a JSONL list, a Parquet list<struct<role,
+    content>> or JSON string, a CSV JSON string."""
     path = Path(path)
     if path.suffix.lower() in (".jsonl", ".json"):
         raw = _read_json_lines(path)
     else:
         raw = read_any_table(path)
-    if prompt_column not in raw.schema.names:
-        raise DistilError(f"{path} has no prompt column '{prompt_column}' (columns: {', '.join(raw.schema.names)})")
+    chat = _is_chat(raw.schema.names, prompt_column, path)
     if raw.num_rows == 0:
         raise DistilError(f"{path} is empty; pass at least one prompt")
-    for name in (prompt_column, answer_column, "split"):
+    for name in (answer_column, "split") if chat else (prompt_column, answer_column, "split"):
         kind = raw.schema.field(name).type if name in raw.schema.names else pa.string()
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind)
                 or pa.types.is_floating(kind) or pa.types.is_null(kind) and name != prompt_column):  # fmt: skip
             raise DistilError(f"{path}: column '{name}' has type {kind}; it must hold text, one value per row")
-    prompts = ["" if p is None else str(p) for p in raw.column(prompt_column).to_pylist()]
-    if any(not p.strip() for p in prompts):
-        raise DistilError(f"{path}: {sum(not p.strip() for p in prompts)} prompt(s) are empty; drop them")
     answers = (
         [None if a is None else str(a) for a in raw.column(answer_column).to_pylist()]
         if answer_column in raw.schema.names
-        else [None] * len(prompts)
+        else [None] * raw.num_rows
     )
+    if chat:
+        conversations = [parse_messages(v, f"{path} row {i}") for i, v in enumerate(raw.column(MESSAGES).to_pylist())]
+        prompts = [plain(prompt_turns(m), add_generation_prompt=True) for m in conversations]
+        answers = [final_answer(m) if a is None else a for a, m in zip(answers, conversations, strict=True)]
+        messages = [to_json(m) for m in conversations]
+    else:
+        prompts = ["" if p is None else str(p) for p in raw.column(prompt_column).to_pylist()]
+        if any(not p.strip() for p in prompts):
+            raise DistilError(f"{path}: {sum(not p.strip() for p in prompts)} prompt(s) are empty; drop them")
+        messages = [None] * len(prompts)
     splits = [str(s) for s in raw.column("split").to_pylist()] if "split" in raw.schema.names else ["test"] * len(prompts)
     bad = sorted(set(splits) - set(SPLITS))
     if bad:
         raise DistilError(f"{path}: split column holds {bad}; allowed values are train, dev, test")
     n = len(prompts)
     return pa.table(
-        {"id": list(range(n)), "split": splits, "task": [path.stem] * n, "prompt": prompts, "answer": answers, "item": [-1] * n},
+        {"id": list(range(n)), "split": splits, "task": [path.stem] * n, "prompt": prompts, "answer": answers, "item": [-1] * n,
+         MESSAGES: messages},
         schema=PROMPTS,
-    )
+    )  # fmt: skip
+
+
+def _is_chat(names: list[str], prompt_column: str, where) -> bool:
+    """Whether a table's prompts are conversations: a ``messages`` column and no prompt column
+    (or ``prompt_column`` is ``messages``); both is an error, neither too."""
+    if prompt_column != MESSAGES and prompt_column in names:
+        if MESSAGES in names:
+            raise DistilError(
+                f"{where} has both a '{prompt_column}' and a '{MESSAGES}' column; a table holds text prompts or conversations: "
+                f"drop one, or set data.prompt_column={MESSAGES} to use the conversations"
+            )
+        return False
+    if MESSAGES in names:
+        return True
+    raise DistilError(f"{where} has no prompt column '{prompt_column}' nor '{MESSAGES}' (columns: {', '.join(names)})")
 
 
 def _read_json_lines(path: Path) -> pa.Table:
-    """A JSON-lines file as a table, one column per key seen in any row. Parsed with Python's
-    ``json``, not ``pyarrow.json``: that reader can crash the process on malformed bytes."""
+    """A JSON-lines file as a table, one column per key seen in any row (``messages`` as JSON
+    text). Parsed with Python's ``json``, not ``pyarrow.json``: that reader can crash the
+    process on malformed bytes."""
     rows = []
     try:
         with open(path, encoding="utf-8") as fh:
@@ -177,6 +210,8 @@ def _read_json_lines(path: Path) -> pa.Table:
                     rows.append(json.loads(line))
                     if not isinstance(rows[-1], dict):
                         raise ValueError(f"line {n} is not a JSON object")
+                    if MESSAGES in rows[-1] and not isinstance(rows[-1][MESSAGES], str):  # validated per row later, not
+                        rows[-1][MESSAGES] = json.dumps(rows[-1][MESSAGES])  # by arrow (whose type errors name no row)
     except PermissionError:
         raise DistilError(f"permission denied: {path}; check its permissions") from None
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -190,7 +225,8 @@ def _read_json_lines(path: Path) -> pa.Table:
 
 def load_hub_prompts(name: str, prompt_column: str = "prompt", answer_column: str = "answer") -> pa.Table:
     """Prompts through ``datasets.load_dataset``: a hub name (online users) or a local
-    directory of data files. Splits train / validation (or dev) / test map to ours."""
+    directory of data files. Splits train / validation (or dev) / test map to ours; a
+    ``messages`` column holds conversations, as in ``load_prompt_table``."""
     try:
         import datasets
     except ImportError:
@@ -206,14 +242,17 @@ def load_hub_prompts(name: str, prompt_column: str = "prompt", answer_column: st
     for split, ds in loaded.items():
         if split not in names:
             continue
-        if prompt_column not in ds.column_names:
-            raise DistilError(
-                f"dataset '{name}' split {split} has no column '{prompt_column}' (columns: {', '.join(ds.column_names)})"
-            )
-        for r in ds:
-            answer = r.get(answer_column)
-            rows.append({"id": len(rows), "split": names[split], "task": Path(name).name, "prompt": str(r[prompt_column]),
-                         "answer": None if answer is None else str(answer), "item": -1})  # fmt: skip
+        chat = _is_chat(ds.column_names, prompt_column, f"dataset '{name}' split {split}")
+        for i, r in enumerate(ds):
+            answer = None if r.get(answer_column) is None else str(r[answer_column])
+            row = {"id": len(rows), "split": names[split], "task": Path(name).name, "item": -1}
+            if chat:
+                m = parse_messages(r[MESSAGES], f"dataset '{name}' split {split} row {i}")
+                row.update(prompt=plain(prompt_turns(m), add_generation_prompt=True), messages=to_json(m),
+                           answer=final_answer(m) if answer is None else answer)  # fmt: skip
+            else:
+                row.update(prompt=str(r[prompt_column]), answer=answer)
+            rows.append(row)
     if not rows:
         raise DistilError(f"dataset '{name}' has no train, validation or test split")
     return pa.Table.from_pylist(rows, schema=PROMPTS)
