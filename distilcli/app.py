@@ -132,22 +132,29 @@ def distill(
         Optional[list[str]],
         typer.Option("--teacher", "-t", help="Teacher run live on each (augmented) batch instead of stored logits (LMs: a directory, name or server URL)."),
     ] = None,
+    student: Annotated[Optional[str], typer.Option("--student", "-s", help="LMs: start from this pretrained model (a directory, a shipped name such as smollm2-135m, or a hub name); the same as --set lm.init=... (with lora.r > 0 only a LoRA adapter trains).")] = None,
     params: ParamsOpt = PARAMS, section: SectionOpt = None, set_: SetOpt = None, seed: SeedOpt = None,
     device: DeviceOpt = "auto", features: FeaturesOpt = None, label: LabelOpt = None, quiet: QuietOpt = False,
 ) -> None:  # fmt: skip
     """Train a student (or, with `--method ce` on gold labels, a teacher).
 
     Example: `distil distill --method kd --data data/selected --out models/student --set epochs=20`
+
+    A LoRA student on a pretrained model: `distil distill --method sft --data chain_sum --student smollm2-135m --set lora.r=8 --set lora.merge=true --out models/lora`
     """
     with handled():
         cfg, p = config(DistillConfig, params, section, "distill", set_, method=method, seed=seed)
+        if student:
+            from stages.lm.distill import with_student
+
+            cfg = with_student(cfg, student, data, data_config(p, features, label))
         path = distill_stage.run(cfg, data, out, data_cfg=data_config(p, features, label), teachers=teacher or [],
                                  device=device, progress=not quiet)  # fmt: skip
         done(path, "model")
 
 
 def cascade(
-    student: Annotated[Path, typer.Option("--student", "-s", help="Student model directory.")],
+    student: Annotated[Path, typer.Option("--student", "-s", help="Student model: a directory (a LoRA student's too), a shipped name such as smollm2-135m, or a hub name.")],
     teacher: Annotated[str, typer.Option("--teacher", "-t", help="Teacher model directory (LMs: or an OpenAI-compatible server URL, http://HOST:PORT/v1).")],
     data: DataOpt,
     out: OutOpt,
@@ -174,7 +181,7 @@ def cascade(
 def evaluate(
     data: DataOpt,
     out: OutOpt,
-    model: Annotated[Optional[list[Path]], typer.Option("--model", help="Model directory (repeatable).")] = None,
+    model: Annotated[Optional[list[Path]], typer.Option("--model", help="Model directory (repeatable); LMs: a shipped name such as smollm2-135m or a hub name too.")] = None,
     cascade_dir: Annotated[Optional[list[Path]], typer.Option("--cascade", help="Cascade output directory (repeatable).")] = None,
     decode: DecodeOpt = None,
     steps: StepsOpt = None, hybrid_first_step: HybridOpt = None, teacher: GeneratorTeacherOpt = None,

@@ -784,6 +784,10 @@ RUNS = {"GenerateTeacherDataConfig": "teachers", "SelectConfig": "selections", "
 """What a run of each stage is called in ``check_modality``'s message."""
 
 
+PER_MODALITY = ("model", "lm", "diffusion")
+"""The nested sub-sections one params section may hold side by side, one per modality."""
+
+
 def check_modality(cfg: Any, modality: str) -> None:
     """A setting given for this run that only another modality reads is an error naming the
     modality it belongs to: it would otherwise be silently ignored. Given means set in the
@@ -796,7 +800,7 @@ def check_modality(cfg: Any, modality: str) -> None:
     given = getattr(cfg, "_given", None)
     for f in dataclasses.fields(cfg):
         owners = f.metadata.get("only", EVERY)
-        if modality in owners or dataclasses.is_dataclass(getattr(cfg, f.name)):
+        if modality in owners or (dataclasses.is_dataclass(getattr(cfg, f.name)) and f.name in PER_MODALITY):
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if (f.name in given) if given is not None else getattr(cfg, f.name) != default:

@@ -142,7 +142,10 @@ def _artifact(path: Path, manifest: dict[str, Any]) -> tuple[list[Finding], str]
         rows, table_findings = check_table(path, manifest, TABLE_SCHEMAS[kind], fix)
         findings += table_findings
         checked.append(f"{rows} rows in {len(list(path.glob('part-*.parquet')))} part(s)")
-    findings += [Finding(path / f, "is missing", fix) for f in REQUIRED_FILES.get(kind, ()) if not (path / f).is_file()]
+    required = REQUIRED_FILES.get(kind, ())
+    if kind == Kind.LM_MODEL and (path / "adapter_config.json").is_file():  # a LoRA student: its adapter, in PEFT's format
+        required = ("adapter_config.json", "adapter_model.safetensors")
+    findings += [Finding(path / f, "is missing", fix) for f in required if not (path / f).is_file()]
     findings += [Finding(path / s, "is a trajectory shard the manifest lists but missing", fix)
                  for s in manifest.get("shards", []) if not (path / s).is_file()]  # fmt: skip
     nested = _nested(path)

@@ -9,11 +9,15 @@ encode the rows, build the method's loss (``methods.token_level``: the top-k div
 ``stages.losses`` against the log-probs ``generate-teacher-data`` stored; ``methods.on_policy``:
 GKD against a live teacher; none: ``sft``'s next-token cross-entropy) and train it with
 ``stages.lm.training.fit``. The student is written with ``save_pretrained`` with its
-tokenizer and loads in plain transformers.
+tokenizer and loads in plain transformers. Chat rows (``messages``) are rendered with the
+student's chat template, ``lm.chat_template`` installed on its tokenizer first
+(``stages.lm.chat``), and the loss covers the assistant turns only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +28,19 @@ import torch
 from stages.artifacts import Kind, Output, fingerprint, read_manifest
 from stages.config import DataConfig, DistillConfig, to_dict
 from stages.devices import resolve_device
+from stages.distributed import main_first, ranks
 from stages.errors import DistilError
+from stages.lm import lora
+from stages.lm.chat import encode_chat, install_template, training_conversation
 from stages.lm.methods import LM_METHODS, LMMethod
-from stages.lm.models import LMSize, build_lm, check_same_tokenizer, load_lm, load_tokenizer, train_tokenizer
+from stages.lm.models import LMSize, build_lm, check_same_tokenizer, lm_identity, load_lm, load_tokenizer, train_tokenizer
 from stages.lm.teachers import open_teacher
 from stages.lm.teachers.vocabulary import shared_tokenizer
 from stages.lm.training import RowSource, encode, encode_tokens, fit
+from stages.modality import LM
 from stages.runlog import finish, logged
 from stages.tasks import load_prompts, source_identity
+from stages.tasks.messages import MESSAGES
 
 SPLITS = ("train", "dev")
 
@@ -52,12 +61,17 @@ def run(
     manifest = read_manifest(Path(data)) if Path(data).is_dir() else {}
     teacher_data = manifest.get("kind") in (Kind.LM_TEACHER_DATA, Kind.LM_SELECTION)
     sources, gated = _sources(cfg, method, data, data_cfg, manifest, teacher_data)
-    model, tokenizer, live = _student(cfg, method, manifest, teacher_data, sources, teachers, dev_)
+    model, tokenizer, live, teacher_tok = _student(cfg, method, manifest, teacher_data, sources, teachers, dev_)
     max_len = min(
         cfg.lm.context,
         getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", cfg.lm.context),
     )
-    encode_row = _encoder(tokenizer, max_len, manifest.get("top_k", 0), method.token_level)
+    install_template(tokenizer, cfg.lm.chat_template)  # saved with the student: it renders chats as it was trained
+    encode_row = _encoder(tokenizer, max_len, manifest.get("top_k", 0), method.token_level, last_only=method.teacher == "live")
+    if method.cross_tokenizer:
+        from stages.lm.methods.cross_tokenizer import cross_encoder
+
+        encode_row = cross_encoder(teacher_tok, tokenizer, max_len, manifest["top_k"])
     pairs = {split: RowSource(*sources[split], encode_row) for split in SPLITS}
     loss_fn = _loss(method, cfg, live, tokenizer, max_len)
     teacher_id = live.identity["sha256"] if live is not None else ""
@@ -137,6 +151,8 @@ def _with_demos(part_loader, files: list[Path], cfg: DistillConfig):
     of this teacher data, built as ``distil cascade`` builds it, so served prompts match)."""
     from stages.lm.icd.bank import icd_prompts
 
+    if any(_holds_chats(f) for f in files):
+        raise DistilError("demos > 0 puts demonstrations into text prompts, but this teacher data holds chats: set demos=0")
     cols = ["prompt_id", "sample", "split", "prompt", "answer", "score", "token_ids"]
     table = pa.concat_tables([pq.read_table(f, columns=cols) for f in files])
     train = sorted((r for r in table.to_pylist() if r["split"] == "train"), key=lambda r: (r["prompt_id"], r["sample"]))
@@ -147,6 +163,14 @@ def _with_demos(part_loader, files: list[Path], cfg: DistillConfig):
         return lambda: [dict(r, prompt=prompts[r["prompt"]]) for r in load()]
 
     return loader
+
+
+def _holds_chats(f: Path) -> bool:
+    """Whether a teacher-data part has chat rows (a non-null ``messages``)."""
+    if MESSAGES not in pq.read_schema(f).names:
+        return False
+    column = pq.read_table(f, columns=[MESSAGES]).column(0)
+    return column.null_count < len(column)
 
 
 def _prompt_sources(cfg: DistillConfig, data, data_cfg: DataConfig) -> dict:
@@ -160,10 +184,16 @@ def _prompt_sources(cfg: DistillConfig, data, data_cfg: DataConfig) -> dict:
 
 
 def _student(cfg: DistillConfig, method: LMMethod, manifest: dict, teacher_data: bool, sources: dict, teachers, dev_):
-    """(student, its tokenizer, the live teacher or None). A student built from a config
+    """(student, its tokenizer, the live teacher or None, the teacher's tokenizer or None). A student built from a config
     takes ``lm.tokenizer``, else the teacher's, else one trained on the training text; it
-    must split text as the teacher does whenever it learns from the teacher's tokens."""
+    must split text as the teacher does whenever it learns from the teacher's tokens (cross-tokenizer
+    methods excepted: they align the two tokenisations by characters). A
+    pretrained student (``lm.init`` / ``--student``) keeps its own tokenizer and, with
+    ``lora.r`` > 0, trains a LoRA adapter only (``stages.lm.lora``)."""
     lm = cfg.lm
+    if cfg.lora.r > 0 and not lm.init:
+        raise DistilError("lora.r > 0 adapts a pretrained student: pass --student DIR or NAME (lm.init); "
+                          "a student built from a config has no pretrained weights to adapt")  # fmt: skip
     teacher_tok = live = None
     if teacher_data and method.token_level:
         teacher_tok = load_tokenizer(manifest["model"]["path"])
@@ -186,9 +216,52 @@ def _student(cfg: DistillConfig, method: LMMethod, manifest: dict, teacher_data:
         size = LMSize(lm.hidden, lm.layers, lm.heads, lm.kv_heads, lm.intermediate, lm.context, lm.experts,
                       lm.experts_per_token, lm.router_aux_loss)  # fmt: skip
         model = build_lm(lm.family, size, tokenizer, seed=cfg.seed).to(dev_)
-    if teacher_tok is not None:
+    if teacher_tok is not None and not method.cross_tokenizer:
         check_same_tokenizer(teacher_tok, tokenizer, cfg.method)
-    return model, tokenizer, live
+    return _trainable(model, cfg), tokenizer, live, teacher_tok
+
+
+def _trainable(model, cfg: DistillConfig):
+    """The student as it trains: activations recomputed in the backward pass with
+    ``lm.gradient_checkpointing`` (non-reentrant, so a frozen base still passes gradients to
+    an adapter), and wrapped in a LoRA adapter when ``lora.r`` > 0."""
+    if cfg.lm.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise DistilError(f"{type(model).__name__} does not support gradient checkpointing; set lm.gradient_checkpointing=false")
+        _checkpointing(model, True)
+    if cfg.lora.r > 0:
+        torch.manual_seed(cfg.seed)  # the adapter's A matrices start random: the same ones in every run
+        model = lora.wrap(model, cfg.lora, cfg.lm.init)
+    return model
+
+
+def _checkpointing(model, on: bool) -> None:
+    """Gradient checkpointing on or off: transformers 5 names it activation checkpointing
+    (the old name warns), transformers 4 only knows the old name."""
+    if on:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    else:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+
+
+def with_student(cfg: DistillConfig, student: str | Path | None, data, data_cfg: DataConfig) -> DistillConfig:
+    """``cfg`` with ``--student`` (a model directory, a shipped name or a hub name) as its
+    ``lm.init``: one setting under two names, so naming both is refused; so is a student for
+    data of another modality, whose run would ignore it."""
+    from stages.modality import NAMES, of_data
+
+    if not student:
+        return cfg
+    if (modality := of_data(data, data_cfg)) != LM:
+        raise DistilError(f"--student names a language-model student, but '{data}' is {NAMES[modality]} data; drop --student")
+    if cfg.lm.init:
+        raise DistilError(f"--student {student} and lm.init={cfg.lm.init} (params or --set) both name the student; "
+                          "pass only one of them")  # fmt: skip
+    named = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, init=str(student)))
+    if hasattr(cfg, "_given"):  # what check_modality reads: the keys this run set
+        object.__setattr__(named, "_given", cfg._given)
+    return named
 
 
 def _teacher_tokenizer_if_any(manifest: dict):
@@ -206,12 +279,23 @@ def _target(row: dict) -> str:
     return row["completion"] if "completion" in row else row["answer"]
 
 
-def _encoder(tokenizer, max_len: int, k: int, token_level: bool):
+def _encoder(tokenizer, max_len: int, k: int, token_level: bool, *, last_only: bool = False):
     """``encode_row(raw row)`` -> the tuple ``collate`` takes: text pairs re-tokenised, or
-    (token-level) the teacher's own tokens with their stored top-k as [n, k] arrays."""
+    (token-level) the teacher's own tokens with their stored top-k as [n, k] arrays.
+    A chat row (``messages``) is rendered with the student's own template, the teacher's
+    completion as its final assistant turn, the loss on assistant tokens only
+    (``stages.lm.chat.encode_chat``; ``last_only``: the final turn, for on-policy methods,
+    which sample and score one completion). Token-level methods keep the prompt as the
+    teacher rendered it (the stored ``prompt``): the student shares the teacher's tokenizer,
+    and the stored top-k follow that prompt's tokens."""
 
     def encode_row(r: dict) -> tuple:
         w = r.get("weight", 1.0)
+        if r.get(MESSAGES) and not token_level:
+            try:
+                return (*encode_chat(tokenizer, training_conversation(r), max_len, last_only=last_only), None, None, w)
+            except DistilError as exc:
+                raise DistilError(f"row {r['id']}: {exc}") from None
         if not token_level:
             return (*encode(tokenizer, r["prompt"], _target(r), max_len), None, None, w)
         ids, labels = encode_tokens(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"], r["token_ids"], max_len)
@@ -227,6 +311,10 @@ def _loss(method: LMMethod, cfg: DistillConfig, live, tokenizer, max_len: int):
         from stages.lm.methods.on_policy import on_policy_loss
 
         return on_policy_loss(method, cfg, live, tokenizer, max_len)
+    if method.cross_tokenizer:
+        from stages.lm.methods.cross_tokenizer import cross_tokenizer_loss
+
+        return cross_tokenizer_loss(method.divergence, cfg)
     if method.token_level:
         from stages.lm.methods.token_level import top_k_loss
 
@@ -236,26 +324,38 @@ def _loss(method: LMMethod, cfg: DistillConfig, live, tokenizer, max_len: int):
 
 def _train(cfg: DistillConfig, data, data_cfg: DataConfig, out: Path, model, tokenizer, pairs: dict, loss_fn, *,
            gated: dict, teacher_id: str, device, progress: bool) -> Path:  # fmt: skip
-    """Fit the student (resumably, in ``out``'s work directory) and commit it with its tokenizer."""
+    """Fit the student (resumably, in ``out``'s work directory) and commit it with its
+    tokenizer: the whole model, or a LoRA student's adapter (and merged weights with
+    ``lora.merge``; the layout is in ``stages.lm.lora``)."""
     params = {"distill": to_dict(cfg), "data": to_dict(data_cfg)}
     inputs = {"data": source_identity(data) if Path(data).exists() else f"task:{data}", "teacher": teacher_id}
+    if cfg.lm.init:
+        inputs["student"] = lm_identity(cfg.lm.init)["sha256"]
     output = Output(out, fingerprint("distill", params, inputs))
-    with output as work:
-        with logged(work, progress) as (live, bar):
+    rank, _ = ranks()
+    with main_first():  # several processes: the first opens (or clears) the work directory, the others then share it
+        work = output.open() if rank == 0 else output.dir
+    with output if rank == 0 else contextlib.nullcontext(work):
+        with logged(work, progress) if rank == 0 else contextlib.nullcontext((None, None)) as (live, bar):
             torch.manual_seed(cfg.seed)
             summary = fit(model, pairs["train"], pairs["dev"], cfg, work, pad_id=tokenizer.pad_token_id, device=device,
                           loss_fn=loss_fn, bar=bar, live=live)  # fmt: skip
+        if rank != 0:  # one process writes the model
+            return output.final
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        model.save_pretrained(work)
-        tokenizer.save_pretrained(work)
-        summary = {
-            "method": cfg.method,
-            "params": sum(p.numel() for p in model.parameters()),
-            "train_rows": len(pairs["train"]),
-            **gated,
-            **summary,
-        }
+        if cfg.lm.gradient_checkpointing:
+            _checkpointing(model, False)
+        counts = lora.parameter_counts(model)
+        if cfg.lora.r > 0:
+            lora.save(model, tokenizer, work, merge=cfg.lora.merge)
+        else:
+            model.save_pretrained(work)
+            tokenizer.save_pretrained(work)
+        student = {"init": cfg.lm.init} if cfg.lm.init else {}
+        if cfg.lora.r > 0:
+            student["lora"] = {"r": cfg.lora.r, "merged": cfg.lora.merge}
+        summary = {"method": cfg.method, **counts, **student, "train_rows": len(pairs["train"]), **gated, **summary}
         finish(work, summary, kind=Kind.LM_MODEL, params=params, inputs=inputs, extra={"task": {"name": str(data)}})
         return output.commit()

@@ -166,7 +166,8 @@ def shipped_model(name: str) -> tuple[str, str]:
 
 def load_lm(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """(model, tokenizer) from a local directory, a shipped model name (``smollm2-135m``)
-    or, for online users, a hub name."""
+    or, for online users, a hub name. A LoRA student's folder (``stages.lm.lora``) loads as
+    one plain model: its merged weights, or its base with the adapter merged in."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -182,6 +183,10 @@ def load_lm(name_or_path: str | Path, device: str | torch.device = "cpu", dtype:
             tokenizer.pad_token = tokenizer.eos_token
         return model.to(device).eval(), tokenizer
     path = Path(name_or_path)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        from stages.lm import lora
+
+        return lora.load(path, device, dtype)
     if path.exists():
         if not path.is_dir() or not any(path.glob("*.safetensors")):
             # *.bin weights are torch pickles, which can run code when loaded: never read
@@ -191,6 +196,9 @@ def load_lm(name_or_path: str | Path, device: str | torch.device = "cpu", dtype:
             )
         if not (path / "config.json").exists():
             raise DistilError(f"{path} has no config.json; it is not a transformers model directory")
+    elif path.is_absolute() or str(name_or_path).startswith((".", "~")) or str(name_or_path).count("/") > 1:
+        raise DistilError(f"model directory {name_or_path} does not exist; pass a model directory, a shipped model "
+                          f"({', '.join(SHIPPED)}) or a hub name (org/name)")  # fmt: skip
     elif "/" not in str(name_or_path):
         raise DistilError(
             f"model '{name_or_path}' is neither a directory, a shipped model ({', '.join(SHIPPED)}) nor a hub name (org/name)"
@@ -233,13 +241,23 @@ def load_tokenizer(name_or_path: str | Path):
 
 
 def lm_identity(name_or_path: str | Path) -> dict[str, str]:
-    """Path and content hash of an LM (for a shipped model: of its GGUF file)."""
+    """Path and content hash of an LM (for a shipped model: of its GGUF file; for a LoRA
+    adapter without merged weights: of the adapter, its config and its base's hash)."""
+    import hashlib
+
     from stages.artifacts import artifact_hash, file_hash
 
     if str(name_or_path) in SHIPPED:
         directory, gguf = shipped_model(str(name_or_path))
         return {"path": str(name_or_path), "sha256": file_hash(Path(directory) / gguf)}
     path = Path(name_or_path)
+    if (path / "adapter_config.json").is_file() and not (path / "merged" / "config.json").is_file():
+        from stages.lm.lora import base_of
+
+        base = base_of(path)
+        base_id = lm_identity(base)["sha256"] if Path(base).resolve() != path.resolve() else ""
+        parts = (artifact_hash(path), file_hash(path / "adapter_config.json"), base_id)
+        return {"path": str(name_or_path), "sha256": hashlib.sha256(" ".join(parts).encode()).hexdigest()}
     return {"path": str(name_or_path), "sha256": artifact_hash(path) if path.exists() else f"hub:{name_or_path}"}
 
 
@@ -248,5 +266,6 @@ def check_same_tokenizer(teacher_tok, student_tok, method: str) -> None:
     if len(teacher_tok) != len(student_tok) or teacher_tok.get_vocab() != student_tok.get_vocab():
         raise DistilError(
             f"method '{method}' compares token distributions, but the teacher's tokenizer has {len(teacher_tok)} tokens "
-            f"and the student's {len(student_tok)} (or they differ); use one tokenizer for both, or --method sft"
+            f"and the student's {len(student_tok)} (or they differ); use one tokenizer for both, a cross-tokenizer method "
+            "(--method uld or span-kd: aligned by characters), or --method sft"
         )

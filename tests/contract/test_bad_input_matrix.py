@@ -268,7 +268,7 @@ CASES = [
     Case("distill-classifier-teacher-missing", lambda w, tmp: ["distill", "--method", "kd", "--data", "digits", "-t", tmp / "none"],
          r"not a distil model|does not exist"),
     Case("distill-lm-kd-tokenizer-mismatch", lambda w, tmp: ["distill", "--method", "kd", "--data", w["lm_tdata"], *LM_SIZE,
-         "--set", f"lm.init={w['lm_other_vocab']}"], r"compares token distributions.*use one tokenizer for both, or --method sft"),
+         "--set", f"lm.init={w['lm_other_vocab']}"], r"compares token distributions.*use one tokenizer for both, a cross-tokenizer method.*or --method sft"),
     Case("distill-lm-on-policy-tokenizer-mismatch", lambda w, tmp: ["distill", "--method", "on-policy", "--data", w["lm_tdata"],
          "-t", w["lm"], *LM_SIZE, "--set", f"lm.init={w['lm_other_vocab']}"], r"compares token distributions.*use one tokenizer"),
     Case("distill-lm-init-is-a-classifier", lambda w, tmp: ["distill", "--method", "sft", "--data", "basic_arithmetic", *LM_DATA,

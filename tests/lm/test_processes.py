@@ -65,3 +65,25 @@ def test_a_resume_needs_as_many_processes_as_the_killed_run(teacher, tmp_path):
     assert rerun.returncode != 0 and "resume with as many" in rerun.stderr and "exitcode  : 2" in rerun.stderr
     assert "[rank0]:" not in rerun.stderr  # no traceback from a process
     Cli(params).ok("generate-teacher-data", "--teacher", teacher, "--out", tmp_path / "td", *GEN)  # one process resumes it
+
+
+def test_two_processes_train_the_loss_curve_of_one_at_the_same_global_batch(tmp_path):
+    import json
+
+    from conftest import Cli, write_params
+
+    params = write_params(tmp_path)
+    args = ["distill", "--method", "sft", "--data", "basic_arithmetic", "--set", "epochs=3", *LM]
+    Cli(params).ok(*args, "--out", tmp_path / "one")
+    two = torchrun(2, *args, "--out", tmp_path / "two", params=params)
+    assert two.returncode == 0, two.stderr[-3000:]
+    h1 = json.loads((tmp_path / "one" / "training.json").read_text())["history"]
+    h2 = json.loads((tmp_path / "two" / "training.json").read_text())["history"]
+    assert len(h1) == len(h2) == 3
+    for a, b in zip(h1, h2, strict=True):  # per-process token means averaged by DDP vs one global token mean
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05)
+        assert b["dev_loss"] == pytest.approx(a["dev_loss"], rel=0.05)
+    assert h2[-1]["dev_loss"] < h2[0]["dev_loss"]
+    bad = torchrun(2, *args, "--out", tmp_path / "odd", "--set", "batch_size=15", params=params)
+    assert bad.returncode != 0 and "does not split over 2 processes" in bad.stderr and "exitcode  : 2" in bad.stderr
+    assert not (tmp_path / "odd").exists() and not (tmp_path / "odd.partial").exists()

@@ -5,8 +5,9 @@ and builds its loss from the declaration alone, never from the method's name: go
 or teacher completions (``sft``), stored top-k teacher log-probs (the token-level
 divergences, ``tsd``, ``mst``), or one live teacher (``on-policy``). ``divergence`` names
 the loss of ``stages.losses.DIVERGENCES`` the method applies. The losses live beside this
-table: ``token_level`` (top-k divergences, TSD's token selection), ``on_policy`` (GKD) and
-``mst`` (the gate that picks one teacher per prompt). Kept free of heavy imports so
+table: ``token_level`` (top-k divergences, TSD's token selection), ``on_policy`` (GKD),
+``mst`` (the gate that picks one teacher per prompt) and ``cross_tokenizer`` (``uld``, ``span-kd``:
+a student with its own tokenizer, compared on aligned spans). Kept free of heavy imports so
 ``--help`` lists it cheaply.
 """
 
@@ -27,6 +28,9 @@ class LMMethod:
     """Distil only the tokens TSD-KD's selection keeps (``token_level._token_selection``)."""
     gated: bool = False
     """Train on the rows of the one teacher a gate picks per prompt (``mst.gate_rows``)."""
+    cross_tokenizer: bool = False
+    """The student may split text differently from the teacher: ``divergence`` names a loss of
+    ``stages.losses.cross_tokenizer.CROSS_TOKENIZER``, compared on aligned spans (``cross_tokenizer``)."""
 
     @property
     def token_level(self) -> bool:
@@ -40,6 +44,14 @@ LM_METHODS: dict[str, LMMethod] = {
     "jsd": LMMethod("token-level generalised JSD (beta) against the stored top-k teacher log-probs", "top-k", "jsd"),
     "skew-kl": LMMethod("token-level skew KL (DistiLLM) against the stored top-k teacher log-probs", "top-k", "skew-kl"),
     "tvd": LMMethod("token-level total variation against the stored top-k teacher log-probs", "top-k", "tvd"),
+    "uld": LMMethod(
+        "cross-tokenizer: ULD, L1 between sorted probabilities (Wasserstein-1) of the stored top-k teacher and the "
+        "student on aligned spans, mixed with CE; the student may have its own tokenizer", "top-k", "uld", cross_tokenizer=True,
+    ),  # fmt: skip
+    "span-kd": LMMethod(
+        "cross-tokenizer: KL on each aligned span's probability and on the teacher's top-k that map to student tokens "
+        "by exact string, mixed with CE; the student may have its own tokenizer", "top-k", "span-kd", cross_tokenizer=True,
+    ),  # fmt: skip
     "on-policy": LMMethod(
         "GKD: the student samples completions (share lmbda of batches), a live --teacher scores every token", "live", "jsd"
     ),
