@@ -21,6 +21,7 @@ BENCHMARKS = [
     "lm_moe",
     "diffusion",
     "teachers",
+    "cross_tokenizer",
 ]
 
 

@@ -107,12 +107,11 @@ def save(model, tokenizer, out: Path, *, merge: bool) -> None:
         tokenizer.save_pretrained(out / MERGED)
 
 
-def load(path: Path, device, dtype: torch.dtype | None = None, _seen: tuple[Path, ...] = ()):
+def load(path: Path, device, dtype: torch.dtype | None, load_lm, load_tokenizer, _seen: tuple[Path, ...] = ()):
     """(model, tokenizer) of a LoRA student's folder: its merged weights when present, else
     its base (``base_model_name_or_path``, itself possibly a LoRA student) with the adapter
-    merged in, so callers get one plain transformers model either way."""
-    from stages.lm.models import load_lm
-
+    merged in, so callers get one plain transformers model either way. ``load_lm`` and
+    ``load_tokenizer`` are ``stages.lm.models``' loaders (passed in: that module calls this one)."""
     path = Path(path)
     if (path / MERGED / "config.json").is_file():
         return load_lm(path / MERGED, device, dtype)
@@ -125,12 +124,12 @@ def load(path: Path, device, dtype: torch.dtype | None = None, _seen: tuple[Path
                           f"set base_model_name_or_path in {path / ADAPTER_CONFIG} to the model it was trained on")  # fmt: skip
     try:
         if is_adapter(base):
-            model, _ = load(Path(base), "cpu", dtype, (*_seen, path.resolve()))
+            model, _ = load(Path(base), "cpu", dtype, load_lm, load_tokenizer, (*_seen, path.resolve()))
         else:
             model, _ = load_lm(base, "cpu", dtype)
     except DistilError as exc:
         raise DistilError(f"{path} is a LoRA adapter on {base}, which does not load: {exc}") from None
-    tokenizer = _tokenizer(path, base)
+    tokenizer = _tokenizer(path, base, load_tokenizer)
     return _merged(model, path, base).to(device).eval(), tokenizer
 
 
@@ -167,10 +166,8 @@ def base_of(path: Path) -> str:
     return str(base)
 
 
-def _tokenizer(path: Path, base: str):
+def _tokenizer(path: Path, base: str, load_tokenizer):
     """The tokenizer saved with the adapter, else the base's."""
-    from stages.lm.models import load_tokenizer
-
     try:
         return load_tokenizer(path)
     except DistilError:

@@ -186,7 +186,7 @@ def load_lm(name_or_path: str | Path, device: str | torch.device = "cpu", dtype:
     if path.is_dir() and (path / "adapter_config.json").is_file():
         from stages.lm import lora
 
-        return lora.load(path, device, dtype)
+        return lora.load(path, device, dtype, load_lm, load_tokenizer)
     if path.exists():
         if not path.is_dir() or not any(path.glob("*.safetensors")):
             # *.bin weights are torch pickles, which can run code when loaded: never read
