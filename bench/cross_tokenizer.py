@@ -17,7 +17,6 @@ Writes ``bench/results/cross_tokenizer.{md,json}``.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import statistics
@@ -26,11 +25,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import yaml
-from rich.console import Console
 
-from bench.harness import cached, emit, paired, workdir
-from stages import distill, evaluate, generate_teacher_data, select
-from stages.config import DataConfig, DistillConfig, EvaluateConfig, GenerateTeacherDataConfig, SelectConfig, load_section
+from bench.harness import accuracy_table, cached, emit, lm_accuracies, paired, workdir
+from stages import distill, generate_teacher_data, select
+from stages.config import DataConfig, DistillConfig, GenerateTeacherDataConfig, SelectConfig, load_section
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "chain_sum"
@@ -66,18 +64,7 @@ def _one_seed(params: dict, seed: int, d: Path) -> dict[str, float]:
         out = d / method
         cached(out, (teacher, gen, sel, cfg), lambda cfg=cfg, out=out: distill.run(cfg, d / "sel", out, data_cfg=data, progress=False))
         names[method] = out
-    ev = evaluate.run(load_section(EvaluateConfig, params, "lm_evaluate"), list(names.values()), TASK, d / "ev",
-                      data_cfg=data, console=Console(file=io.StringIO()))  # fmt: skip
-    metrics = json.loads((ev / "metrics.json").read_text())
-    return {name: metrics[path.name]["accuracy"] for name, path in names.items()}
-
-
-def _table(acc: dict[str, list[float]], seeds: int) -> str:
-    lines = [f"| model | test accuracy (mean ± std over {seeds} seeds) | per seed |", "|---|---|---|"]
-    for name, xs in acc.items():
-        std = statistics.stdev(xs) if len(xs) > 1 else 0.0
-        lines.append(f"| {name} | {statistics.fmean(xs):.3f} ± {std:.3f} | {', '.join(f'{x:.3f}' for x in xs)} |")
-    return "\n".join(lines) + "\n"
+    return lm_accuracies(params, names, TASK, d / "ev", data)
 
 
 def main() -> int:
@@ -92,7 +79,7 @@ def main() -> int:
               for m in ("uld", "span-kd")}  # fmt: skip
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
-    (results / "cross_tokenizer.md").write_text(_table(acc, len(seeds)))
+    (results / "cross_tokenizer.md").write_text(accuracy_table(acc, len(seeds)))
     summary = {"seeds": len(seeds), "task": TASK, "student_vocab": STUDENT_VOCAB, "accuracy": acc,
                "mean": {k: statistics.fmean(v) for k, v in acc.items()}, **claims, "seconds": time.perf_counter() - t0}  # fmt: skip
     (results / "cross_tokenizer.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -72,3 +72,27 @@ def cached(out: Path, settings: object, step: Callable[[], object]) -> Path:
     step()
     stamp.write_text(key)
     return out
+
+
+def lm_accuracies(params: dict, models: dict[str, Path], task: str, out: Path, data_cfg) -> dict[str, float]:
+    """Test accuracy of each named LM (the task's scorer, ``lm_evaluate`` settings) in one evaluate run."""
+    import io
+
+    from rich.console import Console
+
+    from stages import evaluate
+    from stages.config import EvaluateConfig, load_section
+
+    ev = evaluate.run(load_section(EvaluateConfig, params, "lm_evaluate"), list(models.values()), task, out,
+                      data_cfg=data_cfg, console=Console(file=io.StringIO()))  # fmt: skip
+    metrics = json.loads((ev / "metrics.json").read_text())
+    return {name: metrics[path.name]["accuracy"] for name, path in models.items()}
+
+
+def accuracy_table(acc: dict[str, list[float]], seeds: int) -> str:
+    """Markdown: per model its mean ± std over seeds and the per-seed values."""
+    lines = [f"| model | test accuracy (mean ± std over {seeds} seeds) | per seed |", "|---|---|---|"]
+    for name, xs in acc.items():
+        std = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        lines.append(f"| {name} | {statistics.fmean(xs):.3f} ± {std:.3f} | {', '.join(f'{x:.3f}' for x in xs)} |")
+    return "\n".join(lines) + "\n"

@@ -19,7 +19,6 @@ accuracies, means, standard deviations and the claims as booleans.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import statistics
@@ -29,11 +28,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import yaml
-from rich.console import Console
 
-from bench.harness import emit, paired
-from stages import distill, evaluate, generate_teacher_data, select
-from stages.config import DataConfig, DistillConfig, EvaluateConfig, GenerateTeacherDataConfig, SelectConfig, load_section
+from bench.harness import accuracy_table, emit, lm_accuracies, paired
+from stages import distill, generate_teacher_data, select
+from stages.config import DataConfig, DistillConfig, GenerateTeacherDataConfig, SelectConfig, load_section
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "chain_sum"
@@ -66,18 +64,7 @@ def _one_seed(params: dict, seed: int, d: Path, methods: list[str]) -> dict[str,
             cfg = replace(cfg, steps=params["lm_on_policy"]["steps"], lm=replace(cfg.lm, init=str(d / "sft-teacher-data")))
         distill.run(cfg, d / "sel", out, data_cfg=data, teachers=live, progress=False)
         names[f"{method} (teacher data)" if method == "sft" else method] = out
-    ev = evaluate.run(load_section(EvaluateConfig, params, "lm_evaluate"), list(names.values()), TASK, d / "ev",
-                      data_cfg=data, console=Console(file=io.StringIO()))  # fmt: skip
-    metrics = json.loads((ev / "metrics.json").read_text())
-    return {name: metrics[path.name]["accuracy"] for name, path in names.items()}
-
-
-def _table(acc: dict[str, list[float]], seeds: int) -> str:
-    lines = [f"| model | test accuracy (mean ± std over {seeds} seeds) | per seed |", "|---|---|---|"]
-    for name, xs in acc.items():
-        std = statistics.stdev(xs) if len(xs) > 1 else 0.0
-        lines.append(f"| {name} | {statistics.fmean(xs):.3f} ± {std:.3f} | {', '.join(f'{x:.3f}' for x in xs)} |")
-    return "\n".join(lines) + "\n"
+    return lm_accuracies(params, names, TASK, d / "ev", data)
 
 
 def main() -> int:
@@ -101,7 +88,7 @@ def main() -> int:
     }
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
-    (results / "lm_students.md").write_text(_table(acc, len(seeds)))
+    (results / "lm_students.md").write_text(accuracy_table(acc, len(seeds)))
     summary = {"seeds": len(seeds), "task": TASK, "data": params["data"], "accuracy": acc, "mean": mean, **claims,
                "seconds": time.perf_counter() - t0}  # fmt: skip
     (results / "lm_students.json").write_text(json.dumps(summary, indent=2) + "\n")
