@@ -64,7 +64,7 @@ def test_429_waits_for_retry_after(fake):
 @pytest.mark.parametrize(
     ("fault", "error"),
     [("garbage", r"malformed response to /completions \(JSONDecodeError"), ("missing", r"malformed response .*KeyError: 'choices'"),
-     ("drop", r"connection failed \(RemoteProtocolError")],
+     ("drop", r"connection failed \((RemoteProtocolError|ReadError)")],  # which one depends on when the drop lands
 )  # fmt: skip
 def test_malformed_or_dropped_answers_are_retried(fake, fault, error):
     teacher = HTTPTeacher(fake.url, config(retries=2))
