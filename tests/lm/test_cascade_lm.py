@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from one_thread import one_thread  # noqa: F401  (autouse: one torch thread for this module)
 
 from stages.errors import DistilError
 from stages.lm.cascade import ALWAYS_DEFER, LM_POLICIES, decide, first_round, leader_wins, rounds, weighted_vote
@@ -34,17 +35,6 @@ def _prompts(path: Path, splits: dict[str, int], seed: int = 0) -> list[dict]:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one intra-op thread; this also keeps the file's runtime
-    independent of OMP_NUM_THREADS (two threads on two busy cores are ~7x slower here)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from one_thread import one_thread  # noqa: F401  (autouse: one torch thread for this module)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -17,14 +18,6 @@ SIZES = ["--set", "data.sizes=[40,8,8]"]
 TRAIN = [*SIZES, "--set", "batch_size=8", "--set", "lr=0.03", "--set", "epochs=2", "-q"]
 LORA = ["--set", "lora.r=4", "--set", "lora.alpha=8"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one intra-op thread (see tests/lm/test_cascade_lm.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_base(path: Path, hidden: int = 32, layers: int = 2) -> Path:

@@ -11,18 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from one_thread import one_thread  # noqa: F401  (autouse: one torch thread for this module)
 from safetensors.torch import load_file
 
 TRAIN = ["--set", "data.sizes=[40,8,8]", "--set", "batch_size=8", "--set", "lr=0.01", "--set", "epochs=2", "-q"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one intra-op thread (see tests/lm/test_cascade_lm.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from stages.config import ServeConfig, TeacherConfig
 from stages.errors import DistilError
 
@@ -33,6 +35,12 @@ def tiny_lm(tmp_path_factory) -> Path:
         model.save_pretrained(path)
         tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    """The tiny LM's in-process engine (import it into a test module to use it)."""
+    return open_engine(tiny_lm(tmp_path_factory))
 
 
 def open_engine(path: Path):

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 from loopback import serving
-from serve_helpers import CascadeLike, Slow, open_engine, serve_config, tiny_lm
+from serve_helpers import CascadeLike, Slow, engine, open_engine, serve_config, tiny_lm  # noqa: F401  (engine: a fixture)
 
 from stages.lm.serve import build_app
 from stages.lm.serve.protocol import ChatMessage, chat_prompt
@@ -21,11 +21,6 @@ from stages.lm.teachers.vocabulary import tokenizer_fingerprint
 
 PROMPTS = [f"Question: {a} + {b}\nAnswer:" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 0), (2, 2), (0, 5)]]
 NAME = "tiny"
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    return open_engine(tiny_lm(tmp_path_factory))
 
 
 @pytest.fixture(scope="module")

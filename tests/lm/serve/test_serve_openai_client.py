@@ -8,7 +8,7 @@ import numpy as np
 import openai
 import pytest
 from loopback import serving
-from serve_helpers import open_engine, serve_config, tiny_lm
+from serve_helpers import engine, open_engine, serve_config, tiny_lm  # noqa: F401  (engine: a fixture)
 
 from stages.lm.serve import build_app
 from stages.lm.teachers.base import Sampling
@@ -16,11 +16,6 @@ from stages.lm.teachers.vocabulary import tokenizer_fingerprint
 
 NAME = "tiny-student"
 PROMPT = "Question: 3 + 4\nAnswer:"
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    return open_engine(tiny_lm(tmp_path_factory))
 
 
 @pytest.fixture(scope="module")

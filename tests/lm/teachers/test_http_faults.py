@@ -8,8 +8,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from loopback import free_port, serving
-from test_http_teacher import FakeOpenAI, config, expected
+from loopback import free_port
+from test_http_teacher import config, expected, running
 
 from stages.errors import DistilError
 from stages.lm.teachers.base import Sampling
@@ -29,11 +29,7 @@ def no_api_key(monkeypatch):
 def server(tmp_path_factory):
     from stages.lm.models import train_tokenizer
 
-    tok = train_tokenizer([f"Question: {a} + {a}\nAnswer: {2 * a}" for a in range(50)], vocab_size=300)
-    fake = FakeOpenAI(tok)
-    with serving(fake.app) as base:
-        fake.url = f"{base}/v1"
-        yield fake
+    yield from running(train_tokenizer([f"Question: {a} + {a}\nAnswer: {2 * a}" for a in range(50)], vocab_size=300))
 
 
 @pytest.fixture

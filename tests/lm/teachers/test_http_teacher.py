@@ -222,14 +222,19 @@ def tok_dir(tmp_path_factory):
     return out
 
 
+def running(tokenizer):
+    """A ``FakeOpenAI`` of ``tokenizer`` served on loopback for as long as the generator lives."""
+    fake = FakeOpenAI(tokenizer)
+    with serving(fake.app) as base:
+        fake.url = f"{base}/v1"
+        yield fake
+
+
 @pytest.fixture(scope="module")
 def server(tok_dir):
     from stages.lm.models import load_tokenizer
 
-    fake = FakeOpenAI(load_tokenizer(tok_dir))
-    with serving(fake.app) as base:
-        fake.url = f"{base}/v1"
-        yield fake
+    yield from running(load_tokenizer(tok_dir))
 
 
 @pytest.fixture
