@@ -22,6 +22,7 @@ BENCHMARKS = [
     "diffusion",
     "teachers",
     "cross_tokenizer",
+    "topk_storage",
 ]
 
 

@@ -17,8 +17,8 @@ from distilcli.options import (
     DataOpt,
     DecodeOpt,
     DeviceOpt,
+    EvaluateTeacherOpt,
     FeaturesOpt,
-    GeneratorTeacherOpt,
     HybridOpt,
     LabelOpt,
     OutOpt,
@@ -184,7 +184,7 @@ def evaluate(
     model: Annotated[Optional[list[Path]], typer.Option("--model", help="Model directory (repeatable); LMs: a shipped name such as smollm2-135m or a hub name too.")] = None,
     cascade_dir: Annotated[Optional[list[Path]], typer.Option("--cascade", help="Cascade output directory (repeatable).")] = None,
     decode: DecodeOpt = None,
-    steps: StepsOpt = None, hybrid_first_step: HybridOpt = None, teacher: GeneratorTeacherOpt = None,
+    steps: StepsOpt = None, hybrid_first_step: HybridOpt = None, teacher: EvaluateTeacherOpt = None,
     params: ParamsOpt = PARAMS, section: SectionOpt = None, set_: SetOpt = None, seed: SeedOpt = None,
     device: DeviceOpt = "auto", features: FeaturesOpt = None, label: LabelOpt = None, quiet: QuietOpt = False,
 ) -> None:  # fmt: skip

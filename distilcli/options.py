@@ -66,12 +66,13 @@ HybridOpt = Annotated[
     ),
 ]
 
-GeneratorTeacherOpt = Annotated[
+EvaluateTeacherOpt = Annotated[
     Optional[Path],
     typer.Option(
         "--teacher",
         "-t",
-        help="Generators: the diffusion teacher; each model's paired error to its teacher_steps-step ODE samples.",
+        help="Generators: the diffusion teacher; each model's paired error to its teacher_steps-step ODE samples. "
+        "LMs: the teacher each model is compared with (KL, top-1 and greedy agreement, speed-up).",
     ),
 ]
 

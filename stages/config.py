@@ -108,6 +108,10 @@ class DataConfig:
         "reasoning tasks: options of the reasoning-gym generator (e.g. {max_terms: 3, max_digits: 1}); "
         "for a mixture (chain_sum+basic_arithmetic) keyed by task: {chain_sum: {...}, basic_arithmetic: {...}}",
     )
+    chat: bool = _f(
+        False, "reasoning tasks: also give each prompt as a conversation (messages: one user turn), read through a chat model's template"
+    )
+    system: str = _f("", "reasoning tasks with chat: a system message before each question ('' = none)")
     prompt_column: str = _f("prompt", "LM prompt tables: the prompt column")
     answer_column: str = _f("answer", "LM prompt tables: the gold answer column (optional in the table)")
     long_tail: float = _f(
@@ -151,12 +155,21 @@ class LMConfig:
         "training a BPE; specialist teachers and their student share one vocabulary this way (mst)",
     )  # fmt: skip
     init: str = _f("", "start from this model directory or hub name instead of a config")
+    keep_layers: list[int] = _f(
+        [], "a student from init: keep only these decoder layers, by index (depth pruning before distilling; [] = all)",
+        valid=NONNEG,
+    )  # fmt: skip
     precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
     max_new_tokens: int = _f(16, "on-policy: length of the completions the student samples", valid=COUNT)
     chat_template: str = _f(
         "", "chat data: a Jinja chat template that replaces the model's own ('' = the tokenizer's, else the plain format)"
     )
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (long sequences, less memory)")
+    loss_chunk: int = _f(
+        256, "token positions per chunk of the fused student loss (output layer, log-softmax, CE and divergence and their "
+        "gradients on completion tokens a chunk at a time: the [tokens, vocab] logits never exist whole); 0 = unfused",
+        valid=NONNEG,
+    )  # fmt: skip
 
 
 @dataclass
@@ -609,8 +622,9 @@ class EvaluateConfig(SCMoEOptions):
     )
     teacher: str = _f(
         "",
-        "generators: diffusion teacher folder; paired error to its teacher_steps-step ODE samples ('' = none)",
-        only=(DIFFUSION,),
+        "generators: diffusion teacher folder; paired error to its teacher_steps-step ODE samples. LMs: the teacher the "
+        "models are compared with (per-token KL, top-1 and greedy agreement, speed-up) ('' = none)",
+        only=(DIFFUSION, LM),
     )
     teacher_steps: int = _f(50, "generators: ODE steps of the teacher's paired-error reference", only=(DIFFUSION,), valid=COUNT)
     time_samples: int = _f(

@@ -95,7 +95,14 @@ LM_TEACHER_DATA = pa.schema(
         pa.field("seq_logprob", pa.float32(), nullable=False),
         pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
         pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
-        pa.field("topk_logprobs", pa.list_(pa.float16()), nullable=False),
+        optional_field("topk_logprobs", pa.list_(pa.float16()), "topk_format 1: the top-k log-probs; null in format 2"),
+        optional_field(
+            "topk_codes",
+            pa.list_(pa.uint16()),
+            "topk_format 2: per token round(-logprob / topk_step) of its best entry, then the increments down its "
+            "top-k (a running total of 65535 is -inf); stages.lm.topk_codec",
+        ),
+        optional_field("topk_tail", pa.list_(pa.float32()), "topk_format 2: per token the mass outside the stored top-k"),
         optional_field("expert_ids", pa.list_(pa.uint8()), "MoE teachers: routed experts per generated token; empty/null = none"),
         optional_field("expert_weights", pa.list_(pa.float16()), "MoE teachers: router weights of expert_ids"),
         optional_field("finish_reason", pa.string(), "stop (end of sequence) or length (max_new_tokens); null in older files"),
@@ -105,7 +112,9 @@ LM_TEACHER_DATA = pa.schema(
 )
 """LM teacher samples: per generated token the top-k teacher token ids and log-probs,
 flattened row-major (``len(token_ids) * k`` values; k is in the manifest), never full
-vocabularies. ``answer`` is null when none could be parsed, with ``parse`` saying why.
+vocabularies. The manifest's ``topk_format`` says how (``stages.lm.topk_codec``, whose
+``TopKFormat`` every reader decodes with): 1 (absent) = float16 ``topk_logprobs``; 2 = uint16
+``topk_codes`` on a grid of ``topk_step`` nats plus ``topk_tail``, the mass outside the top-k. ``answer`` is null when none could be parsed, with ``parse`` saying why.
 MoE teachers also store their routing per generated token (``stages.lm.moe.routing``: the input
 position that predicted the token): ``expert_ids`` / ``expert_weights`` flattened token,
 then layer, then rank (``len(token_ids) * layers * experts_per_token`` values, shape in the

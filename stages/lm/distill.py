@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -33,9 +33,19 @@ from stages.errors import DistilError
 from stages.lm import lora
 from stages.lm.chat import encode_chat, install_template, training_conversation
 from stages.lm.methods import LM_METHODS, LMMethod
-from stages.lm.models import LMSize, build_lm, check_same_tokenizer, lm_identity, load_lm, load_tokenizer, train_tokenizer
+from stages.lm.models import (
+    LMSize,
+    build_lm,
+    check_same_tokenizer,
+    keep_layers,
+    lm_identity,
+    load_lm,
+    load_tokenizer,
+    train_tokenizer,
+)  # fmt: skip
 from stages.lm.teachers import open_teacher
 from stages.lm.teachers.vocabulary import shared_tokenizer
+from stages.lm.topk_codec import TopKFormat
 from stages.lm.training import RowSource, encode, encode_tokens, fit
 from stages.modality import LM
 from stages.runlog import finish, logged
@@ -67,11 +77,12 @@ def run(
         getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", cfg.lm.context),
     )
     install_template(tokenizer, cfg.lm.chat_template)  # saved with the student: it renders chats as it was trained
-    encode_row = _encoder(tokenizer, max_len, manifest.get("top_k", 0), method.token_level, last_only=method.teacher == "live")
+    topk = TopKFormat.of(manifest)
+    encode_row = _encoder(tokenizer, max_len, topk.k, method.token_level, last_only=method.teacher == "live", topk=topk)
     if method.cross_tokenizer:
         from stages.lm.methods.cross_tokenizer import cross_encoder
 
-        encode_row = cross_encoder(teacher_tok, tokenizer, max_len, manifest["top_k"])
+        encode_row = cross_encoder(teacher_tok, tokenizer, max_len, topk.k, topk=topk)
     pairs = {split: RowSource(*sources[split], encode_row) for split in SPLITS}
     loss_fn = _loss(method, cfg, live, tokenizer, max_len)
     teacher_id = live.identity["sha256"] if live is not None else ""
@@ -122,7 +133,8 @@ def _teacher_data_sources(cfg: DistillConfig, method: LMMethod, data, manifest: 
     if method.token_level and not manifest.get("top_k"):
         raise DistilError(f"{data} stores no top-k log-probs (top_k = 0); regenerate it with generate_teacher_data.top_k > 0")
     files = sorted(Path(data).glob("part-*.parquet"))
-    part_loader, count, gated = _part_loader, _count, {}
+    part_loader = partial(_part_loader, topk=TopKFormat.of(manifest)) if method.token_level else _part_loader
+    count, gated = _count, {}
     if method.gated:
         from stages.lm.methods.mst import gate_rows
 
@@ -132,11 +144,14 @@ def _teacher_data_sources(cfg: DistillConfig, method: LMMethod, data, manifest: 
     return {split: ([part_loader(f, split) for f in files], [count(f, split) for f in files]) for split in SPLITS}, gated
 
 
-def _part_loader(f: Path, split: str):
-    """A loader of one part's ``split`` rows that hold a completion."""
+def _part_loader(f: Path, split: str, topk: TopKFormat | None = None):
+    """A loader of one part's ``split`` rows that hold a completion; with ``topk``, each row's
+    stored top-k decoded for the whole part at once (``TopKFormat.rows``: a ``topk`` entry)."""
 
     def load():
-        return [r for r in pq.read_table(f).to_pylist() if r["split"] == split and (r["token_ids"] or r["completion"].strip())]
+        table = pq.read_table(f)
+        rows = topk.rows(table) if topk is not None else table.to_pylist()
+        return [r for r in rows if r["split"] == split and (r["token_ids"] or r["completion"].strip())]
 
     return load
 
@@ -206,8 +221,12 @@ def _student(cfg: DistillConfig, method: LMMethod, manifest: dict, teacher_data:
             raise DistilError(
                 f"{cfg.method} scores the student's tokens with the teacher: set teacher.tokenizer to the served teacher's tokenizer dir"
             )
+    if lm.keep_layers and not lm.init:
+        raise DistilError("lm.keep_layers prunes a pretrained student: pass --student DIR or NAME (lm.init), or set lm.layers")
     if lm.init:
         model, tokenizer = load_lm(lm.init, dev_)
+        if lm.keep_layers:
+            keep_layers(model, lm.keep_layers)
     else:
         texts = (r["prompt"] + " " + _target(r) for load in sources["train"][0] for r in load())
         tokenizer = (
@@ -279,7 +298,7 @@ def _target(row: dict) -> str:
     return row["completion"] if "completion" in row else row["answer"]
 
 
-def _encoder(tokenizer, max_len: int, k: int, token_level: bool, *, last_only: bool = False):
+def _encoder(tokenizer, max_len: int, k: int, token_level: bool, *, last_only: bool = False, topk: TopKFormat | None = None):
     """``encode_row(raw row)`` -> the tuple ``collate`` takes: text pairs re-tokenised, or
     (token-level) the teacher's own tokens with their stored top-k as [n, k] arrays.
     A chat row (``messages``) is rendered with the student's own template, the teacher's
@@ -287,7 +306,9 @@ def _encoder(tokenizer, max_len: int, k: int, token_level: bool, *, last_only: b
     (``stages.lm.chat.encode_chat``; ``last_only``: the final turn, for on-policy methods,
     which sample and score one completion). Token-level methods keep the prompt as the
     teacher rendered it (the stored ``prompt``): the student shares the teacher's tokenizer,
-    and the stored top-k follow that prompt's tokens."""
+    and the stored top-k follow that prompt's tokens; ``topk`` (default: format 1, ``k`` per
+    token) decodes them."""
+    topk = topk or TopKFormat(k)
 
     def encode_row(r: dict) -> tuple:
         w = r.get("weight", 1.0)
@@ -299,8 +320,8 @@ def _encoder(tokenizer, max_len: int, k: int, token_level: bool, *, last_only: b
         if not token_level:
             return (*encode(tokenizer, r["prompt"], _target(r), max_len), None, None, w)
         ids, labels = encode_tokens(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"], r["token_ids"], max_len)
-        n = len(r["token_ids"])
-        return ids, labels, np.asarray(r["topk_ids"]).reshape(n, k), np.asarray(r["topk_logprobs"], np.float32).reshape(n, k), w
+        top_ids, top_lp, _ = topk.row(r)
+        return ids, labels, top_ids, top_lp, w
 
     return encode_row
 

@@ -40,7 +40,8 @@ from stages.devices import resolve_device
 from stages.errors import DistilError
 from stages.lm.chat import row_prompt
 from stages.lm.generation import sample
-from stages.lm.models import is_moe, load_lm
+from stages.lm.likeness import greedy_match, likeness
+from stages.lm.models import is_moe, lm_identity, load_lm
 from stages.lm.moe.metrics import routing_metrics
 from stages.lm.moe.routing import routing_shape
 from stages.lm.moe.scmoe import check_decode, decoding
@@ -53,14 +54,18 @@ from stages.tasks.reasoning import extract_answer, normalise
 
 
 def lm_metrics(path: Path, rows: list[dict], task, cfg, device, teacher_answers: dict[int, str] | None = None,
-               routing: dict | None = None) -> dict[str, Any]:  # fmt: skip
+               routing: dict | None = None, greedy_out: list | None = None) -> dict[str, Any]:  # fmt: skip
     """The model's metrics; for an MoE model ``routing`` (when given) receives the per-layer
-    routing table (``layers``) and load (``load`` [layers, experts]) for ``write_routing``."""
+    routing table (``layers``) and load (``load`` [layers, experts]) for ``write_routing``;
+    ``greedy_out`` (when given) receives each prompt's text and greedy completion."""
     model, tokenizer = load_lm(path, device)
     moe = is_moe(model)
     decode = decoding(cfg, model, path)  # None = the model's own decoding
     score = scorer(task)
     prompts = [row_prompt(tokenizer, r) for r in rows]
+    # warm-up: the first generate call of a process pays one-off costs the timing must not charge to one model
+    sample(model, tokenizer, prompts[:1], samples=1, temperature=0.0, top_p=1.0, max_new_tokens=2, top_k=0, device=device,
+           decode=decode)  # fmt: skip
     t0 = time.perf_counter()
     greedy = []
     for i in range(0, len(prompts), min(cfg.batch_size, 64)):
@@ -68,6 +73,8 @@ def lm_metrics(path: Path, rows: list[dict], task, cfg, device, teacher_answers:
                          max_new_tokens=cfg.max_new_tokens, top_k=0, device=device, decode=decode,
                          routing=moe, prompt_routing=moe)  # fmt: skip
     seconds = time.perf_counter() - t0
+    if greedy_out is not None:
+        greedy_out.extend({"prompt": p, "completion": g["completion"], "token_ids": g["token_ids"]} for p, g in zip(prompts, greedy, strict=True))
     answers = [extract_answer(g["completion"])[0] for g in greedy]
     scores = [s for s in (score(r, a) for r, a in zip(rows, answers, strict=True)) if s is not None]
     tokens = sum(len(g["token_ids"]) for g in greedy)
@@ -95,6 +102,17 @@ def lm_metrics(path: Path, rows: list[dict], task, cfg, device, teacher_answers:
     if cfg.samples > 1:
         metrics.update(_sampled(model, tokenizer, rows, cfg, device, score, decode))
     return metrics
+
+
+def _compare_to_teacher(results: dict, greedy: dict[str, list], teacher: str, models: list[Path], device) -> None:
+    """Every model's likeness to ``teacher`` (``stages.lm.likeness``) into its metrics."""
+    name = Path(teacher).name
+    reference = greedy[name]
+    close = likeness(teacher, reference, {Path(p).name: str(p) for p in models}, device)
+    for model, metrics in results.items():
+        metrics.update(close.get(model, {}))
+        metrics["greedy_match"] = greedy_match([g["completion"] for g in greedy[model]], [g["completion"] for g in reference])
+        metrics["role"] = "teacher" if model == name else "student"
 
 
 def _routing(model, greedy: list[dict], cfg):
@@ -189,11 +207,19 @@ def run(cfg: EvaluateConfig, models: list[Path], data, out: Path, *, data_cfg: D
     params = {"evaluate": to_dict(cfg), "data": to_dict(data_cfg)}
     inputs = {"data": str(data), **{str(p): artifact_hash(Path(p)) for p in models}}
     output = Output(out, fingerprint("evaluate", params, inputs))
+    teacher = str(cfg.teacher) if cfg.teacher else ""
+    if teacher:
+        inputs["teacher"] = lm_identity(teacher)["sha256"]
+        models = [Path(teacher), *[p for p in models if str(p) != teacher]]  # the teacher first: its greedy answers are the reference
     with output as work:
         routing: dict[str, dict] = {Path(p).name: {} for p in models}  # MoE models: per-layer routing tables
+        greedy: dict[str, list] = {Path(p).name: [] for p in models}
         results = {
-            Path(p).name: lm_metrics(Path(p), rows, task, cfg, dev_, teacher_answers, routing[Path(p).name]) for p in models
-        }
+            Path(p).name: lm_metrics(Path(p), rows, task, cfg, dev_, teacher_answers, routing[Path(p).name], greedy[Path(p).name])
+            for p in models
+        }  # fmt: skip
+        if teacher:
+            _compare_to_teacher(results, greedy, teacher, models, dev_)
         write_routing(work, routing)
         write_json(work / "metrics.json", results)
         write_summary(work, results, console)

@@ -80,7 +80,7 @@ def sample(model, tokenizer, prompts: list[str], *, samples: int, temperature: f
             "token_ids": ids[:n],
             "seq_logprob": float(chosen[i, :n].sum()),
             "topk_ids": top[0][i, :n].flatten().int().tolist() if top is not None else [],
-            "topk_logprobs": top[1][i, :n].flatten().cpu().numpy().astype(np.float16) if top is not None else np.zeros(0, np.float16),
+            "topk_logprobs": top[1][i, :n].flatten().cpu().numpy().astype(np.float32) if top is not None else np.zeros(0, np.float32),
             "completion": tokenizer.decode(ids[:n], skip_special_tokens=True),
         })  # fmt: skip
     if routing:

@@ -7,6 +7,8 @@ load it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +143,34 @@ def active_parameters(model) -> int:
     return int(round(total - idle))
 
 
+def keep_layers(model, layers: list[int]):
+    """``model`` (in place) with only the decoder layers ``layers`` (0-based, increasing), a
+    depth-pruned student that starts from a pretrained model's weights: DistilBERT initialises
+    its student with one layer of every two of the teacher's (Sanh et al. 2019, section 3),
+    Minitron prunes whole layers before distilling (Muralidharan et al. 2024, section 2.2).
+    Each kept layer's attention gets its new index (the KV cache is addressed by it) and
+    the config its new depth, so ``save_pretrained`` writes a model plain transformers loads."""
+    import torch.nn as nn
+
+    base = getattr(model, "base_model", model)
+    name = next((n for n in ("layers", "h") if isinstance(getattr(base, n, None), nn.ModuleList)), None)
+    if name is None:
+        raise DistilError(f"lm.keep_layers cannot find the decoder layers of {type(model).__name__}; drop lm.keep_layers")
+    old = getattr(base, name)
+    if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= len(old):
+        raise DistilError(f"lm.keep_layers must be increasing layer indices in 0..{len(old) - 1} (the model has {len(old)} "
+                          f"layers), got {list(layers)}")  # fmt: skip
+    setattr(base, name, nn.ModuleList(old[i] for i in layers))
+    for j, layer in enumerate(getattr(base, name)):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = j
+    model.config.num_hidden_layers = len(layers)
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = [model.config.layer_types[i] for i in layers]
+    return model
+
+
 def build_lm(family: str, size: LMSize, tokenizer, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
@@ -175,10 +205,13 @@ def load_lm(name_or_path: str | Path, device: str | torch.device = "cpu", dtype:
     if str(name_or_path) in SHIPPED:
         directory, gguf = shipped_model(str(name_or_path))
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=dtype, trust_remote_code=False)
-        # dequantised on load: drop the GGUF quantisation record so save_pretrained writes plain weights
+        with _quiet_gguf():
+            model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=dtype, trust_remote_code=False)
+        # dequantised on load: drop the GGUF quantisation record (config and quantiser) so
+        # save_pretrained writes the plain weights a fully trained student holds
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        model.hf_quantizer = None
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return model.to(device).eval(), tokenizer
@@ -219,6 +252,26 @@ def load_lm(name_or_path: str | Path, device: str | torch.device = "cpu", dtype:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_gguf():
+    """transformers dequantises GGUF tensors under a plain tqdm bar (one per stage, in the
+    middle of distil's own output): silenced for the call."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def load_tokenizer(name_or_path: str | Path):

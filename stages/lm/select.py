@@ -32,6 +32,7 @@ from stages.artifacts import (
 from stages.config import DataConfig, SelectConfig, to_dict
 from stages.errors import DistilError
 from stages.lm.selectors import LM_SELECTORS, chained
+from stages.lm.topk_codec import TopKFormat, TopKWriter
 from stages.progress import progress_bar
 from stages.selection import Tally
 
@@ -55,13 +56,14 @@ def _run_samples(cfg: SelectConfig, data: Path, out: Path, *, progress: bool) ->
             f"unknown selection '{cfg.by}' for LM teacher data; choose one of {', '.join(LM_SELECTORS)} (or chain them: majority+dedup)"
         )
     files, _, total, manifest = inspect_table(data, LM_TEACHER_DATA, "LM teacher data")
+    topk = TopKFormat.of(manifest)  # a format this distil cannot read is refused before anything is written
     params = {"select": to_dict(cfg)}
     inputs = {"data": artifact_hash(data)}
     output = Output(out, fingerprint("select", params, inputs))
     with output as work:
         for stale in work.glob("part-*.parquet"):
             stale.unlink()
-        writer = TableWriter(work, LM_SELECTION)
+        writer = TopKWriter(work, LM_SELECTION)  # the columns pass through as stored (topk_format kept)
         tally = Tally(cfg.splits)
         with progress_bar(progress) as bar:
             task = bar.add_task(f"select {cfg.by}", total=total, info="")
@@ -73,7 +75,8 @@ def _run_samples(cfg: SelectConfig, data: Path, out: Path, *, progress: bool) ->
             raise DistilError(f"selection '{cfg.by}' kept no rows of {cfg.splits}; relax it (min_agreement, min_score, lengths)")
         write_manifest(work, kind=Kind.LM_SELECTION, params=params, inputs=inputs, rows=writer.done_rows, model=manifest.get("model", {}),
                        extra={"task": manifest.get("task", {}), "top_k": manifest.get("top_k", 0), "selection": tally.stats(),
-                              "teachers": manifest.get("teachers", [])})  # fmt: skip
+                              "teachers": manifest.get("teachers", []),
+                              **topk.manifest(manifest.get("topk_max_error", 0.0))})  # fmt: skip
         return output.commit()
 
 

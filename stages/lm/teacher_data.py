@@ -10,7 +10,7 @@ For each prompt the teacher samples ``samples`` completions (batched, with the K
 and each row stores the completion, its extracted answer and score
 (``stages.lm.scoring.scorer``), the sequence log-probability, and per generated token the
 teacher's top-k token ids and log-probs (of the untempered distribution, which is what a
-student distils). Prompts are written in parts of ``shard_prompts``; each part samples
+student distils; stored compactly, ``topk_format`` 2 of ``stages.lm.topk_codec``). Prompts are written in parts of ``shard_prompts``; each part samples
 from its own seed, so a killed run resumes after its last complete part and produces
 exactly what an uninterrupted run would.
 Several teachers (``--teacher`` repeated, for ``distill --method mst``) each sample every
@@ -44,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.artifacts import LM_TEACHER_DATA, Kind, Output, TableWriter, fingerprint, write_manifest
+from stages.artifacts import LM_TEACHER_DATA, Kind, Output, fingerprint, write_manifest
 from stages.config import DataConfig, GenerateTeacherDataConfig, to_dict
 from stages.devices import resolve_device
 from stages.distributed import barrier, ranks
@@ -56,6 +56,7 @@ from stages.lm.moe.scmoe import check_decode, decoding
 from stages.lm.scoring import scorer
 from stages.lm.teachers import Sampling, backend_of, open_teacher, resolve
 from stages.lm.teachers.vocabulary import describe_teachers
+from stages.lm.topk_codec import FORMAT, TopKFormat, TopKWriter, check_resumable, encode, max_error
 from stages.progress import progress_bar
 from stages.tasks import prompts_in_splits, source_identity
 from stages.tasks.messages import MESSAGES, from_json, plain, prompt_turns, to_json
@@ -89,7 +90,8 @@ def run(cfg: GenerateTeacherDataConfig, teacher: Path | str | list, data, out: P
     with _opened(output, rank, world) as work:
         mine = work if world == 1 else work / f"rank-{rank:03d}"
         mine.mkdir(exist_ok=True)
-        writer = TableWriter(mine, LM_TEACHER_DATA)
+        writer = TopKWriter(mine, LM_TEACHER_DATA)
+        check_resumable(writer.parts)
         # several teachers: teacher-major (all parts of teacher 0, then 1, ...), one in memory at a time; with several
         # processes part i is process i % world's
         parts = [(t, part, lo) for t in range(len(teachers)) for part, lo in enumerate(range(0, len(prompts), cfg.shard_prompts))]
@@ -110,7 +112,7 @@ def run(cfg: GenerateTeacherDataConfig, teacher: Path | str | list, data, out: P
         return output.commit()
 
 
-def _generate(step: dict, current, todo: list[tuple], writer: TableWriter, advance) -> int:
+def _generate(step: dict, current, todo: list[tuple], writer: TopKWriter, advance) -> int:
     """Sample the parts ``todo`` ((teacher, part, first prompt) each) and write each as one
     Parquet part; returns the tokens generated."""
     cfg, teachers, local, tokens, at = step["cfg"], step["teachers"], step["local"], 0, 0
@@ -128,9 +130,9 @@ def _generate(step: dict, current, todo: list[tuple], writer: TableWriter, advan
         chunk, sent = _chat_prompts(chunk, current, step["chat_api"])
         done = current.generate(sent, cfg.samples, sampling)
         step["k"] = _uniform_k(done, step["k"], step["text_only"] is not None, teachers[t])
-        records = _records(chunk, done, step["score"], teacher=t, teachers=len(teachers), samples=cfg.samples, k=step["k"])
+        records, error = _records(chunk, done, step["score"], teacher=t, teachers=len(teachers), samples=cfg.samples, k=step["k"])
         tokens += sum(len(r["token_ids"]) for r in records)
-        writer.write(pa.Table.from_pylist(records, schema=LM_TEACHER_DATA))
+        writer.write(pa.Table.from_pylist(records, schema=LM_TEACHER_DATA), max_error=error)
         advance()
     current.close()
     return tokens
@@ -289,16 +291,19 @@ def _uniform_k(done: list, k_store: int | None, text_only: bool, spec) -> int:
     return k_store
 
 
-def _records(chunk: list[dict], done: list, score, *, teacher: int, teachers: int, samples: int, k: int) -> list[dict]:
+def _records(chunk: list[dict], done: list, score, *, teacher: int, teachers: int, samples: int,
+             k: int) -> tuple[list[dict], float]:  # fmt: skip
     """The teacher-data rows of one part: per sample its prompt, parsed answer and score,
-    the sample's tokens with ``k`` top log-probs each, finish reason and usage; ids are
-    unique over prompts, teachers and samples."""
-    records = []
+    the sample's tokens with ``k`` top log-probs each (``topk_format`` 2, ``stages.lm.topk_codec``),
+    finish reason and usage; ids are unique over prompts, teachers and samples. Also the part's
+    largest top-k log-prob error."""
+    records, error = [], 0.0
     for j, c in enumerate(done):
         p = chunk[j // samples]
         answer, parse = extract_answer(c.text)
         ids = c.token_ids or []
-        top_ids, top_lp = _top_k(c, len(ids), k)
+        top = encode(*_top_k(c, len(ids), k))
+        error = max(error, top.max_error)
         records.append({
             "id": (p["id"] * teachers + teacher) * samples + j % samples, "prompt_id": p["id"],
             "sample": j % samples, "teacher": teacher,
@@ -306,21 +311,21 @@ def _records(chunk: list[dict], done: list, score, *, teacher: int, teachers: in
             "gold": p["answer"],
             "answer": answer, "parse": parse, "score": score(p, answer), "completion": c.text,
             "seq_logprob": float("nan") if c.seq_logprob is None else c.seq_logprob, "token_ids": ids,
-            "topk_ids": top_ids, "topk_logprobs": top_lp, "expert_ids": c.extra.get("expert_ids", []),
+            "topk_ids": top.ids.reshape(-1), "topk_logprobs": None, "topk_codes": top.codes.reshape(-1),
+            "topk_tail": top.tail, "expert_ids": c.extra.get("expert_ids", []),
             "expert_weights": c.extra.get("expert_weights", []), "finish_reason": c.finish_reason,
             "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
         })  # fmt: skip
-    return records
+    return records, error
 
 
-def _top_k(c, n: int, k: int) -> tuple[list[int], np.ndarray]:
-    """The first ``k`` of each token's stored top-k (a completion may carry more)."""
+def _top_k(c, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``k`` of each token's top-k (a completion may carry more) as [n, k] ids and
+    log-probs, in the precision the teacher gave them."""
     if k == 0 or n == 0:
-        return [], np.zeros(0, np.float16)
-    if c.k == k:
-        return list(c.topk_ids), np.asarray(c.topk_logprobs, np.float16)
-    ids = np.asarray(c.topk_ids).reshape(n, c.k)[:, :k]
-    return ids.reshape(-1).tolist(), np.asarray(c.topk_logprobs, np.float16).reshape(n, c.k)[:, :k].reshape(-1)
+        return np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32)
+    ids, lp = np.asarray(c.topk_ids).reshape(n, c.k), np.asarray(c.topk_logprobs).reshape(n, c.k)
+    return ids[:, :k], lp[:, :k]
 
 
 def _write_manifest(work: Path, cfg: GenerateTeacherDataConfig, data, params: dict, inputs: dict, entries: list[dict],
@@ -344,6 +349,7 @@ def _write_manifest(work: Path, cfg: GenerateTeacherDataConfig, data, params: di
                "tokens": "text" if text_only else "ids", **({"text_only": text_only} if text_only else {}),
                "decode": cfg.decode, "tokens_generated": all_tokens, "usage": usage,
                "tokens_per_second": tokens / max(seconds, 1e-9), "bytes_per_token": size / max(all_tokens, 1),
+               **TopKFormat(top_k or 0, FORMAT).manifest(max_error(sorted(work.glob("part-*.parquet")))),
                **({"routing": routed} if routed is not None else {})},
     )  # fmt: skip
 

@@ -138,7 +138,8 @@ def load_prompts(source: str | Path, data: DataConfig):
         return _limit(table.select(PROMPTS.names), data.limit), task_from_manifest(manifest)
     if task_names(source):  # one reasoning task, or a mixture (chain_sum+basic_arithmetic)
         task = build_task(
-            source, sizes=data.sizes, seed=data.split_seed, task_options=data.task_options, unlabeled=data.unlabeled
+            source, sizes=data.sizes, seed=data.split_seed, task_options=data.task_options, unlabeled=data.unlabeled,
+            chat=data.chat, system=data.system,
         )
         table = task.table()
     else:

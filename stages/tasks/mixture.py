@@ -94,7 +94,8 @@ class TaskMixture:
         return task.score(answer, split, inner)
 
 
-def build_task(source: Any, *, sizes: Sequence[int], seed: int, task_options: dict | None, unlabeled: int):
+def build_task(source: Any, *, sizes: Sequence[int], seed: int, task_options: dict | None, unlabeled: int, chat: bool = False,
+               system: str = ""):  # fmt: skip
     """The ``ReasoningTask`` (one name) or ``TaskMixture`` (names joined by '+') ``source`` names."""
     names = task_names(source)
     if not names:
@@ -109,7 +110,11 @@ def build_task(source: Any, *, sizes: Sequence[int], seed: int, task_options: di
     if twice:
         raise DistilError(f"'{source}' names {', '.join(twice)} more than once; list each task of a mixture once")
     options = options_per_task(names, task_options)
-    tasks = tuple(ReasoningTask(n, tuple(sizes), seed, tuple(sorted(options[n].items())), unlabeled) for n in names)
+    if system and not chat:
+        raise DistilError("data.system is the system turn of chat prompts: set data.chat=true too, or drop data.system")
+    tasks = tuple(
+        ReasoningTask(n, tuple(sizes), seed, tuple(sorted(options[n].items())), unlabeled, chat, system) for n in names
+    )
     return tasks[0] if len(tasks) == 1 else TaskMixture(tasks)
 
 
@@ -120,4 +125,5 @@ def task_from_manifest(manifest: dict):
     if not task_names(name):
         return None
     return build_task(name, sizes=tuple(data.get("sizes", (2000, 200, 200))), seed=data.get("split_seed", 0),
-                      task_options=data.get("task_options"), unlabeled=int(data.get("unlabeled", 0)))  # fmt: skip
+                      task_options=data.get("task_options"), unlabeled=int(data.get("unlabeled", 0)),
+                      chat=bool(data.get("chat", False)), system=str(data.get("system", "")))  # fmt: skip

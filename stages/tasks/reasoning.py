@@ -25,8 +25,12 @@ from stages.artifacts import optional_field, read_any_table
 from stages.errors import DistilError
 from stages.tasks.messages import MESSAGES, final_answer, parse_messages, plain, prompt_turns, to_json
 
-TASKS = ("basic_arithmetic", "chain_sum", "number_sorting", "gsm_symbolic", "rule_arithmetic")
-"""reasoning-gym's tasks, and ``rule_arithmetic`` (ours, registered with its factory)."""
+TASKS = (
+    "basic_arithmetic", "chain_sum", "number_sorting", "gsm_symbolic", "letter_counting", "spell_backward",
+    "word_sequence_reversal", "gcd", "rule_arithmetic",
+)  # fmt: skip
+"""reasoning-gym's tasks whose answer is one short line, and ``rule_arithmetic`` (ours,
+registered with its factory)."""
 SPLITS = ("train", "dev", "test")
 TRAIN_OPTIONS = "train_options"
 """``data.task_options.train_options``: generator options for the train split only (train on
@@ -91,6 +95,10 @@ class ReasoningTask:
     unlabeled: int = 0
     """Train items after the first ``sizes[0]`` whose gold answer is withheld: prompts a
     teacher can label (and the task's verifier can still score) but gold-only training never sees."""
+    chat: bool = False
+    """Each prompt also as a conversation (``messages``: ``system`` when set, then the question
+    as one user turn), so a chat model reads it through its own template."""
+    system: str = ""
 
     def __post_init__(self):
         if self.name not in TASKS:
@@ -118,11 +126,17 @@ class ReasoningTask:
                 rows["id"].append(len(rows["id"]))
                 rows["split"].append(split)
                 rows["task"].append(self.name)
-                rows["prompt"].append(prompt_for(str(x["question"])))
                 labelled = split != "train" or i < self.sizes[0]
                 rows["answer"].append(str(x["answer"]) if labelled else None)
                 rows["item"].append(i)
-                rows[MESSAGES].append(None)
+                if self.chat:
+                    turns = [{"role": "system", "content": self.system}] if self.system else []
+                    turns.append({"role": "user", "content": str(x["question"]).strip()})
+                    rows["prompt"].append(plain(turns, add_generation_prompt=True))
+                    rows[MESSAGES].append(to_json(turns))
+                else:
+                    rows["prompt"].append(prompt_for(str(x["question"])))
+                    rows[MESSAGES].append(None)
         return pa.table(rows, schema=PROMPTS)
 
     def score(self, answer: str | None, split: str, item: int) -> float:

@@ -231,7 +231,7 @@ def _lm_rows():
                 "prompt": f"prompt {pid} =", "gold": "5", "completion": f" {answer or '?'} sample{s}", "answer": answer,
                 "parse": "ok" if answer is not None else "no number", "score": 1.0 if answer == "5" else 0.0,
                 "seq_logprob": -0.5 * (s + 1), "token_ids": [3, 4, 5][: s % 3 + 1],
-                "topk_ids": [1, 2] * (s % 3 + 1), "topk_logprobs": [-0.1, -2.0] * (s % 3 + 1),
+                "topk_ids": [1, 2] * (s % 3 + 1), "topk_logprobs": [-0.1, -2.0] * (s % 3 + 1), "topk_codes": None, "topk_tail": None,
                 "expert_ids": [], "expert_weights": [], "messages": None, "finish_reason": "stop", "prompt_tokens": 3,
                 "completion_tokens": s % 3 + 1,
             })  # fmt: skip

@@ -8,6 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from stages.lm.topk_codec import TopKFormat
+
 LM = ["--set", "data.sizes=[120,20,20]", "--set", "lm.hidden=32", "--set", "lm.layers=1", "--set", "lm.heads=2",
       "--set", "lm.vocab_size=320", "--set", "batch_size=16", "--set", "lr=0.01", "-q"]  # fmt: skip
 
@@ -88,9 +90,9 @@ def test_lm_teacher_data_stores_top_k_per_generated_token(lm_teacher_data):
     assert table.num_rows == 2 * len(set(table.column("prompt_id").to_pylist())) and table.num_rows <= 2 * prompts
     for row in table.slice(0, 20).to_pylist():
         n = len(row["token_ids"])
-        assert 1 <= n <= 6 and len(row["topk_ids"]) == len(row["topk_logprobs"]) == n * 8
-        lp = row["topk_logprobs"]
-        assert all(lp[i * 8] >= lp[i * 8 + 7] for i in range(n))  # sorted, most likely first
+        ids, lp, _ = TopKFormat.of(manifest).row(row)
+        assert 1 <= n <= 6 and len(row["topk_ids"]) == n * 8 and ids.shape == lp.shape == (n, 8)
+        assert (lp[:, 0] >= lp[:, -1]).all()  # sorted, most likely first
         assert row["seq_logprob"] <= 0 and (row["answer"] is None) == (row["parse"] != "ok")
     assert manifest["top_k"] == 8 and manifest["tokens_generated"] > 0 and 0 < manifest["bytes_per_token"] < 200
 

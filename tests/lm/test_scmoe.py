@@ -10,9 +10,11 @@ import math
 import pytest
 import torch
 
+from stages.artifacts import read_manifest
 from stages.lm.generation import generate, sample
 from stages.lm.models import LMSize, build_lm, routers, train_tokenizer
 from stages.lm.moe.scmoe import SCMoE, SCMoELogitsProcessor, contrast, weak_routing
+from stages.lm.topk_codec import TopKFormat
 
 TEXT = ["Question: Calculate 2 - -1.\nAnswer: 3", "Question: What is 17 + 25?\nAnswer: 42", "compute 3 * 4 = 12"] * 10
 SIZE = LMSize(hidden=32, layers=2, heads=2, intermediate=48, experts=4, experts_per_token=2, context=64)
@@ -246,7 +248,8 @@ def test_generate_teacher_data_scmoe_keeps_the_strong_top_k(cli, models, tmp_pat
             lp = model(input_ids=ids).logits[0, len(prompt) - 1 : len(prompt) - 1 + len(row["token_ids"])].log_softmax(-1)
         top = lp.topk(4, dim=-1)
         assert row["topk_ids"] == top.indices.flatten().tolist()  # the normal routing's top-k, step by step
-        assert torch.allclose(torch.tensor(row["topk_logprobs"], dtype=torch.float32), top.values.flatten(), atol=2e-2)
+        stored = TopKFormat.of(read_manifest(tmp_path / "s")).row(row)[1].reshape(-1)
+        assert torch.allclose(torch.tensor(stored, dtype=torch.float32), top.values.flatten(), atol=2e-2)
         assert math.isclose(row["seq_logprob"], float(lp.gather(-1, ids[0, len(prompt) :, None]).sum()), abs_tol=1e-3)
     sampled = [*GEN, "--set", "samples=2", "--set", "temperature=0.8"]
     cli.ok("generate-teacher-data", "--teacher", moe, "--out", tmp_path / "t", "--decode", "scmoe", *sampled)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from stages.config import DistillConfig
 from stages.errors import DistilError
 from stages.lm.alignment import align, decoded_spans, offset_spans, vocabulary_map
+from stages.lm.topk_codec import TopKFormat
 from stages.lm.training import IGNORE, token_ce
 from stages.losses.cross_tokenizer import CROSS_TOKENIZER, span_kl, uld
 
@@ -39,28 +40,29 @@ EXTRA = 3
 """Columns after the k top-k columns: span number, role, flags."""
 
 
-def cross_encoder(teacher_tokenizer, student_tokenizer, max_len: int, k: int):
+def cross_encoder(teacher_tokenizer, student_tokenizer, max_len: int, k: int, *, topk: TopKFormat | None = None):
     """``encode_row(raw row)`` for ``fit``: ``encode_cross`` with the vocabulary map built once."""
     mapping = vocabulary_map(teacher_tokenizer, student_tokenizer)
 
     def encode_row(r: dict) -> tuple:
-        return encode_cross(teacher_tokenizer, student_tokenizer, r, max_len, k=k, mapping=mapping)
+        return encode_cross(teacher_tokenizer, student_tokenizer, r, max_len, k=k, mapping=mapping, topk=topk)
 
     return encode_row
 
 
-def encode_cross(teacher_tokenizer, student_tokenizer, row: dict, max_len: int, *, k: int, mapping=None) -> tuple:
+def encode_cross(teacher_tokenizer, student_tokenizer, row: dict, max_len: int, *, k: int, mapping=None,
+                 topk: TopKFormat | None = None) -> tuple:  # fmt: skip
     """(ids, labels, packed ids [n, k + 3], packed log-probs [n, k + 3], weight) of one teacher-data
     row for a student with its own tokenizer; n = its completion tokens, cut after the last aligned
     span that fits ``max_len``. The text is the teacher's ids decoded (special tokens dropped), so
-    both sides cover exactly the same characters."""
+    both sides cover exactly the same characters. ``topk`` (default: format 1, ``k`` per token)
+    decodes the row's stored top-k."""
     t_ids = [int(t) for t in row["token_ids"]]
     n = len(t_ids)
-    if n == 0 or len(row["topk_ids"]) != n * k or len(row["topk_logprobs"]) != n * k:
-        raise DistilError(f"a teacher-data row has {n} tokens but {len(row['topk_ids'])} top-k ids (k = {k}); "
-                          "cross-tokenizer methods need the teacher's token ids and top-k: regenerate the teacher data")  # fmt: skip
-    top_ids = np.asarray(row["topk_ids"], np.int64).reshape(n, k)
-    top_lp = np.asarray(row["topk_logprobs"], np.float32).reshape(n, k)
+    if n == 0:
+        raise DistilError("a teacher-data row has no tokens; cross-tokenizer methods need the teacher's token ids and top-k: "
+                          "regenerate the teacher data")  # fmt: skip
+    top_ids, top_lp, _ = (topk or TopKFormat(k)).row(row)
     mapping = vocabulary_map(teacher_tokenizer, student_tokenizer) if mapping is None else mapping
     ended = t_ids[-1] == teacher_tokenizer.eos_token_id
     text, t_pieces = decoded_spans(teacher_tokenizer, t_ids[: n - ended])

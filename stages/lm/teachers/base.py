@@ -38,13 +38,14 @@ class Completion:
 
     ``topk_ids`` / ``topk_logprobs`` are flat, ``len(token_ids) * k`` values (token-major),
     the teacher's k most likely tokens at each generated position, sorted by log-prob;
-    ``k`` is the number actually stored (a server may give fewer than asked)."""
+    ``k`` is the number actually stored (a server may give fewer than asked). The log-probs
+    stay float32 up to the teacher-data writer, which quantises them (``stages.lm.topk_codec``)."""
 
     text: str
     token_ids: list[int] | None
     seq_logprob: float | None
     topk_ids: list[int] = field(default_factory=list)
-    topk_logprobs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float16))
+    topk_logprobs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     k: int = 0
     finish_reason: str = "length"
     """"stop" (end of sequence or a stop string) or "length" (max_new_tokens reached)"""

@@ -138,7 +138,7 @@ def to_completion(choice: Choice, top_k: int, tokens: TokenMap | None, prompt_to
         top_ids = [i for r in rows for _, i in r[:k]]
         top_lps = [lp for r in rows for lp, _ in r[:k]]
     return Completion(
-        text=choice.text, token_ids=ids, seq_logprob=seq, topk_ids=top_ids, topk_logprobs=np.array(top_lps, np.float16), k=k,
+        text=choice.text, token_ids=ids, seq_logprob=seq, topk_ids=top_ids, topk_logprobs=np.array(top_lps, np.float32), k=k,
         finish_reason="length" if choice.finish_reason == "length" else "stop", prompt_tokens=prompt_tokens,
         completion_tokens=len(choice.tokens) if choice.tokens is not None else share,
     ), why  # fmt: skip

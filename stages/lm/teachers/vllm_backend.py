@@ -51,7 +51,7 @@ class VLLMTeacher:
         for request in self.engine.generate(prompts, params, use_tqdm=False):
             for c in sorted(request.outputs, key=lambda o: o.index):
                 ids = list(c.token_ids)
-                top_ids, top_lp = _top_k(c.logprobs or [], sampling.top_k) if sampling.top_k else ([], np.zeros(0, np.float16))
+                top_ids, top_lp = _top_k(c.logprobs or [], sampling.top_k) if sampling.top_k else ([], np.zeros(0, np.float32))
                 out.append(Completion(
                     text=c.text, token_ids=ids, seq_logprob=c.cumulative_logprob, topk_ids=top_ids, topk_logprobs=top_lp,
                     k=sampling.top_k, finish_reason="length" if c.finish_reason == "length" else "stop",
@@ -76,11 +76,11 @@ class VLLMTeacher:
 
 
 def _top_k(positions: list[dict], k: int) -> tuple[list[int], np.ndarray]:
-    """Flat top-k ids and float16 log-probs (token-major, best first) of vLLM's per-position
+    """Flat top-k ids and float32 log-probs (token-major, best first) of vLLM's per-position
     ``{token_id: Logprob}`` dicts."""
     ids, lps = [], []
     for pos in positions:
         best = sorted(pos.items(), key=lambda kv: -kv[1].logprob)[:k]
         ids += [int(t) for t, _ in best]
         lps += [float(v.logprob) for _, v in best]
-    return ids, np.asarray(lps, np.float16)
+    return ids, np.asarray(lps, np.float32)
