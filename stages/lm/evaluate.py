@@ -68,8 +68,9 @@ def lm_metrics(path: Path, rows: list[dict], task, cfg, device, teacher_answers:
            decode=decode)  # fmt: skip
     t0 = time.perf_counter()
     greedy = []
-    for i in range(0, len(prompts), min(cfg.batch_size, 64)):
-        greedy += sample(model, tokenizer, prompts[i : i + 64], samples=1, temperature=0.0, top_p=1.0,
+    step = min(cfg.batch_size, 64)
+    for i in range(0, len(prompts), step):
+        greedy += sample(model, tokenizer, prompts[i : i + step], samples=1, temperature=0.0, top_p=1.0,
                          max_new_tokens=cfg.max_new_tokens, top_k=0, device=device, decode=decode,
                          routing=moe, prompt_routing=moe)  # fmt: skip
     seconds = time.perf_counter() - t0

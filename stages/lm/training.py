@@ -8,6 +8,7 @@ best/last checkpoint selection on dev loss and per-epoch resumable checkpoints
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -195,7 +196,7 @@ def fit(
     if cfg.batch_size % acc.num_processes:
         raise DistilError(f"batch_size {cfg.batch_size} does not split over {acc.num_processes} processes (the global batch "
                           f"is shared evenly): set a multiple of {acc.num_processes}")  # fmt: skip
-    loss_fn = loss_fn or next_token_loss
+    loss_fn = loss_fn or functools.partial(next_token_loss, chunk=cfg.lm.loss_chunk)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     epochs, sched = _schedule(opt, len(train), cfg)
     aux = RouterAuxLoss(model)
@@ -225,9 +226,20 @@ def fit(
             "history": progress["history"]}  # fmt: skip
 
 
-def next_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``fit``'s default loss: next-token cross-entropy on the completion tokens."""
-    return token_ce(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+def next_token_loss(model, batch: dict[str, torch.Tensor], chunk: int | None = None) -> torch.Tensor:
+    """``fit``'s default loss: next-token cross-entropy on the completion tokens. With ``chunk`` > 0
+    (None: ``lm.loss_chunk``'s default) it is fused where the model allows (``stages.losses.fused``):
+    the output layer projects only completion positions, ``chunk`` at a time; the same value."""
+    from stages.config import LMConfig
+    from stages.losses.fused import final_hidden, fused_ce, output_layer
+
+    chunk = LMConfig.loss_chunk if chunk is None else chunk
+    layer = output_layer(model) if chunk > 0 else None
+    if layer is None:
+        return token_ce(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    hidden, head = final_hidden(model, layer, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    target = batch["labels"][:, 1:]
+    return fused_ce(hidden[:, :-1], head, target != IGNORE, target, chunk=chunk)
 
 
 def _accelerator(cfg: DistillConfig, device: torch.device):

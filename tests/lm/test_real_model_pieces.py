@@ -106,9 +106,9 @@ def test_pruned_student_distils_through_the_cli(cli, teacher, tmp_path):
     assert not (tmp_path / "x").exists()
 
     cli.ok("evaluate", "--model", tmp_path / "kd", "--teacher", teacher, "--data", tmp_path / "td", *DATA,
-           "--set", "max_new_tokens=4", "--out", tmp_path / "ev")  # fmt: skip
+           "--set", "max_new_tokens=4", "--set", "batch_size=4", "--out", tmp_path / "ev")  # fmt: skip
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert set(metrics) == {"teacher", "kd"}
+    assert set(metrics) == {"teacher", "kd"} and metrics["kd"]["rows"] == 6  # batches of 4: each prompt once
     t, s = metrics["teacher"], metrics["kd"]
     assert t["role"] == "teacher" and s["role"] == "student"
     assert t["kl_to_teacher"] == pytest.approx(0, abs=1e-6) and t["top1_agreement"] == 1 and t["greedy_match"] == 1

@@ -6,6 +6,10 @@ next-token distribution (``logits``) and the divergence is dense; behind a serve
 scores the completions through ``Teacher.score`` and the divergence is the sparse top-k
 one of ``stages.losses`` (the teacher's ``teacher.top_k`` most likely tokens plus one
 "other" bucket), the form TRL's served-teacher trainers use.
+
+With ``lm.loss_chunk`` > 0 the student's logits exist only at the completion positions the loss
+reads, a chunk at a time (``stages.losses.fused``); so do an in-process teacher's, whose hidden
+states are projected chunk by chunk beside the student's.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from stages.lm.generation import sample_continuations
 from stages.lm.methods import LMMethod
 from stages.lm.training import IGNORE, collate
 from stages.losses import DIVERGENCES, divergence_hyper
+from stages.losses.fused import final_hidden, fused_dense, fused_top_k, output_layer
 
 
 def on_policy_loss(method: LMMethod, cfg: DistillConfig, teacher, tokenizer, max_len: int):
@@ -35,15 +40,41 @@ def on_policy_loss(method: LMMethod, cfg: DistillConfig, teacher, tokenizer, max
         ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
         if torch.rand(1, generator=rng).item() < cfg.lmbda:
             ids, mask, labels = _student_samples(m, tokenizer, ids, labels, max_len, cfg.lm.max_new_tokens)
-        if dense:
+        keep = labels[:, 1:] != IGNORE
+        weight = b["w"][:, None].expand_as(keep)
+        layer = output_layer(m) if cfg.lm.loss_chunk > 0 else None
+        if not dense:
+            target = tuple(t[:, :-1] for t in scored_top_k(teacher, ids, labels, cfg.teacher.top_k))
+        elif layer is None:
             target = teacher.logits(ids, mask).to(ids.device)[:, :-1]
         else:
-            target = tuple(t[:, :-1] for t in scored_top_k(teacher, ids, labels, cfg.teacher.top_k))
-        logits = m(input_ids=ids, attention_mask=mask).logits
-        keep = labels[:, 1:] != IGNORE
-        return divergence(logits[:, :-1], target, mask=keep, weight=b["w"][:, None].expand_as(keep), **hyper)
+            target = _dense_teacher(teacher, ids, mask, keep)
+        if layer is None:
+            logits = m(input_ids=ids, attention_mask=mask).logits
+            return divergence(logits[:, :-1], target, mask=keep, weight=weight, **hyper)
+        hidden, head = final_hidden(m, layer, input_ids=ids, attention_mask=mask)
+        chunk = cfg.lm.loss_chunk
+        if dense:
+            return fused_dense(hidden[:, :-1], head, keep, target, divergence, hyper=hyper, weight=weight, chunk=chunk)
+        return fused_top_k(
+            hidden[:, :-1], head, keep, None, target, divergence, hyper=hyper, weight=weight, alpha=1.0, chunk=chunk
+        )
 
     return loss
+
+
+@torch.no_grad()
+def _dense_teacher(teacher, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor):
+    """An in-process teacher at the positions ``keep`` marks (in order), for ``fused_dense``: its
+    hidden states [N, H_t] with its output layer when its model allows (the logits are then made a
+    chunk at a time), else its logits [N, V] (``logits`` gives every position; the rest are dropped)."""
+    model = getattr(teacher, "model", None)
+    layer = output_layer(model) if isinstance(model, torch.nn.Module) else None
+    if layer is None:
+        return teacher.logits(ids, mask).to(ids.device)[:, :-1][keep]
+    device = layer.weight.device
+    hidden, head = final_hidden(model, layer, input_ids=ids.to(device), attention_mask=mask.to(device))
+    return hidden[:, :-1][keep.to(device)], head
 
 
 def scored_top_k(teacher, ids: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
