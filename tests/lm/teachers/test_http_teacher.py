@@ -266,7 +266,7 @@ def test_both_formats_parse_into_ordered_completions_with_ids_topk_and_usage(fak
         assert c.completion_tokens == len(ids) and c.prompt_tokens == len(fake.tok(f"Question: {2 * i + 1} + {2 * i + 2}")["input_ids"])
         assert c.seq_logprob == pytest.approx(sum(token_lp(t) for t in range(len(ids))))
         top_ids, top_lps = np.array(c.topk_ids).reshape(len(ids), 3), c.topk_logprobs.reshape(len(ids), 3)
-        assert c.topk_logprobs.dtype == np.float16 and (np.diff(top_lps.astype(np.float32), axis=1) <= 0).all()
+        assert c.topk_logprobs.dtype == np.float32 and (np.diff(top_lps.astype(np.float32), axis=1) <= 0).all()
         assert top_ids[:, 0].tolist() == ids  # the generated token is the fake model's best
         want = [[a for a, _ in sorted(fake.alternatives(t_id, t, 3), key=lambda p: -p[1])] for t, t_id in enumerate(ids)]
         assert top_ids.tolist() == want
