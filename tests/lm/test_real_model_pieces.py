@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from one_thread import one_thread  # noqa: F401  (autouse: one torch thread for this module)
+from tiny_lms import draw_wide
 
 from stages.errors import DistilError
 from stages.lm.likeness import likeness
@@ -35,12 +36,7 @@ def teacher(tmp_path_factory) -> Path:
     tok = train_tokenizer([r["prompt"] + " " + r["answer"] for r in rows], 320)
     tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
     tok.chat_template = CHATML
-    model = build_lm("llama", LMSize(hidden=32, layers=3, heads=2, context=128), tok, seed=4)
-    draw = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 0.2, generator=draw)
+    model = draw_wide(build_lm("llama", LMSize(hidden=32, layers=3, heads=2, context=128), tok, seed=4), 0.2, seed=1)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -19,19 +19,14 @@ def tiny_lm(tmp_path_factory) -> Path:
     """A 1-layer Llama with a 300-token BPE tokenizer, saved with save_pretrained. Its weights
     are drawn wide (std 0.3), so that its greedy answers differ from prompt to prompt (at the
     default init every prompt gets the same answer, and a mixed-up batch would go unseen)."""
-    import torch
+    from tiny_lms import draw_wide
 
     from stages.lm.models import LMSize, build_lm, train_tokenizer
 
     path = tmp_path_factory.getbasetemp() / "serve_tiny_lm"
     if not (path / "config.json").exists():
         tok = train_tokenizer(TEXTS, vocab_size=300)
-        model = build_lm("llama", LMSize(hidden=32, layers=1, heads=2, context=64), tok, seed=3)
-        draw = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "norm" not in name:
-                    p.normal_(0, 0.3, generator=draw)
+        model = draw_wide(build_lm("llama", LMSize(hidden=32, layers=1, heads=2, context=64), tok, seed=3), 0.3, seed=0)
         model.save_pretrained(path)
         tok.save_pretrained(path)
     return path
