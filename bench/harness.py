@@ -1,5 +1,6 @@
-"""Tiny helpers shared by the benchmarks: a median timer, a one-JSON-line emitter, a paired
-comparison over seeds, and a work directory whose finished steps a rerun can reuse."""
+"""Tiny helpers shared by the benchmarks: a median timer, interleaved repeated timing with
+per-round ratios, a one-JSON-line emitter, a paired comparison over seeds, and a work
+directory whose finished steps a rerun can reuse."""
 
 from __future__ import annotations
 
@@ -25,6 +26,32 @@ def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, sync: Callable[[], None] = lambda: None) -> dict:
+    """Seconds per call of each of ``fns``: one warm-up call each, then ``rounds`` rounds that call
+    every one once, the order rotated each round (so none always runs first or after the same one)."""
+    names, times = list(fns), {n: [] for n in fns}
+    for n in names:
+        fns[n]()
+    for r in range(rounds):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            sync()
+            t0 = time.perf_counter()
+            fns[n]()
+            sync()
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def ratios(times: dict, base: str) -> dict:
+    """Per variant: the median (and min, max) over rounds of its time over ``base``'s in the same round."""
+    out = {}
+    for n, ts in times.items():
+        per_round = [t / b for t, b in zip(ts, times[base], strict=True)]
+        out[n] = {"ratio": statistics.median(per_round), "spread": [min(per_round), max(per_round)],
+                  "seconds": statistics.median(ts)}  # fmt: skip
+    return out
 
 
 def paired(a: list[float], b: list[float], level: float = 0.95) -> dict[str, object]:

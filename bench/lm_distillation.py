@@ -17,6 +17,8 @@ each round gives one ratio): the median with the spread (min, max) over rounds.
   forward + backward time, and the teacher-side memory each reads (target >= 5x);
 - ``batched_over_loop_tokens_per_s``: batched teacher generation (batch 16, KV cache) over a
   per-prompt ``generate`` loop (target >= 4x);
+- ``on_policy_vs_trl``: seconds per ``on-policy`` step over TRL's ``DistillationTrainer`` step on the
+  same tiny models, 6 and 32 new tokens (``bench.on_policy_step``; goal <= 0.8x), with ``trl``;
 - ``bytes_per_token_k32``: Parquet bytes per stored teacher token at k = 32 (target <= 200);
 - ``rss_10x_over_1x``: peak RSS of ``distill --method kd`` reading 10x the teacher rows over
   1x, each in a fresh process (target <= 1.2: the training loop streams parts).
@@ -31,18 +33,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench.harness import emit
+from bench.harness import emit, interleaved, ratios
+from bench.on_policy_step import compare as on_policy_vs_trl
+from bench.on_policy_step import trl_available
 from stages.lm.models import LMSize, build_lm, train_tokenizer
 from stages.losses.fused import Head, fused_top_k
 from stages.losses.logits import forward_kl
@@ -56,32 +58,6 @@ ROUNDS = 3 if QUICK else 5
 VOCABS, HIDDEN, K = (32_000, 128_000), 256, 32
 CHUNK = int(os.environ.get("BENCH_CHUNK", "0")) or None
 """Tokens per chunk of the fused loss (default: ``lm.loss_chunk``'s)."""
-
-
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int, sync: Callable[[], None] = lambda: None) -> dict:
-    """Seconds per call of each of ``fns``: one warm-up call each, then ``rounds`` rounds that call
-    every one once, the order rotated each round (so none always runs first or after the same one)."""
-    names, times = list(fns), {n: [] for n in fns}
-    for n in names:
-        fns[n]()
-    for r in range(rounds):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
-            sync()
-            t0 = time.perf_counter()
-            fns[n]()
-            sync()
-            times[n].append(time.perf_counter() - t0)
-    return times
-
-
-def ratios(times: dict, base: str) -> dict:
-    """Per variant: the median (and min, max) over rounds of its time over ``base``'s in the same round."""
-    out = {}
-    for n, ts in times.items():
-        per_round = [t / b for t, b in zip(ts, times[base], strict=True)]
-        out[n] = {"ratio": statistics.median(per_round), "spread": [min(per_round), max(per_round)],
-                  "seconds": statistics.median(ts)}  # fmt: skip
-    return out
 
 
 def _trl_loss():
@@ -322,6 +298,8 @@ def main() -> int:
         "threads": TORCH_THREADS, "rounds": ROUNDS, "quick": QUICK, "trl": _trl_version(), "chunk": CHUNK or _chunk(),
         "fused_kd": fused, "kd_step_over_ce_step": step, "sparse_over_full": sparse, "batched_over_loop_tokens_per_s": gen,
     }  # fmt: skip
+    if trl_available():
+        result["on_policy_vs_trl"] = {f"new_tokens_{n}": on_policy_vs_trl(n, ROUNDS * 4) for n in (6, 32)}
     if not QUICK:  # 10x teacher data takes minutes to generate
         bytes_per_token, rss = _teacher_data_costs(model, tok)
         result.update(bytes_per_token_k32=bytes_per_token, peak_rss_mib=rss, rss_10x_over_1x=rss["10x"] / rss["1x"])

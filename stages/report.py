@@ -1,5 +1,6 @@
 """The summary table every ``distil evaluate`` prints and writes as ``summary.txt`` (the
-table ``make demo`` shows): one row per model or cascade."""
+table ``make demo`` shows): one row per model or cascade; under it, with two models or more,
+the paired comparison of every pair (``stages.metrics.all_pairs``)."""
 
 from __future__ import annotations
 
@@ -35,8 +36,44 @@ def summary_table(results: dict[str, dict[str, Any]]) -> Table:
 
 
 def write_summary(work: Path, results: dict[str, dict[str, Any]], console: Console | None) -> None:
+    _show(work, summary_table(results), console, append=False)
+
+
+def paired_table(pairs: list[dict[str, Any]]) -> Table:
+    """``stages.metrics.all_pairs`` as a table: one row per pair of models."""
+    table = Table(title="paired: accuracy difference A - B on the same items")
+    for col in ("A", "B", "items", "A - B", "95% interval", "McNemar p", "inside the noise"):
+        table.add_column(col, justify="left" if col in ("A", "B") else "right")
+    for p in pairs:
+        if not p["items"]:
+            table.add_row(p["a"], p["b"], "0", "-", "-", "-", "-")
+            continue
+        lo, hi = p["interval"]
+        table.add_row(p["a"], p["b"], str(p["items"]), f"{p['diff']:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]",
+                      f"{p['mcnemar']['p_value']:.3g}", "no" if p["excludes_zero"] else "yes")  # fmt: skip
+    return table
+
+
+def write_paired(work: Path, scores: dict[str, Any], console: Console | None, seed: int = 0) -> list[dict[str, Any]]:
+    """Every pair of models scored on the same items (``scores``: name -> per-item score, NaN where
+    unscored) into ``paired.json``, and its table printed and appended to ``summary.txt``; nothing
+    with fewer than two models."""
+    from stages.artifacts import write_json
+    from stages.metrics import all_pairs
+
+    if len(scores) < 2:
+        return []
+    pairs = all_pairs(scores, seed=seed)
+    write_json(work / "paired.json", pairs)
+    _show(work, paired_table(pairs), console, append=True)
+    return pairs
+
+
+def _show(work: Path, table: Table, console: Console | None, *, append: bool) -> None:
+    """``table`` into ``summary.txt`` (140 columns) and onto ``console`` (stdout when None)."""
     rendered = Console(record=True, width=140, file=io.StringIO())
-    rendered.print(summary_table(results))
-    (work / "summary.txt").write_text(rendered.export_text())
+    rendered.print(table)
+    with open(work / "summary.txt", "a" if append else "w") as fh:
+        fh.write(rendered.export_text())
     # a pipe or a DVC log is 80 columns to rich: the likeness columns need more
-    (console or Console(width=None if sys.stdout.isatty() else 140)).print(summary_table(results))
+    (console or Console(width=None if sys.stdout.isatty() else 140)).print(table)

@@ -6,7 +6,9 @@ logits), parameter count and throughput, on the ``split`` rows, streamed batch b
 For each ``--cascade`` directory: its accuracy, teacher rate and cost from the decisions.
 Writes ``metrics.json`` (one flat entry per model, for ``dvc metrics``), per-model
 ``plots/<name>/confusion.csv`` and ``reliability.csv`` (for ``dvc plots``), and
-``summary.txt``, the table ``make demo`` prints.
+``summary.txt``, the table ``make demo`` prints. With two models or more, ``paired.json``: for
+every pair of models, the paired bootstrap interval of the accuracy difference on the same rows
+and McNemar's test (``stages.metrics.all_pairs``), also printed under the table (cascades stay out of it).
 Generator folders (diffusers: ``model_index.json`` + ``scheduler/``) go to
 ``stages.diffusion.evaluate`` instead: sample quality against the data, per step count.
 """
@@ -40,7 +42,7 @@ from stages.config import DataConfig, EvaluateConfig, to_dict
 from stages.devices import resolve_device
 from stages.errors import DistilError
 from stages.metrics import classification_report, expert_metrics, reliability, shot_accuracy, softmax
-from stages.report import write_summary
+from stages.report import write_paired, write_summary
 from stages.tasks import load_examples, source_identity
 
 
@@ -158,14 +160,17 @@ def run(
     output = Output(out, fingerprint("evaluate", params, inputs))
     with output as work:
         results: dict[str, dict[str, Any]] = {}
+        correct: dict[str, np.ndarray] = {}
         for path, model, config in loaded:
             metrics, probs, labels = _model_metrics(model, config, table, cfg)
             results[path.name] = metrics
+            correct[path.name] = (probs.argmax(1) == labels).astype(np.float64)
             _write_plots(work / "plots" / path.name, probs, labels, cfg.bins)
         for p in cascades:
             results[Path(p).name] = _cascade_metrics(Path(p), cfg.split)
         write_json(work / "metrics.json", results)
         write_summary(work, results, console)
+        write_paired(work, correct, console)
         write_manifest(
             work, kind=Kind.EVALUATION, params=params, inputs=inputs, extra={"task": ex.meta()["task"], "metrics": results}
         )

@@ -21,6 +21,9 @@ per-layer values go to ``routing_layers.csv`` and each layer's expert load to
 ``plots/<model>/routing_load.csv``. The recorder runs inside the timed pass (a few small
 copies per layer and step). Dense models get no routing keys.
 
+With two models or more, every pair's paired bootstrap interval of the accuracy difference and
+McNemar's test on the same prompts go to ``paired.json`` and under the table (``stages.metrics.all_pairs``).
+
 Chat rows (``messages``) are prompted with their conversation rendered by each evaluated
 model's own chat template (``stages.lm.chat.row_prompt``; the plain format without one), so
 a teacher and its student each read the conversation as they were trained to.
@@ -47,7 +50,7 @@ from stages.lm.moe.routing import routing_shape
 from stages.lm.moe.scmoe import check_decode, decoding
 from stages.lm.scoring import agree, majority, scorer
 from stages.metrics import ece
-from stages.report import write_summary
+from stages.report import write_paired, write_summary
 from stages.tasks import prompts_in_splits
 from stages.tasks.messages import MESSAGES
 from stages.tasks.reasoning import extract_answer, normalise
@@ -57,7 +60,8 @@ def lm_metrics(path: Path, rows: list[dict], task, cfg, device, teacher_answers:
                routing: dict | None = None, greedy_out: list | None = None) -> dict[str, Any]:  # fmt: skip
     """The model's metrics; for an MoE model ``routing`` (when given) receives the per-layer
     routing table (``layers``) and load (``load`` [layers, experts]) for ``write_routing``;
-    ``greedy_out`` (when given) receives each prompt's text and greedy completion."""
+    ``greedy_out`` (when given) receives each prompt's text, greedy completion and its score
+    (None where the row cannot be scored)."""
     model, tokenizer = load_lm(path, device)
     moe = is_moe(model)
     decode = decoding(cfg, model, path)  # None = the model's own decoding
@@ -74,10 +78,12 @@ def lm_metrics(path: Path, rows: list[dict], task, cfg, device, teacher_answers:
                          max_new_tokens=cfg.max_new_tokens, top_k=0, device=device, decode=decode,
                          routing=moe, prompt_routing=moe)  # fmt: skip
     seconds = time.perf_counter() - t0
-    if greedy_out is not None:
-        greedy_out.extend({"prompt": p, "completion": g["completion"], "token_ids": g["token_ids"]} for p, g in zip(prompts, greedy, strict=True))
     answers = [extract_answer(g["completion"])[0] for g in greedy]
-    scores = [s for s in (score(r, a) for r, a in zip(rows, answers, strict=True)) if s is not None]
+    per_row = [score(r, a) for r, a in zip(rows, answers, strict=True)]
+    if greedy_out is not None:
+        greedy_out.extend({"prompt": p, "completion": g["completion"], "token_ids": g["token_ids"], "score": s}
+                          for p, g, s in zip(prompts, greedy, per_row, strict=True))  # fmt: skip
+    scores = [s for s in per_row if s is not None]
     tokens = sum(len(g["token_ids"]) for g in greedy)
     metrics: dict[str, Any] = {
         "accuracy": float(np.mean(scores)) if scores else float("nan"),
@@ -224,6 +230,8 @@ def run(cfg: EvaluateConfig, models: list[Path], data, out: Path, *, data_cfg: D
         write_routing(work, routing)
         write_json(work / "metrics.json", results)
         write_summary(work, results, console)
+        write_paired(work, {m: np.array([np.nan if g["score"] is None else g["score"] for g in gs]) for m, gs in greedy.items()},
+                     console)  # fmt: skip
         write_manifest(
             work, kind=Kind.EVALUATION, params=params, inputs=inputs, extra={"task": {"name": str(data)}, "metrics": results}
         )

@@ -103,13 +103,27 @@ def test_plots_hold_each_models_test_predictions(models, evaluated, name):
 
 
 def test_summary_lists_each_model(evaluated):
-    text = (evaluated / "summary.txt").read_text()
+    text = (evaluated / "summary.txt").read_text().split("paired:")[0]  # the models' table; the pairs' follows
     metrics = json.loads((evaluated / "metrics.json").read_text())
     assert "distil: models on the test split" in text
     rows = {cells[0]: cells for line in text.splitlines() if (cells := [c.strip() for c in line.split("│")[1:-1]])}
     assert set(rows) == set(metrics)
     for name, m in metrics.items():
         assert rows[name][1:4] == [f"{m['accuracy']:.4f}", f"{m['ece']:.4f}", f"{m['params']:,}"]
+
+
+def test_paired_comparison_of_the_two_models_on_the_same_rows(models, evaluated):
+    x, y, _ = _split(models["tdata"], "test")
+    right = {n: _own_predictions(models[n], x).argmax(1) == y for n in ("teacher", "student")}
+    (pair,) = json.loads((evaluated / "paired.json").read_text())
+    assert (pair["a"], pair["b"], pair["items"]) == ("teacher", "student", len(y))
+    assert pair["diff"] == pytest.approx(right["teacher"].mean() - right["student"].mean())
+    assert pair["mcnemar"]["a_only"] == int((right["teacher"] & ~right["student"]).sum())
+    assert pair["mcnemar"]["b_only"] == int((right["student"] & ~right["teacher"]).sum())
+    lo, hi = pair["interval"]
+    assert lo <= pair["diff"] <= hi and pair["excludes_zero"] == (lo > 0 or hi < 0)
+    text = (evaluated / "summary.txt").read_text()
+    assert text.index("distil: models on the test split") < text.index("paired: accuracy difference A - B")
 
 
 def test_another_split_is_evaluated_on_its_rows(models, tmp_path):

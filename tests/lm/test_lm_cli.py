@@ -42,6 +42,41 @@ def test_evaluate_scores_lm_answers_with_the_task_scorer(cli, lm_dir, tmp_path):
     assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["unparsed_share"] <= 1.0 and m["rows"] == 20
 
 
+def test_evaluate_compares_every_pair_of_models_on_the_same_prompts(cli, lm_dir, tmp_path, monkeypatch):
+    """Two copies of one model, scripted to answer: "a" right on every other prompt, "b" on all;
+    paired.json must line the prompts up (b alone right on exactly the prompts a misses)."""
+    import shutil
+
+    import stages.lm.evaluate as evaluate
+    from stages.config import DataConfig
+    from stages.tasks import prompts_in_splits
+
+    for name in ("a", "b"):
+        shutil.copytree(lm_dir, tmp_path / name)
+    rows, _ = prompts_in_splits("basic_arithmetic", DataConfig(sizes=[120, 20, 20]), ["test"])
+    gold = {r["prompt"]: r["answer"] for r in rows}
+    order = [r["prompt"] for r in rows]
+    real = evaluate.sample
+
+    def scripted(model, tokenizer, prompts, **kw):
+        out = real(model, tokenizer, prompts, **kw)
+        if kw["max_new_tokens"] == 2:  # the warm-up
+            return out
+        every = model.name_or_path.endswith("b")
+        for p, g in zip(prompts, out, strict=True):
+            g["completion"] = gold[p] if every or order.index(p) % 2 == 0 else "wrong"
+        return out
+
+    monkeypatch.setattr(evaluate, "sample", scripted)
+    cli.ok("evaluate", "--model", tmp_path / "a", "--model", tmp_path / "b", "--data", "basic_arithmetic", "--out",
+           tmp_path / "ev", "--set", "data.sizes=[120,20,20]", "--set", "max_new_tokens=3", "-q")  # fmt: skip
+    (pair,) = json.loads((tmp_path / "ev" / "paired.json").read_text())
+    assert (pair["a"], pair["b"], pair["items"]) == ("a", "b", 20)
+    assert (pair["accuracy_a"], pair["accuracy_b"], pair["diff"]) == (0.5, 1.0, -0.5)
+    assert pair["mcnemar"]["a_only"] == 0 and pair["mcnemar"]["b_only"] == 10 and pair["mcnemar"]["p_value"] < 0.01
+    assert pair["excludes_zero"] and pair["interval"][1] < 0
+
+
 def test_lm_bad_input(cli, tmp_path):
     cli.fails(
         "distill",
