@@ -17,6 +17,7 @@ BENCHMARKS = [
     "classifier_methods",
     "lm_distillation",
     "lm_students",
+    "lm_reward",
     "lm_cascade",
     "lm_moe",
     "diffusion",
