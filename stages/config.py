@@ -537,6 +537,10 @@ class CascadeConfig:
         default_factory=TeacherConfig, metadata={"only": (LM,), "help": "where the LM teacher runs (--teacher DIR, NAME or URL)"}
     )
     samples: int = _f(5, "LMs: student samples per query (n) of the self-consistency policies", only=(LM,), valid=COUNT)
+    sample_budget: float = _f(
+        0.0, "LMs, blend-asc: mean student samples per query over each query batch, in [1, samples] (0 = samples)",
+        only=(LM,), valid=NONNEG,
+    )  # fmt: skip
     temperature: float = _f(0.7, "LMs: student sampling temperature of the self-consistency policies", only=(LM,), valid=NONNEG)
     stop_confidence: float = _f(
         0.95,
