@@ -192,6 +192,11 @@ class RewardConfig:
     group_size: int = _f(4, "completions sampled per prompt; advantages are relative to the group (>= 2)", only=(LM,), valid=Range(2))
     clip: float = _f(0.2, "trust region: ratios are clipped to [1 - clip, 1 + clip]", only=(LM,), valid=Range(0, 1, low_open=True, high_open=True))
     kl: float = _f(0.0, "grpo: weight of the KL to the starting student (k3 estimator; 0 = none, as DAPO / Dr. GRPO)", only=(LM,), valid=NONNEG)
+    feedback: str = _f(
+        "{prompt}\nCorrect solution:\n{solution}\nCorrectly solve the original question.\n{prompt}",
+        "srpo, sdpo: the self-teacher's prompt, a correct sibling's answer ({solution}) shown with the question ({prompt})",
+        only=(LM,),
+    )
     teacher_mix: float = _f(
         0.5, "rlad: teacher weight w of the ratio's anchor pi_old^(1-w) pi_teacher^w (TRRD's alpha = 1 - w; 0 = grpo)",
         only=(LM,), valid=UNIT,

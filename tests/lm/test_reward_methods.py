@@ -13,6 +13,7 @@ from tiny_lms import draw_wide
 from stages.config import DistillConfig, LMConfig, RewardConfig
 from stages.lm.methods import LM_METHODS
 from stages.lm.methods.reward import RewardLoss, Verifier, clipped_surrogate, group_advantages, k3_kl, trrd_log_ratio
+from stages.lm.methods.srpo import SelfDistillLoss, _entropy_weights
 from stages.lm.models import LMSize, build_lm
 from stages.lm.training import IGNORE, collate
 
@@ -73,7 +74,14 @@ class Tok:
         return V
 
     def batch_decode(self, seqs, skip_special_tokens=True):
-        return [" ".join(f"t{i}" for i in s if not (skip_special_tokens and i in (0, 1, 2))) for s in seqs]
+        return [self.decode(s, skip_special_tokens) for s in seqs]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(f"t{i}" for i in ids if not (skip_special_tokens and i in (0, 1, 2)))
+
+    def __call__(self, text, add_special_tokens=False):  # a word that is no t<i> becomes token 3
+        ids = [int(w[1:]) if w[:1] == "t" and w[1:].isdigit() else 3 for w in text.split()]
+        return {"input_ids": ids}
 
 
 def toy(seed: int = 0):
@@ -163,6 +171,33 @@ def test_grpo_steps_raise_the_verified_reward():
     assert s["rollout_steps"] == 25 and s["rollout_reward_last"] > s["rollout_reward_first"] + 0.3
 
 
+def test_srpo_routes_failed_rollouts_with_a_correct_sibling_to_self_distillation_and_sdpo_routes_all():
+    model, verifier, b = toy()
+    cfg = reward_cfg(256, group_size=8)
+    srpo = SelfDistillLoss(LM_METHODS["srpo"], cfg, Tok(), 64, verifier, route_grpo=True)
+    sdpo = SelfDistillLoss(LM_METHODS["sdpo"], cfg, Tok(), 64, verifier, route_grpo=False)
+    grpo = RewardLoss(LM_METHODS["grpo"], cfg, None, Tok(), 64, verifier)
+    for loss_fn in (srpo, sdpo, grpo):
+        run(model, loss_fn, b, seed=3)  # the same rollouts for all three
+    rewards = grpo.rewards[0]  # the batch's mean reward: a share of the 32 rollouts is right (first token in GOOD)
+    assert 0 < rewards < 1
+    right = torch.tensor(grpo._last_rewards).view(-1, 8) >= 0.5
+    has_sibling = right.sum(1, keepdim=True) - right.long() > 0
+    assert srpo.sdpo_share[0] == pytest.approx(float(((~right) & has_sibling).float().mean()))
+    assert sdpo.sdpo_share[0] == pytest.approx(float(has_sibling.float().mean())) and sdpo.sdpo_share[0] > srpo.sdpo_share[0]
+    a, b_ = run(model, srpo, b, seed=3), run(model, grpo, b, seed=3)
+    assert not close(a, b_, atol=1e-7)  # the self-distilled tokens change the update
+
+
+def test_entropy_weights_favour_a_sure_self_teacher_and_average_one():
+    sure = torch.log(torch.tensor([0.97, 0.01, 0.01]))
+    unsure = torch.log(torch.tensor([0.34, 0.33, 0.33]))
+    t_lp = torch.stack([sure, unsure, unsure])[None]  # [1, 3 positions, k]
+    keep = torch.tensor([[True, True, False]])
+    w = _entropy_weights(t_lp, keep)
+    assert w[0, 0] > w[0, 1] > 0 and w[0, 2] == 0 and float(w[keep].mean()) == pytest.approx(1.0)
+
+
 LM = ["--set", "data.sizes=[60,10,10]", "--set", "lm.hidden=32", "--set", "lm.layers=1", "--set", "lm.heads=2",
       "--set", "lm.vocab_size=320", "--set", "batch_size=8", "-q"]  # fmt: skip
 
@@ -177,7 +212,7 @@ def sft_student(tmp_path_factory):
     return root / "sft"
 
 
-@pytest.mark.parametrize("method", ["grpo", "rlad"])
+@pytest.mark.parametrize("method", ["grpo", "rlad", "srpo", "sdpo"])
 def test_reward_methods_train_through_the_cli_and_record_their_rollouts(cli, sft_student, tmp_path, method):
     teacher = ["--teacher", str(sft_student)] if method == "rlad" else []
     cli.ok("distill", "--method", method, "--data", "basic_arithmetic", "--student", sft_student, *teacher, "--out",
@@ -185,6 +220,7 @@ def test_reward_methods_train_through_the_cli_and_record_their_rollouts(cli, sft
     summary = json.loads((tmp_path / "m" / "training.json").read_text())
     assert summary["method"] == method and summary["rollout_steps"] == 8  # steps round to whole epochs: 60 / 8 -> 8 batches
     assert 0.0 <= summary["rollout_reward_first"] <= 1.0 and 0.0 <= summary["rollout_reward_last"] <= 1.0
+    assert ("self_distilled_share" in summary) == (method in ("srpo", "sdpo"))
 
 
 def test_reward_methods_refuse_what_they_cannot_train_on(cli, sft_student, tmp_path):

@@ -31,6 +31,9 @@ class LMMethod:
     """Train on the rows of the one teacher a gate picks per prompt (``mst.gate_rows``)."""
     reward: bool = False
     """Trained on its own rollouts scored by the task's verifier (``reward``: ``grpo``, ``rlad``)."""
+    self_teacher: str = ""
+    """Reward methods that distil rollouts toward the model reading a correct sibling (``srpo``):
+    'routed' (failed rollouts only, the rest to GRPO) or 'all' (no GRPO)."""
     cross_tokenizer: bool = False
     """The student may split text differently from the teacher: ``divergence`` names a loss of
     ``stages.losses.cross_tokenizer.CROSS_TOKENIZER``, compared on aligned spans (``cross_tokenizer``)."""
@@ -65,6 +68,14 @@ LM_METHODS: dict[str, LMMethod] = {
     "rlad": LMMethod(
         "RL-aware distillation: GRPO whose trust-region ratio is anchored to a mix of the live --teacher and the old "
         "policy (TRRD), so the student imitates the teacher where that helps the advantage", "live", reward=True,
+    ),  # fmt: skip
+    "srpo": LMMethod(
+        "sample-routed policy optimisation: GRPO on rollouts that succeeded (or had no correct sibling), self-distillation "
+        "toward the model reading a correct sibling on the ones that failed, entropy-weighted", reward=True, self_teacher="routed",
+    ),  # fmt: skip
+    "sdpo": LMMethod(
+        "self-distillation policy optimisation: every rollout with a correct sibling distilled toward the model reading that "
+        "sibling (JSD on its own tokens), no GRPO term", reward=True, self_teacher="all",
     ),  # fmt: skip
     "tsd": LMMethod(
         "token-selective KD: only tokens where the teacher is more confident than the student, plus an entropy penalty",

@@ -133,6 +133,7 @@ class RewardLoss:
                                    max_len=self.max_len, device=b["input_ids"].device)  # fmt: skip
         texts = self.tokenizer.batch_decode(gen, skip_special_tokens=True)
         rewards = torch.tensor([self.verifier.reward(keys[i // g], t) for i, t in enumerate(texts)])
+        self._last_rewards = rewards.tolist()
         self.rewards.append(float(rewards.mean()))
         self.solved.append(float((rewards.view(-1, g).max(1).values >= 1).float().mean()))
         batch = collate([(p + c, [IGNORE] * len(p) + c) for p, c in zip(prompts, gen, strict=True)], self.tokenizer.pad_token_id)
