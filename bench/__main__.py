@@ -18,6 +18,7 @@ BENCHMARKS = [
     "lm_distillation",
     "lm_students",
     "lm_reward",
+    "lm_curio",
     "lm_cascade",
     "lm_cascade_defer",
     "lm_moe",

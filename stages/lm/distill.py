@@ -342,6 +342,10 @@ def _encoder(tokenizer, max_len: int, k: int, token_level: bool, *, last_only: b
 
 def _loss(method: LMMethod, cfg: DistillConfig, live, tokenizer, max_len: int, verifier=None):
     """The method's ``loss(model, batch)``; None is ``fit``'s default, next-token CE (sft)."""
+    if method.tempered_self:
+        from stages.lm.methods.curio import CurioLoss
+
+        return CurioLoss(cfg.lm.loss_chunk)
     if method.self_teacher:
         from stages.lm.methods.srpo import SelfDistillLoss
 

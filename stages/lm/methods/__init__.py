@@ -31,6 +31,8 @@ class LMMethod:
     """Train on the rows of the one teacher a gate picks per prompt (``mst.gate_rows``)."""
     reward: bool = False
     """Trained on its own rollouts scored by the task's verifier (``reward``: ``grpo``, ``rlad``)."""
+    tempered_self: bool = False
+    """CE plus a pull toward the model's own per-token tempered distribution (``curio``)."""
     self_teacher: str = ""
     """Reward methods that distil rollouts toward the model reading a correct sibling (``srpo``):
     'routed' (failed rollouts only, the rest to GRPO) or 'all' (no GRPO)."""
@@ -68,6 +70,11 @@ LM_METHODS: dict[str, LMMethod] = {
     "rlad": LMMethod(
         "RL-aware distillation: GRPO whose trust-region ratio is anchored to a mix of the live --teacher and the old "
         "policy (TRRD), so the student imitates the teacher where that helps the advantage", "live", reward=True,
+    ),  # fmt: skip
+    "curio": LMMethod(
+        "entropy-preserving SFT (CurioSFT): CE on the completions plus a pull toward the model's own distribution, "
+        "tempered per token from its entropy, so sampling stays diverse (gold answers or teacher completions)",
+        tempered_self=True,
     ),  # fmt: skip
     "srpo": LMMethod(
         "sample-routed policy optimisation: GRPO on rollouts that succeeded (or had no correct sibling), self-distillation "

@@ -7,8 +7,8 @@ group shown before the question again (``reward.feedback``); it re-scores the st
 tokens, and the student minimises the generalised JSD (beta 1/2) to its top-``TOP_K``
 distribution at every token of the rollout.
 
-SRPO (Li et al., "Unifying Group-Relative and Self-Distillation Policy Optimization via Sample
-Routing", 2026, section 3): a rollout that failed (reward < 1/2) while a sibling succeeded goes to
+SRPO ("Unifying Group-Relative and Self-Distillation Policy Optimization via Sample Routing",
+2026, section 3): a rollout that failed (reward < 1/2) while a sibling succeeded goes to
 SDPO, every other one to GRPO's clipped objective (``reward.RewardLoss``); SDPO's tokens are
 weighted by w = exp(-H(q)) over the self-teacher's entropy H, normalised to mean 1 over the SDPO
 tokens (a target that is unsure teaches little), and the loss is the sum of both parts' token
