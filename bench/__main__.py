@@ -26,6 +26,7 @@ BENCHMARKS = [
     "teachers",
     "cross_tokenizer",
     "topk_storage",
+    "teacher_hacking",
 ]
 
 
