@@ -17,12 +17,16 @@ BENCHMARKS = [
     "classifier_methods",
     "lm_distillation",
     "lm_students",
+    "lm_reward",
+    "lm_curio",
     "lm_cascade",
+    "lm_cascade_defer",
     "lm_moe",
     "diffusion",
     "teachers",
     "cross_tokenizer",
     "topk_storage",
+    "teacher_hacking",
 ]
 
 

@@ -186,6 +186,24 @@ class LoraConfig:
 
 
 @dataclass
+class RewardConfig:
+    """Reward-aware LM methods (``grpo``, ``rlad``): rollouts scored by the task's verifier."""
+
+    group_size: int = _f(4, "completions sampled per prompt; advantages are relative to the group (>= 2)", only=(LM,), valid=Range(2))
+    clip: float = _f(0.2, "trust region: ratios are clipped to [1 - clip, 1 + clip]", only=(LM,), valid=Range(0, 1, low_open=True, high_open=True))
+    kl: float = _f(0.0, "grpo: weight of the KL to the starting student (k3 estimator; 0 = none, as DAPO / Dr. GRPO)", only=(LM,), valid=NONNEG)
+    feedback: str = _f(
+        "{prompt}\nCorrect solution:\n{solution}\nCorrectly solve the original question.\n{prompt}",
+        "srpo, sdpo: the self-teacher's prompt, a correct sibling's answer ({solution}) shown with the question ({prompt})",
+        only=(LM,),
+    )
+    teacher_mix: float = _f(
+        0.5, "rlad: teacher weight w of the ratio's anchor pi_old^(1-w) pi_teacher^w (TRRD's alpha = 1 - w; 0 = grpo)",
+        only=(LM,), valid=UNIT,
+    )  # fmt: skip
+
+
+@dataclass
 class DiffusionConfig:
     """A diffusion teacher or consistency student (used when the data is a generator dataset: moons, digits-images, ...)."""
 
@@ -313,6 +331,9 @@ class DistillConfig:
         default_factory=TeacherConfig, metadata={"only": (LM,), "help": "where the LM teacher runs (--teacher DIR, NAME or URL)"}
     )
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"only": (LM,), "help": "a LoRA adapter on the LM student (peft)"})
+    reward: RewardConfig = field(
+        default_factory=RewardConfig, metadata={"only": (LM,), "help": "reward-aware LM methods (grpo, rlad): group, trust region"}
+    )
     grad_accum: int = _f(1, "LM: micro-batches per optimiser step", only=(LM,), valid=COUNT)
     epochs: int = _f(30, "training epochs", valid=COUNT)
     steps: int = _f(
@@ -521,6 +542,10 @@ class CascadeConfig:
         default_factory=TeacherConfig, metadata={"only": (LM,), "help": "where the LM teacher runs (--teacher DIR, NAME or URL)"}
     )
     samples: int = _f(5, "LMs: student samples per query (n) of the self-consistency policies", only=(LM,), valid=COUNT)
+    sample_budget: float = _f(
+        0.0, "LMs, blend-asc: mean student samples per query over each query batch, in [1, samples] (0 = samples)",
+        only=(LM,), valid=NONNEG,
+    )  # fmt: skip
     temperature: float = _f(0.7, "LMs: student sampling temperature of the self-consistency policies", only=(LM,), valid=NONNEG)
     stop_confidence: float = _f(
         0.95,

@@ -20,7 +20,9 @@ the earliest possible stop needs) and stops at the first of:
   (Aggarwal et al., 2023, "Let's Sample Step by Step", section 3, Beta criterion): with a
   uniform prior the leader's share p of the top two answers is Beta(v1 + 1, v2 + 1) and
   P(p > 1/2) = P(Binomial(v1 + v2 + 1, 1/2) <= v1). Four unanimous samples give 31/32.
-  Optimal Self-Consistency (Blend-ASC) analyses this family of dynamic allocations.
+  Optimal Self-Consistency analyses this family of dynamic allocations; its Blend-ASC, which
+  spreads one budget over all queries of a batch instead of stopping each alone, is the
+  ``blend-asc`` policy (``stages.lm.blend_asc``).
 
 Every rule is a function of the stream of samples, so dev calibration replays one stream of
 n samples per query for every threshold. Votes are counted by ``stages.lm.scoring`` (the
@@ -55,6 +57,8 @@ LM_POLICIES = {
     "icd-sc-cascade": "in-context distillation + self-consistency cascade (the paper's method)",
     "adaptive": "student samples one at a time, stopping once the vote is decided or cannot reach the threshold",
     "weighted-vote": "student and --model samples vote, each model weighted by its own agreement; the teacher is not called",
+    "blend-asc": "sample_budget student samples per query on average, spent on the least decided queries of each batch; "
+    "the majority answers, the teacher is not called (Blend-ASC)",
 }
 THRESHOLD_POLICIES = ("sc-cascade", "icd-sc-cascade", "adaptive")
 ALWAYS_DEFER = 1.0 + 1e-6
@@ -138,15 +142,19 @@ def weighted_vote(per_model: list[list[str | None]]) -> tuple[str | None, float]
 
 
 def student_step(policy: str, n: int, threshold: float, temperature: float, sampler: Sampler, student: LM,
-                 voters: list[LM], prompts: list[str], stop_confidence: float = 1.0) -> list[dict]:  # fmt: skip
+                 voters: list[LM], prompts: list[str], stop_confidence: float = 1.0, budget: float = 0.0) -> list[dict]:  # fmt: skip
     """The student side of one step of test queries: per query its sampled answers, the
     student's answer, agreement, whether it keeps the query, samples used, tokens, seconds and
-    the voters' cost (weighted-vote)."""
+    the voters' cost (weighted-vote). ``budget``: blend-asc's mean samples per query (0 = n)."""
     empty = {"answers": [], "texts": [], "student_answer": None, "agreement": None, "keep": False, "used": 0, "s_prompt": 0,
              "s_completion": 0, "seconds": 0.0, "v_prompt": 0, "v_completion": 0, "v_cost": 0.0}  # fmt: skip
     out = [dict(empty) for _ in prompts]
     if policy == "teacher" or not prompts:
         return out
+    if policy == "blend-asc":
+        from stages.lm.blend_asc import blend_step
+
+        return blend_step(n, budget or n, temperature, sampler, student, prompts, out)
     if policy == "adaptive":
         streams: list[list[str | None]] = [[] for _ in prompts]
         state = [adaptive_state([], n, threshold, stop_confidence) for _ in prompts]
@@ -196,7 +204,7 @@ def _check(cfg: CascadeConfig, policy: str, models: list, policy_file: Path | No
         raise DistilError(f"unknown policy '{policy}' for language models; choose one of {', '.join(LM_POLICIES)}")
     if min(cfg.samples, cfg.max_new_tokens, cfg.batch_size, cfg.query_batch) < 1 or cfg.demos < 0 or cfg.budget < 0:
         raise DistilError("samples, max_new_tokens, batch_size and query_batch must be >= 1; demos and budget >= 0")
-    sampled = policy in (*THRESHOLD_POLICIES, "weighted-vote")
+    sampled = policy in (*THRESHOLD_POLICIES, "weighted-vote", "blend-asc")
     if sampled and cfg.samples > 1 and cfg.temperature <= 0:
         raise DistilError(f"policy {policy} samples {cfg.samples} answers per query; set temperature > 0")
     if policy.startswith("icd") and cfg.demos < 1:
@@ -205,6 +213,9 @@ def _check(cfg: CascadeConfig, policy: str, models: list, policy_file: Path | No
         raise DistilError("weighted-vote needs --model (repeatable) voters besides the student; other policies take no --model")
     if cfg.online and not (policy in ("icd-sc-cascade", "adaptive") and uses_demos(policy, cfg.demos)):
         raise DistilError("--online feeds deferred answers to the bank: use icd-sc-cascade, or adaptive with demos >= 1")
+    if cfg.sample_budget and (policy != "blend-asc" or not 1 <= cfg.sample_budget <= cfg.samples):
+        raise DistilError(f"sample_budget is blend-asc's mean samples per query, in [1, samples = {cfg.samples}]; got "
+                          f"{cfg.sample_budget} for policy {policy}")  # fmt: skip
     if cfg.retriever not in ("dense", "bm25", "auto"):
         raise DistilError(f"unknown retriever '{cfg.retriever}'; choose dense, bm25 or auto")
     if cfg.threshold != -1 and not 0 <= cfg.threshold <= 1:
@@ -367,7 +378,8 @@ def _fixed_policy(cfg: CascadeConfig, policy: str, fixed: dict | None, ids: dict
                           f"{fixed.get('teacher', {}).get('path')}, not these models; calibrate a policy for this pair")  # fmt: skip
     base = {"policy": policy, "samples": cfg.samples, "student": ids["student"], "teacher": ids["teacher"],
             "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
-                         "stop_confidence": cfg.stop_confidence, "seed_per_query": cfg.seed_per_query, "demos": cfg.demos},
+                         "stop_confidence": cfg.stop_confidence, "seed_per_query": cfg.seed_per_query, "demos": cfg.demos,
+                         "sample_budget": cfg.sample_budget},
             "costs": cfg.costs}  # fmt: skip
     if fixed is None and (policy not in THRESHOLD_POLICIES or cfg.threshold >= 0):
         fixed = {**base, "threshold": cfg.threshold if policy in THRESHOLD_POLICIES else None, "dev": None}
@@ -395,7 +407,7 @@ def _route(cfg: CascadeConfig, policy: str, fixed: dict, lms: dict[str, LM], ban
         demos = bank.retrieve([plain[i] for i in span], cfg.demos) if bank is not None else [[] for _ in span]
         prompts = [bank.prompt(d, plain[i]) if bank is not None else plain[i] for i, d in zip(span, demos, strict=True)]
         step = student_step(policy, cfg.samples, threshold, cfg.temperature, sampler, lms["student"], voters, prompts,
-                            cfg.stop_confidence)  # fmt: skip
+                            cfg.stop_confidence, cfg.sample_budget)  # fmt: skip
         online = []
         for i, d, o in zip(span, demos, step, strict=True):
             records.append(_record(rows[i], d, o, ref, i, t_cost, lms["student"], score))

@@ -70,6 +70,7 @@ def run(
     dev_ = resolve_device(device)
     manifest = read_manifest(Path(data)) if Path(data).is_dir() else {}
     teacher_data = manifest.get("kind") in (Kind.LM_TEACHER_DATA, Kind.LM_SELECTION)
+    verifier = _verifier(cfg, data, data_cfg, teacher_data) if method.reward else None
     sources, gated = _sources(cfg, method, data, data_cfg, manifest, teacher_data)
     model, tokenizer, live, teacher_tok = _student(cfg, method, manifest, teacher_data, sources, teachers, dev_)
     max_len = min(
@@ -78,13 +79,16 @@ def run(
     )
     install_template(tokenizer, cfg.lm.chat_template)  # saved with the student: it renders chats as it was trained
     topk = TopKFormat.of(manifest)
-    encode_row = _encoder(tokenizer, max_len, topk.k, method.token_level, last_only=method.teacher == "live", topk=topk)
+    encode_row = _encoder(tokenizer, max_len, topk.k, method.token_level, last_only=method.teacher == "live" or method.reward,
+                          topk=topk)  # fmt: skip
+    if verifier is not None:
+        encode_row = verifier.tagging(encode_row)
     if method.cross_tokenizer:
         from stages.lm.methods.cross_tokenizer import cross_encoder
 
         encode_row = cross_encoder(teacher_tok, tokenizer, max_len, topk.k, topk=topk)
     pairs = {split: RowSource(*sources[split], encode_row) for split in SPLITS}
-    loss_fn = _loss(method, cfg, live, tokenizer, max_len)
+    loss_fn = _loss(method, cfg, live, tokenizer, max_len, verifier)
     teacher_id = live.identity["sha256"] if live is not None else ""
     return _train(cfg, data, data_cfg, out, model, tokenizer, pairs, loss_fn,
                   gated=gated, teacher_id=teacher_id, device=dev_, progress=progress)  # fmt: skip
@@ -186,6 +190,16 @@ def _holds_chats(f: Path) -> bool:
         return False
     column = pq.read_table(f, columns=[MESSAGES]).column(0)
     return column.null_count < len(column)
+
+
+def _verifier(cfg: DistillConfig, data, data_cfg: DataConfig, teacher_data: bool):
+    """A reward method's ``Verifier`` of the training prompts (the task's scorer), once the data is checked."""
+    from stages.lm.methods.reward import Verifier, check_reward_data
+    from stages.lm.scoring import scorer
+
+    table, task = (None, None) if teacher_data else load_prompts(data, data_cfg)
+    check_reward_data(cfg, data, teacher_data, table, task)
+    return Verifier(scorer(task))
 
 
 def _prompt_sources(cfg: DistillConfig, data, data_cfg: DataConfig) -> dict:
@@ -326,8 +340,20 @@ def _encoder(tokenizer, max_len: int, k: int, token_level: bool, *, last_only: b
     return encode_row
 
 
-def _loss(method: LMMethod, cfg: DistillConfig, live, tokenizer, max_len: int):
+def _loss(method: LMMethod, cfg: DistillConfig, live, tokenizer, max_len: int, verifier=None):
     """The method's ``loss(model, batch)``; None is ``fit``'s default, next-token CE (sft)."""
+    if method.tempered_self:
+        from stages.lm.methods.curio import CurioLoss
+
+        return CurioLoss(cfg.lm.loss_chunk)
+    if method.self_teacher:
+        from stages.lm.methods.srpo import SelfDistillLoss
+
+        return SelfDistillLoss(method, cfg, tokenizer, max_len, verifier, route_grpo=method.self_teacher == "routed")
+    if method.reward:
+        from stages.lm.methods.reward import RewardLoss
+
+        return RewardLoss(method, cfg, live, tokenizer, max_len, verifier)
     if method.teacher == "live":
         from stages.lm.methods.on_policy import on_policy_loss
 
@@ -377,6 +403,7 @@ def _train(cfg: DistillConfig, data, data_cfg: DataConfig, out: Path, model, tok
         student = {"init": cfg.lm.init} if cfg.lm.init else {}
         if cfg.lora.r > 0:
             student["lora"] = {"r": cfg.lora.r, "merged": cfg.lora.merge}
-        summary = {"method": cfg.method, **counts, **student, "train_rows": len(pairs["train"]), **gated, **summary}
+        rollouts = loss_fn.summary() if hasattr(loss_fn, "summary") else {}  # reward methods: their rollouts' rewards
+        summary = {"method": cfg.method, **counts, **student, "train_rows": len(pairs["train"]), **gated, **summary, **rollouts}
         finish(work, summary, kind=Kind.LM_MODEL, params=params, inputs=inputs, extra={"task": {"name": str(data)}})
         return output.commit()

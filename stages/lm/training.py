@@ -52,11 +52,11 @@ def _first_label(labels) -> int:
 
 
 def collate(rows: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch of rows ``(ids, labels[, topk_ids, topk_logprobs[, weight]])``.
+    """Right-padded batch of rows ``(ids, labels[, topk_ids, topk_logprobs[, weight[, key]]])``.
 
     ``topk_*`` are [n_completion, k] arrays aligned with the completion tokens (or None):
     they become ``t_ids`` / ``t_logprobs`` [B, T, k] at the positions that predict each
-    token. ``w`` [B] holds the row weights (1 without them)."""
+    token. ``w`` [B] holds the row weights (1 without them), ``key`` [B] the row keys when given."""
     width, b = max(len(r[0]) for r in rows), len(rows)
     ids = np.full((b, width), pad_id, dtype=np.int64)
     labels = np.full((b, width), IGNORE, dtype=np.int64)
@@ -80,6 +80,8 @@ def collate(rows: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
              "w": torch.tensor([float(r[4]) if len(r) > 4 else 1.0 for r in rows])}  # fmt: skip
     if sparse:
         batch.update(t_ids=torch.from_numpy(t_ids), t_logprobs=torch.from_numpy(t_lp))
+    if len(rows[0]) > 5:  # the reward methods' row keys (``stages.lm.methods.reward.Verifier``)
+        batch["key"] = torch.tensor([int(r[5]) for r in rows])
     return batch
 
 

@@ -125,6 +125,24 @@ def fused_ce(hidden, head: Head, keep, targets, weight=None, *, chunk: int) -> t
     return fused_top_k(hidden, head, keep, targets, None, None, hyper={}, weight=weight, alpha=0.0, chunk=chunk)
 
 
+def fused_token_logprobs(hidden, head: Head, keep, targets, *, chunk: int) -> torch.Tensor:
+    """log p_s(target) [N] at the ``keep`` positions (in ``keep`` order) from hidden states ``hidden``
+    [B, T, H] and ``targets`` [B, T]: the reward-aware methods' per-token log-probs of sampled
+    tokens. Each chunk's [chunk, V] logits are recomputed in the backward pass (activation
+    checkpointing of the chunk), so they never exist whole and are not kept for it."""
+    from torch.utils.checkpoint import checkpoint
+
+    h, t = hidden[keep], targets[keep]
+    parts = [checkpoint(_chosen_logprobs, h[s : s + chunk], t[s : s + chunk], head, use_reentrant=False)
+             for s in range(0, len(h), max(chunk, 1))]  # fmt: skip
+    return torch.cat(parts) if parts else h.new_zeros(0)
+
+
+def _chosen_logprobs(h: torch.Tensor, t: torch.Tensor, head: Head) -> torch.Tensor:
+    z = _wide(head.logits(h))
+    return z.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(z, -1)
+
+
 def fused_top_k(hidden, head: Head, keep, targets, teacher, divergence, *, hyper: dict, weight=None, alpha: float,
                 chunk: int, select: Select | None = None) -> torch.Tensor:  # fmt: skip
     """``alpha`` x ``divergence`` against the sparse top-k ``teacher`` + (1 - alpha) x CE on

@@ -189,7 +189,7 @@ def test_every_policy_writes_a_coherent_decisions_table(lm, tmp_path, policy):
             assert (r["route"] == "student") == (r["agreement"] >= m["threshold"] - 1e-6)
     if policy == "teacher":
         assert m["teacher_rate"] == 1.0 and m["samples_per_query"] == 0 and m["student_accuracy"] is None
-    assert (m["teacher_rate"] == 0.0) if policy in ("student", "icd", "weighted-vote") else True
+    assert (m["teacher_rate"] == 0.0) if policy in ("student", "icd", "weighted-vote", "blend-asc") else True
     if policy == "weighted-vote":
         assert all(r["voter_completion_tokens"] > 0 and len(r["answers"]) == 2 * n for r in rows)
     manifest = json.loads((tmp_path / "c" / ".manifest.json").read_text())
@@ -388,3 +388,20 @@ def test_bank_verified_keeps_only_demonstrations_the_task_scored_correct(lm, tmp
     _, m = cascade(lm, tmp_path / "ok", "--policy", "icd", "--set", "demos=1", "--set", "bank_verified=true")
     bank = pq.read_table(tmp_path / "ok" / "bank" / "rows").to_pylist()
     assert 0 < m["bank_size"] < everything["bank_size"] and all(b["answer"] == gold[b["prompt"]] for b in bank)
+
+
+def test_blend_asc_through_the_cli_answers_every_query_at_the_asked_mean(lm, tmp_path):
+    rows, m = cascade(lm, tmp_path / "b", "--policy", "blend-asc", "--set", "samples=3", "--set", "sample_budget=2")
+    assert m["teacher_rate"] == 0.0 and m["samples_per_query"] == pytest.approx(2.0)
+    assert all(1 <= r["samples_used"] <= 3 and r["answer"] == r["student_answer"] for r in rows)
+    assert json.loads((tmp_path / "b" / "policy.json").read_text())["sampling"]["sample_budget"] == 2.0
+
+
+def test_a_budget_outside_its_range_or_for_another_policy_is_refused(lm, tmp_path):
+    c = lm["cli"]
+    base = ["cascade", "--teacher", lm["t"], "--out", tmp_path / "x", "-q"]
+    c.fails(*base, "--student", lm["s"], "--data", lm["td"], "--policy", "blend-asc", "--set", "samples=3",
+            "--set", "sample_budget=4", match="sample_budget")  # fmt: skip
+    c.fails(*base, "--student", lm["s"], "--data", lm["td"], "--policy", "sc-cascade", "--set", "sample_budget=2",
+            match="sample_budget")  # fmt: skip
+    assert not (tmp_path / "x").exists()

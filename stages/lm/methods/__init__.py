@@ -6,7 +6,8 @@ or teacher completions (``sft``), stored top-k teacher log-probs (the token-leve
 divergences, ``tsd``, ``mst``), or one live teacher (``on-policy``). ``divergence`` names
 the loss of ``stages.losses.DIVERGENCES`` the method applies. The losses live beside this
 table: ``token_level`` (top-k divergences, TSD's token selection), ``on_policy`` (GKD),
-``mst`` (the gate that picks one teacher per prompt) and ``cross_tokenizer`` (``uld``, ``span-kd``:
+``mst`` (the gate that picks one teacher per prompt), ``reward`` (``grpo``, ``rlad``: rollouts
+scored by the task's verifier) and ``cross_tokenizer`` (``uld``, ``span-kd``:
 a student with its own tokenizer, compared on aligned spans). Kept free of heavy imports so
 ``--help`` lists it cheaply.
 """
@@ -28,6 +29,13 @@ class LMMethod:
     """Distil only the tokens TSD-KD's selection keeps (``token_level._token_selection``)."""
     gated: bool = False
     """Train on the rows of the one teacher a gate picks per prompt (``mst.gate_rows``)."""
+    reward: bool = False
+    """Trained on its own rollouts scored by the task's verifier (``reward``: ``grpo``, ``rlad``)."""
+    tempered_self: bool = False
+    """CE plus a pull toward the model's own per-token tempered distribution (``curio``)."""
+    self_teacher: str = ""
+    """Reward methods that distil rollouts toward the model reading a correct sibling (``srpo``):
+    'routed' (failed rollouts only, the rest to GRPO) or 'all' (no GRPO)."""
     cross_tokenizer: bool = False
     """The student may split text differently from the teacher: ``divergence`` names a loss of
     ``stages.losses.cross_tokenizer.CROSS_TOKENIZER``, compared on aligned spans (``cross_tokenizer``)."""
@@ -55,6 +63,27 @@ LM_METHODS: dict[str, LMMethod] = {
     "on-policy": LMMethod(
         "GKD: the student samples completions (share lmbda of batches), a live --teacher scores every token", "live", "jsd"
     ),
+    "grpo": LMMethod(
+        "GRPO: the student samples reward.group_size completions per prompt, the task's verifier scores them, and a "
+        "clipped policy gradient moves it toward the above-average ones (no teacher; the reference point)", reward=True,
+    ),  # fmt: skip
+    "rlad": LMMethod(
+        "RL-aware distillation: GRPO whose trust-region ratio is anchored to a mix of the live --teacher and the old "
+        "policy (TRRD), so the student imitates the teacher where that helps the advantage", "live", reward=True,
+    ),  # fmt: skip
+    "curio": LMMethod(
+        "entropy-preserving SFT (CurioSFT): CE on the completions plus a pull toward the model's own distribution, "
+        "tempered per token from its entropy, so sampling stays diverse (gold answers or teacher completions)",
+        tempered_self=True,
+    ),  # fmt: skip
+    "srpo": LMMethod(
+        "sample-routed policy optimisation: GRPO on rollouts that succeeded (or had no correct sibling), self-distillation "
+        "toward the model reading a correct sibling on the ones that failed, entropy-weighted", reward=True, self_teacher="routed",
+    ),  # fmt: skip
+    "sdpo": LMMethod(
+        "self-distillation policy optimisation: every rollout with a correct sibling distilled toward the model reading that "
+        "sibling (JSD on its own tokens), no GRPO term", reward=True, self_teacher="all",
+    ),  # fmt: skip
     "tsd": LMMethod(
         "token-selective KD: only tokens where the teacher is more confident than the student, plus an entropy penalty",
         "top-k", "kd", selective=True,

@@ -77,15 +77,17 @@ def _dense_teacher(teacher, ids: torch.Tensor, mask: torch.Tensor, keep: torch.T
     return hidden[:, :-1][keep.to(device)], head
 
 
-def scored_top_k(teacher, ids: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def scored_top_k(teacher, ids: torch.Tensor, labels: torch.Tensor, k: int,
+                 prompts: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The teacher's top-k (ids [B, T, k], log-probs [B, T, k]) at every position that
     predicts a completion token (position t predicts token t + 1), from ``Teacher.score``
-    of each row's prompt and completion; log-prob -1e4 (nothing) elsewhere."""
-    prompts, completions, starts = [], [], []
-    for row, lab in zip(ids.tolist(), labels.tolist(), strict=True):
+    of each row's prompt (or of ``prompts``, another context per row: a self-teacher's) and
+    completion; log-prob -1e4 (nothing) elsewhere."""
+    given, prompts, completions, starts = prompts, [], [], []
+    for r, (row, lab) in enumerate(zip(ids.tolist(), labels.tolist(), strict=True)):
         first = next(i for i, v in enumerate(lab) if v != IGNORE)
         last = max(i for i, v in enumerate(lab) if v != IGNORE)
-        prompts.append(row[:first])
+        prompts.append(row[:first] if given is None else given[r])
         completions.append(row[first : last + 1])
         starts.append(first - 1)
     scored = teacher.score(prompts, completions, k)

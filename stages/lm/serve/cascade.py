@@ -83,7 +83,7 @@ class CascadeEngine:
         threshold = self.policy["threshold"] if self.policy["threshold"] is not None else 0.0
         sampler, student, teacher = self._sampler(), self.lms["student"], self.lms["teacher"]
         steps = student_step(policy, self.policy["samples"], threshold, s["temperature"], sampler, student, [], prompts,
-                             s["stop_confidence"])  # fmt: skip
+                             s["stop_confidence"], s.get("sample_budget", 0.0))  # fmt: skip
         out = []
         for prompt, o in zip(prompts, steps, strict=True):
             cost = float(student.pricer(o["s_prompt"], o["s_completion"]))

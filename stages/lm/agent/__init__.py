@@ -1,0 +1,1 @@
+"""Agent distillation: a code tool the teacher and student call (``sandbox``)."""
