@@ -197,6 +197,14 @@ class RewardConfig:
         "srpo, sdpo: the self-teacher's prompt, a correct sibling's answer ({solution}) shown with the question ({prompt})",
         only=(LM,),
     )
+    revise: str = _f(
+        "{prompt} {response}\n{verdict}\n{prompt}",
+        "sd-zero: the reviser's prompt, the question ({prompt}), an answer ({response}) and its verdict phrase ({verdict})",
+        only=(LM,),
+    )
+    srt_prompts: int = _f(256, "sd-zero: train questions of the self-revision phase", only=(LM,), valid=COUNT)
+    revisions: int = _f(3, "sd-zero: revisions sampled per answer in the self-revision phase", only=(LM,), valid=COUNT)
+    srt_epochs: int = _f(1, "sd-zero: passes over the kept revisions before self-distillation", only=(LM,), valid=COUNT)
     teacher_mix: float = _f(
         0.5, "rlad: teacher weight w of the ratio's anchor pi_old^(1-w) pi_teacher^w (TRRD's alpha = 1 - w; 0 = grpo)",
         only=(LM,), valid=UNIT,

@@ -90,6 +90,8 @@ def run(
     pairs = {split: RowSource(*sources[split], encode_row) for split in SPLITS}
     loss_fn = _loss(method, cfg, live, tokenizer, max_len, verifier)
     teacher_id = live.identity["sha256"] if live is not None else ""
+    if hasattr(loss_fn, "prepare"):  # a method with a phase of its own before training (sd-zero's self-revision)
+        loss_fn.prepare(model, pairs["train"], dev_)
     return _train(cfg, data, data_cfg, out, model, tokenizer, pairs, loss_fn,
                   gated=gated, teacher_id=teacher_id, device=dev_, progress=progress)  # fmt: skip
 
@@ -342,6 +344,10 @@ def _encoder(tokenizer, max_len: int, k: int, token_level: bool, *, last_only: b
 
 def _loss(method: LMMethod, cfg: DistillConfig, live, tokenizer, max_len: int, verifier=None):
     """The method's ``loss(model, batch)``; None is ``fit``'s default, next-token CE (sft)."""
+    if method.reviser:
+        from stages.lm.methods.sd_zero import SDZeroLoss
+
+        return SDZeroLoss(method, cfg, tokenizer, max_len, verifier)
     if method.tempered_self:
         from stages.lm.methods.curio import CurioLoss
 

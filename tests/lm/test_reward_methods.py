@@ -13,6 +13,7 @@ from tiny_lms import draw_wide
 from stages.config import DistillConfig, LMConfig, RewardConfig
 from stages.lm.methods import LM_METHODS
 from stages.lm.methods.reward import RewardLoss, Verifier, clipped_surrogate, group_advantages, k3_kl, trrd_log_ratio
+from stages.lm.methods.sd_zero import SDZeroLoss
 from stages.lm.methods.srpo import SelfDistillLoss, _entropy_weights
 from stages.lm.models import LMSize, build_lm
 from stages.lm.training import IGNORE, collate
@@ -198,6 +199,45 @@ def test_entropy_weights_favour_a_sure_self_teacher_and_average_one():
     assert w[0, 0] > w[0, 1] > 0 and w[0, 2] == 0 and float(w[keep].mean()) == pytest.approx(1.0)
 
 
+def test_sd_zero_keeps_only_verified_revisions_then_distils_its_frozen_reviser():
+    from stages.lm.training import RowSource
+
+    model, verifier, b = toy()
+    raw = [{"i": i} for i in range(4)]
+    encoded = dict(enumerate(_rows_of(b)))
+    train = RowSource([lambda: raw], [4], lambda r: encoded[r["i"]])
+    cfg = DistillConfig(method="sd-zero", batch_size=4, lr=0.01, lm=LMConfig(max_new_tokens=3),
+                        reward=RewardConfig(srt_prompts=4, revisions=6, srt_epochs=2))  # fmt: skip
+    loss_fn = SDZeroLoss(LM_METHODS["sd-zero"], cfg, Tok(), 64, verifier)
+    torch.manual_seed(0)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    loss_fn.prepare(model, train, "cpu")
+    srt = loss_fn.srt
+    assert srt["srt_prompts"] == 4 and 0 < srt["srt_traces"] < 4 * 6  # some revisions right, not all
+    trained = any(not torch.equal(start[k], v) for k, v in model.state_dict().items())
+    assert trained and all(not p.requires_grad for p in loss_fn.reviser.parameters())
+    frozen = {k: v.clone() for k, v in loss_fn.reviser.state_dict().items()}
+    unfused = _sdz_loss(loss_fn, model, b, 0)
+    assert close(_sdz_loss(loss_fn, model, b, 2), unfused) and unfused[0] > 0
+    assert all(torch.equal(frozen[k], v) for k, v in loss_fn.reviser.state_dict().items())  # phase 2 leaves it alone
+
+
+def _rows_of(b):
+    """A collated batch back into ``collate``'s rows (ids, labels, None, None, weight, key), padding dropped."""
+    out = []
+    for ids, m, lab, w, k in zip(b["input_ids"], b["attention_mask"], b["labels"], b["w"], b["key"], strict=True):
+        n = int(m.sum())
+        out.append((ids[:n].tolist(), lab[:n].tolist(), None, None, float(w), int(k)))
+    return out
+
+
+def _sdz_loss(loss_fn, model, b, chunk):
+    import dataclasses
+
+    loss_fn.cfg = dataclasses.replace(loss_fn.cfg, lm=dataclasses.replace(loss_fn.cfg.lm, loss_chunk=chunk))
+    return run(model, loss_fn, b, seed=5)
+
+
 LM = ["--set", "data.sizes=[60,10,10]", "--set", "lm.hidden=32", "--set", "lm.layers=1", "--set", "lm.heads=2",
       "--set", "lm.vocab_size=320", "--set", "batch_size=8", "-q"]  # fmt: skip
 
@@ -212,7 +252,7 @@ def sft_student(tmp_path_factory):
     return root / "sft"
 
 
-@pytest.mark.parametrize("method", ["grpo", "rlad", "srpo", "sdpo"])
+@pytest.mark.parametrize("method", ["grpo", "rlad", "srpo", "sdpo", "sd-zero"])
 def test_reward_methods_train_through_the_cli_and_record_their_rollouts(cli, sft_student, tmp_path, method):
     teacher = ["--teacher", str(sft_student)] if method == "rlad" else []
     cli.ok("distill", "--method", method, "--data", "basic_arithmetic", "--student", sft_student, *teacher, "--out",
@@ -221,6 +261,7 @@ def test_reward_methods_train_through_the_cli_and_record_their_rollouts(cli, sft
     assert summary["method"] == method and summary["rollout_steps"] == 8  # steps round to whole epochs: 60 / 8 -> 8 batches
     assert 0.0 <= summary["rollout_reward_first"] <= 1.0 and 0.0 <= summary["rollout_reward_last"] <= 1.0
     assert ("self_distilled_share" in summary) == (method in ("srpo", "sdpo"))
+    assert ("srt_traces" in summary) == (method == "sd-zero")
 
 
 def test_reward_methods_refuse_what_they_cannot_train_on(cli, sft_student, tmp_path):

@@ -33,6 +33,8 @@ class LMMethod:
     """Trained on its own rollouts scored by the task's verifier (``reward``: ``grpo``, ``rlad``)."""
     tempered_self: bool = False
     """CE plus a pull toward the model's own per-token tempered distribution (``curio``)."""
+    reviser: bool = False
+    """A self-revision phase first, then the frozen reviser distilled into the generator (``sd-zero``)."""
     self_teacher: str = ""
     """Reward methods that distil rollouts toward the model reading a correct sibling (``srpo``):
     'routed' (failed rollouts only, the rest to GRPO) or 'all' (no GRPO)."""
@@ -83,6 +85,10 @@ LM_METHODS: dict[str, LMMethod] = {
     "sdpo": LMMethod(
         "self-distillation policy optimisation: every rollout with a correct sibling distilled toward the model reading that "
         "sibling (JSD on its own tokens), no GRPO term", reward=True, self_teacher="all",
+    ),  # fmt: skip
+    "sd-zero": LMMethod(
+        "Self-Distillation Zero: the model learns to revise its own answers given their verifier reward, then that "
+        "reviser, frozen, scores the model's answers token by token (reverse KL on its top-64)", reward=True, reviser=True,
     ),  # fmt: skip
     "tsd": LMMethod(
         "token-selective KD: only tokens where the teacher is more confident than the student, plus an entropy penalty",

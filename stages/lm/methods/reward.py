@@ -122,10 +122,11 @@ class RewardLoss:
         per_seq = torch.zeros(len(ids), dtype=objective.dtype, device=ids.device).index_add(0, seq, objective) / lengths
         return -per_seq.mean()
 
-    def _rollouts(self, m, b: dict):
-        """Group-size completions per prompt of the batch, sampled by the student (temperature 1,
-        KV cache, ``lm.max_new_tokens``), collated, with their rewards [P * G] in prompt-major order."""
-        g, keys = self.r.group_size, b["key"].tolist()
+    def _rollouts(self, m, b: dict, group: int | None = None):
+        """``group`` (default ``reward.group_size``) completions per prompt of the batch, sampled by the
+        student (temperature 1, KV cache, ``lm.max_new_tokens``), collated, with their rewards [P * G]
+        in prompt-major order."""
+        g, keys = group or self.r.group_size, b["key"].tolist()
         prompts = []
         for row, lab in zip(b["input_ids"].tolist(), b["labels"].tolist(), strict=True):
             prompts += [row[: next(i for i, v in enumerate(lab) if v != IGNORE)]] * g
