@@ -7,7 +7,9 @@ teacher; a student of ``lm_student``'s size trained with ``sft`` on gold answers
 well below the teacher); then from that start, for the same steps and 32 student rollouts per
 step each: ``grpo`` (no teacher), ``rlad`` (the live teacher in the ratio's anchor), ``srpo``
 and ``sdpo`` (self-distillation toward the model reading a correct sibling: routed, and alone)
-and ``on-policy`` (GKD, every batch on the student's own samples, the live teacher's JSD). The
+``sd-zero`` (self-revision, then the frozen reviser distilled) against ``rft`` (rejection
+fine-tuning: the start's own samples on the train questions, the correct ones, ``sft``) and
+``on-policy`` (GKD, every batch on the student's own samples, the live teacher's JSD). The
 rollouts' mean reward in the first and last tenth of training tells a late collapse. Test
 accuracy by the task's scorer; the claims state the mean over seeds and whether the paired
 interval excludes zero (``bench.harness.paired``).
@@ -34,7 +36,8 @@ from stages.config import DataConfig, DistillConfig, load_section
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "chain_sum"
-METHODS = ("grpo", "rlad", "srpo", "sdpo", "on-policy")
+METHODS = ("grpo", "rlad", "srpo", "sdpo", "sd-zero", "on-policy")
+SECTION = {"on-policy": "on_policy", "sd-zero": "sd_zero"}
 
 
 def _one_seed(params: dict, bench: dict, seed: int, d: Path, rollouts: dict) -> dict[str, float]:
@@ -46,8 +49,7 @@ def _one_seed(params: dict, bench: dict, seed: int, d: Path, rollouts: dict) -> 
     cached(d / "gold", (teacher, start), lambda: distill.run(start, TASK, d / "gold", data_cfg=data, progress=False))
     names = {"teacher": d / "teacher", "sft-gold (start)": d / "gold"}
     for method in METHODS:
-        section = "on_policy" if method == "on-policy" else "reward"
-        cfg = load_section(DistillConfig, params, "lm_student", bench[section])
+        cfg = load_section(DistillConfig, params, "lm_student", bench[SECTION.get(method, "reward")])
         cfg = replace(cfg, method=method, seed=seed, lm=replace(cfg.lm, init=str(d / "gold")))
         live = [d / "teacher"] if method in ("rlad", "on-policy") else []
         out = d / method
@@ -55,10 +57,28 @@ def _one_seed(params: dict, bench: dict, seed: int, d: Path, rollouts: dict) -> 
             cfg, TASK, out, data_cfg=data, teachers=live, progress=False))  # fmt: skip
         names[method] = out
         trained = json.loads((out / "training.json").read_text())
-        for key in ("rollout_reward_first", "rollout_reward_last", "self_distilled_share"):
+        for key in ("rollout_reward_first", "rollout_reward_last", "self_distilled_share", "srt_traces"):
             if key in trained:
                 rollouts.setdefault(method, {}).setdefault(key, []).append(trained[key])
+    names["rft"] = _rft(params, bench["rft"], seed, d, data, (teacher, start))
     return lm_accuracies(params, names, TASK, d / "ev", data)
+
+
+def _rft(params: dict, rft: dict, seed: int, d: Path, data, upstream) -> Path:
+    """Rejection fine-tuning from the start: its own samples on the train questions, the ones the
+    verifier marks correct, then ``sft`` on them (sd-zero's baseline on the same questions)."""
+    from stages import generate_teacher_data, select
+    from stages.config import GenerateTeacherDataConfig, SelectConfig
+
+    gen = replace(load_section(GenerateTeacherDataConfig, {"x": rft["generate"]}, "x"), seed=seed)
+    cached(d / "rft-samples", (upstream, gen), lambda: generate_teacher_data.run(gen, d / "gold", TASK, d / "rft-samples",
+                                                                                 data_cfg=data, progress=False))  # fmt: skip
+    sel = load_section(SelectConfig, {"x": rft["select"]}, "x")
+    cached(d / "rft-correct", (upstream, gen, sel), lambda: select.run(sel, d / "rft-samples", d / "rft-correct", progress=False))
+    cfg = load_section(DistillConfig, params, "lm_student", rft["student"])
+    cfg = replace(cfg, method="sft", seed=seed, lm=replace(cfg.lm, init=str(d / "gold")))
+    cached(d / "rft", (upstream, gen, sel, cfg), lambda: distill.run(cfg, d / "rft-correct", d / "rft", data_cfg=data, progress=False))
+    return d / "rft"
 
 
 def main() -> int:
@@ -75,7 +95,7 @@ def main() -> int:
     mean = {k: statistics.fmean(v) for k, v in acc.items()}
     pairs = {"rlad_vs_grpo": ("rlad", "grpo"), "rlad_vs_on_policy": ("rlad", "on-policy"),
              "grpo_vs_start": ("grpo", "sft-gold (start)"), "rlad_vs_start": ("rlad", "sft-gold (start)"),
-             "teacher_vs_start": ("teacher", "sft-gold (start)")}  # fmt: skip
+             "teacher_vs_start": ("teacher", "sft-gold (start)"), "sd_zero_vs_rft": ("sd-zero", "rft")}  # fmt: skip
     claims = {name: {"holds": mean[a] >= mean[b], **paired(acc[a], acc[b])} for name, (a, b) in pairs.items()}
     for method in ("srpo", "sdpo"):  # a late collapse: the rollouts' reward in the last tenth of training under the first
         r = rollouts.get(method, {})
