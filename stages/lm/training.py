@@ -210,7 +210,7 @@ def fit(
     for epoch in range(progress["epoch"], epochs):
         t0 = time.perf_counter()
         train_loss = _train_epoch(model, train.epoch(cfg.seed * 100_003 + epoch), loss_fn, aux, acc, opt, sched, cfg, pad_id)
-        dev_loss = evaluate_loss(model, dev, cfg.batch_size, pad_id, acc.device)
+        dev_loss = evaluate_loss(model, dev, cfg.batch_size, pad_id, acc.device, cfg.lm.loss_chunk)
         progress["seconds"] += time.perf_counter() - t0
         _end_epoch(progress, epoch, train_loss, dev_loss, live)
         best = cfg.checkpoint == "last" or dev_loss < progress["best_loss"]
@@ -337,13 +337,15 @@ def _checkpoint(ckpt: Path, model, opt, sched, progress: dict, *, best: bool) ->
 
 
 @torch.no_grad()
-def evaluate_loss(model, rows: RowSource, batch_size: int, pad_id: int, device) -> float:
+@torch.no_grad()
+def evaluate_loss(model, rows: RowSource, batch_size: int, pad_id: int, device, chunk: int | None = None) -> float:
+    """Next-token CE per completion token over ``rows`` (``next_token_loss``: fused with ``chunk`` > 0,
+    so the dev pass never holds [tokens, V] logits either)."""
     model.eval()
     total, tokens = 0.0, 0
-    for chunk in batches(rows.epoch(), batch_size):
-        b = {k: v.to(device) for k, v in collate([r[:2] for r in chunk], pad_id).items()}
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    for part in batches(rows.epoch(), batch_size):
+        b = {k: v.to(device) for k, v in collate([r[:2] for r in part], pad_id).items()}
         n = int((b["labels"][:, 1:] != IGNORE).sum())
-        total += float(token_ce(logits, b["labels"])) * n
+        total += float(next_token_loss(model, b, chunk=chunk)) * n
         tokens += n
     return total / max(tokens, 1)
