@@ -14,7 +14,7 @@ The ranking blends the two statistics the paper blends, for votes v1 >= v2 of th
 answers among K distinct ones:
 
 - Adaptive-Consistency's (Aggarwal et al., 2023): the posterior probability that the leader is the
-  mode, P(p > 1/2) under p ~ Beta(v1 + 1, v2 + 1) (``cascade.leader_wins``); the lowest first.
+  mode, P(p > 1/2) under p ~ Beta(v1 + 1, v2 + 1) (``scoring.leader_wins``); the lowest first.
   It is the better ranking at small budgets;
 - PPR-1v1's (Jain et al., AISTATS 2022, the prior-posterior-ratio test of the leader against the
   runner-up): the Beta(v1 + 1, v2 + 1) density at 1/2 times (K - 1), the evidence that the two are
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages.lm.scoring import majority, vote_counts
+from stages.lm.scoring import leader_wins, majority, vote_counts
 
 FIRST = 2
 """Samples every query gets in its first call (one vote cannot tell a tie from agreement)."""
@@ -40,7 +40,6 @@ def undecided(answers: list[str | None]) -> tuple[float, float]:
     """(ASC's posterior that the leader is the mode, PPR-1v1's tie evidence) of one query's votes."""
     from scipy.stats import beta
 
-    from stages.lm.cascade import leader_wins
 
     counts = vote_counts(answers) + [0, 0]
     v1, v2, k = counts[0], counts[1], max(2, sum(c > 0 for c in counts))

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from math import comb
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,7 +43,7 @@ from numpy.typing import ArrayLike
 from stages.config import CascadeConfig, DataConfig
 from stages.errors import DistilError
 from stages.lm.cascade_cost import LM, Sampler, break_even
-from stages.lm.scoring import Scorer, majority, scorer, tally, vote_counts, winner
+from stages.lm.scoring import Scorer, leader_wins, majority, scorer, tally, vote_counts, winner
 
 if TYPE_CHECKING:
     from stages.lm.icd.bank import Bank
@@ -76,13 +75,6 @@ def uses_demos(policy: str, demos: int) -> bool:
 def meets(votes: int, n: int, threshold: float) -> bool:
     """votes / n >= threshold, robust to the rounding of threshold = k / n."""
     return votes >= threshold * n - 1e-9
-
-
-def leader_wins(lead: int, second: int) -> float:
-    """Posterior probability that the leading answer's share beats the runner-up's (uniform
-    prior, Beta(lead + 1, second + 1) > 1/2): P(Binomial(lead + second + 1, 1/2) <= lead)."""
-    trials = lead + second + 1
-    return sum(comb(trials, i) for i in range(lead + 1)) / 2.0**trials
 
 
 def adaptive_state(answers: list[str | None], n: int, threshold: float, stop_confidence: float = 1.0) -> str | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from math import comb
 from typing import Optional
 
 from stages.tasks.reasoning import ReasoningTask, normalise
@@ -89,3 +90,10 @@ def majority_index(answers: Iterable[str | None]) -> int | None:
 def vote_counts(answers: Iterable[str | None]) -> list[int]:
     """The votes of each distinct parsed answer, most first."""
     return sorted((v.votes for v in tally(answers).values()), reverse=True)
+
+
+def leader_wins(lead: int, second: int) -> float:
+    """Posterior probability that the leading answer's share beats the runner-up's (uniform
+    prior, Beta(lead + 1, second + 1) > 1/2): P(Binomial(lead + second + 1, 1/2) <= lead)."""
+    trials = lead + second + 1
+    return sum(comb(trials, i) for i in range(lead + 1)) / 2.0**trials

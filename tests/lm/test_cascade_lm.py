@@ -15,9 +15,9 @@ import pytest
 from one_thread import one_thread  # noqa: F401  (autouse: one torch thread for this module)
 
 from stages.errors import DistilError
-from stages.lm.cascade import ALWAYS_DEFER, LM_POLICIES, decide, first_round, leader_wins, rounds, weighted_vote
+from stages.lm.cascade import ALWAYS_DEFER, LM_POLICIES, decide, first_round, rounds, weighted_vote
 from stages.lm.cascade_cost import Pricer, break_even, pricers, sweep
-from stages.lm.scoring import majority
+from stages.lm.scoring import leader_wins, majority
 
 SOUNDS = {"cat": "meow", "dog": "woof", "cow": "moo", "duck": "quack", "sheep": "baa", "owl": "hoot"}
 LM = ["--set", "lm.hidden=32", "--set", "lm.layers=1", "--set", "lm.heads=2", "--set", "batch_size=16", "--set", "lr=0.01", "-q"]
