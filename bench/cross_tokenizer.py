@@ -26,9 +26,9 @@ from pathlib import Path
 
 import yaml
 
-from bench.harness import accuracy_table, cached, emit, lm_accuracies, paired, workdir
-from stages import distill, generate_teacher_data, select
-from stages.config import DataConfig, DistillConfig, GenerateTeacherDataConfig, SelectConfig, load_section
+from bench.harness import accuracy_table, cached, emit, lm_accuracies, lm_teacher_chain, paired, workdir
+from stages import distill
+from stages.config import DataConfig, DistillConfig, load_section
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "chain_sum"
@@ -49,12 +49,7 @@ def _student_tokenizer(d: Path) -> Path:
 
 def _one_seed(params: dict, seed: int, d: Path) -> dict[str, float]:
     data = load_section(DataConfig, params, "data")
-    teacher = replace(load_section(DistillConfig, params, "lm_teacher"), seed=seed)
-    cached(d / "teacher", (teacher, data), lambda: distill.run(teacher, TASK, d / "teacher", data_cfg=data, progress=False))
-    gen = replace(load_section(GenerateTeacherDataConfig, params, "lm_generate"), seed=seed)
-    cached(d / "td", (teacher, gen), lambda: generate_teacher_data.run(gen, d / "teacher", TASK, d / "td", data_cfg=data, progress=False))
-    sel = load_section(SelectConfig, params, "lm_select")
-    cached(d / "sel", (teacher, gen, sel), lambda: select.run(sel, d / "td", d / "sel", progress=False))
+    teacher, gen, sel = lm_teacher_chain(params, seed, d, TASK)
     tok = _student_tokenizer(d.parent)
     base = replace(load_section(DistillConfig, params, "lm_student"), seed=seed)
     student = replace(base, lm=replace(base.lm, tokenizer=str(tok)))

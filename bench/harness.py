@@ -101,6 +101,27 @@ def cached(out: Path, settings: object, step: Callable[[], object]) -> Path:
     return out
 
 
+def lm_teacher_chain(params: dict, seed: int, d: Path, task: str) -> tuple:
+    """The default pipeline's LM chain in ``d``, each step cached: the teacher (``lm_teacher``), its
+    teacher data (``lm_generate``) and the label-free selection (``lm_select``). Returns their
+    configs (what the later steps' ``cached`` settings depend on); the outputs are ``d / teacher``,
+    ``d / td`` and ``d / sel``."""
+    from dataclasses import replace
+
+    from stages import distill, generate_teacher_data, select
+    from stages.config import DataConfig, DistillConfig, GenerateTeacherDataConfig, SelectConfig, load_section
+
+    data = load_section(DataConfig, params, "data")
+    teacher = replace(load_section(DistillConfig, params, "lm_teacher"), seed=seed)
+    cached(d / "teacher", (teacher, data), lambda: distill.run(teacher, task, d / "teacher", data_cfg=data, progress=False))
+    gen = replace(load_section(GenerateTeacherDataConfig, params, "lm_generate"), seed=seed)
+    cached(d / "td", (teacher, gen), lambda: generate_teacher_data.run(gen, d / "teacher", task, d / "td", data_cfg=data,
+                                                                       progress=False))  # fmt: skip
+    sel = load_section(SelectConfig, params, "lm_select")
+    cached(d / "sel", (teacher, gen, sel), lambda: select.run(sel, d / "td", d / "sel", progress=False))
+    return teacher, gen, sel
+
+
 def lm_accuracies(params: dict, models: dict[str, Path], task: str, out: Path, data_cfg) -> dict[str, float]:
     """Test accuracy of each named LM (the task's scorer, ``lm_evaluate`` settings) in one evaluate run."""
     import io

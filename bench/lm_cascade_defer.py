@@ -32,9 +32,9 @@ from pathlib import Path
 
 import yaml
 
-from bench.harness import cached, emit, paired, workdir
-from stages import cascade, distill, generate_teacher_data, select
-from stages.config import CascadeConfig, DataConfig, DistillConfig, GenerateTeacherDataConfig, SelectConfig, load_section
+from bench.harness import cached, emit, lm_teacher_chain, paired, workdir
+from stages import cascade, distill
+from stages.config import CascadeConfig, DataConfig, DistillConfig, load_section
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "chain_sum"
@@ -43,12 +43,7 @@ COLUMNS = ("accuracy", "cost_vs_teacher", "teacher_rate", "samples_per_query")
 
 def _models(params: dict, bench: dict, seed: int, d: Path) -> None:
     data = load_section(DataConfig, params, "data")
-    teacher = replace(load_section(DistillConfig, params, "lm_teacher"), seed=seed)
-    cached(d / "teacher", (teacher, data), lambda: distill.run(teacher, TASK, d / "teacher", data_cfg=data, progress=False))
-    gen = replace(load_section(GenerateTeacherDataConfig, params, "lm_generate"), seed=seed)
-    cached(d / "td", (teacher, gen), lambda: generate_teacher_data.run(gen, d / "teacher", TASK, d / "td", data_cfg=data, progress=False))
-    sel = load_section(SelectConfig, params, "lm_select")
-    cached(d / "sel", (teacher, gen, sel), lambda: select.run(sel, d / "td", d / "sel", progress=False))
+    teacher, gen, sel = lm_teacher_chain(params, seed, d, TASK)
     student = replace(load_section(DistillConfig, params, "lm_student"), seed=seed, demos=bench["icd_student"]["demos"],
                       retriever=bench["cascade"]["retriever"])  # fmt: skip
     cached(d / "icd", (teacher, gen, sel, student), lambda: distill.run(student, d / "sel", d / "icd", data_cfg=data, progress=False))

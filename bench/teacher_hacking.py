@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from bench.harness import emit, paired
-from stages.lm.models import LMSize, build_lm
+from stages.lm.models import LMSize, build_lm, draw_wide
 
 ROOT = Path(__file__).resolve().parents[1]
 V, PROMPT, LENGTH = 24, 2, 10
@@ -50,15 +50,6 @@ class _Vocab:
 
     def __len__(self):
         return V
-
-
-def _draw_wide(model, std: float, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, std, generator=g)
-    return model
 
 
 @torch.no_grad()
@@ -119,7 +110,7 @@ def hacking(curve: list[dict], proxy: str = "proxy") -> dict:
 
 def one_seed(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    oracle = _draw_wide(build_lm("llama", ORACLE, _Vocab()), 0.25, seed).eval()
+    oracle = draw_wide(build_lm("llama", ORACLE, _Vocab()), 0.25, seed).eval()
     torch.manual_seed(seed)
     teacher = build_lm("llama", TEACHER, _Vocab())
     distil(oracle, teacher, TEACHER_STEPS, g)

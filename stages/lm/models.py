@@ -322,3 +322,17 @@ def check_same_tokenizer(teacher_tok, student_tok, method: str) -> None:
             f"and the student's {len(student_tok)} (or they differ); use one tokenizer for both, a cross-tokenizer method "
             "(--method uld or span-kd: aligned by characters), or --method sft"
         )
+
+
+def draw_wide(model, std: float, seed: int):
+    """``model`` (in place) with every weight but the norms drawn from N(0, std^2), seeded: a random
+    LM whose next-token distributions are structured (at transformers' default init every prompt
+    gets nearly the same answer). The teacher-hacking probe's oracle; the tests' varied tiny models."""
+    import torch
+
+    draw = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, std, generator=draw)
+    return model

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from one_thread import one_thread  # noqa: F401  (autouse: one torch thread for this module)
-from tiny_lms import draw_wide
 
 from stages.errors import DistilError
 from stages.lm.likeness import likeness
-from stages.lm.models import keep_layers, load_lm
+from stages.lm.models import draw_wide, keep_layers, load_lm
 from stages.tasks.messages import from_json
 
 CHATML = (

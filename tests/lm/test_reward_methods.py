@@ -8,14 +8,13 @@ import json
 
 import pytest
 import torch
-from tiny_lms import draw_wide
 
 from stages.config import DistillConfig, LMConfig, RewardConfig
 from stages.lm.methods import LM_METHODS
 from stages.lm.methods.reward import RewardLoss, Verifier, clipped_surrogate, group_advantages, k3_kl, trrd_log_ratio
 from stages.lm.methods.sd_zero import SDZeroLoss
 from stages.lm.methods.srpo import SelfDistillLoss, _entropy_weights
-from stages.lm.models import LMSize, build_lm
+from stages.lm.models import LMSize, build_lm, draw_wide
 from stages.lm.training import IGNORE, collate
 
 V, GOOD = 40, set(range(3, 10))  # the toy task: a completion is right when its first token is one of GOOD

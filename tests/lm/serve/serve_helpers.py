@@ -19,9 +19,7 @@ def tiny_lm(tmp_path_factory) -> Path:
     """A 1-layer Llama with a 300-token BPE tokenizer, saved with save_pretrained. Its weights
     are drawn wide (std 0.3), so that its greedy answers differ from prompt to prompt (at the
     default init every prompt gets the same answer, and a mixed-up batch would go unseen)."""
-    from tiny_lms import draw_wide
-
-    from stages.lm.models import LMSize, build_lm, train_tokenizer
+    from stages.lm.models import LMSize, build_lm, draw_wide, train_tokenizer
 
     path = tmp_path_factory.getbasetemp() / "serve_tiny_lm"
     if not (path / "config.json").exists():
