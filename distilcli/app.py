@@ -246,7 +246,7 @@ distill.__doc__ = (
     + "\n\nClassifier methods (digits, user tables, teacher data):\n\n"
     + _list({k: m.help for k, m in METHODS.items()})
     + "\n\nLanguage-model methods (reasoning tasks such as `basic_arithmetic`, prompt tables):\n\n"
-    + _list(LM_METHODS)
+    + _list({k: m.help for k, m in LM_METHODS.items()})
     + "\n\nGenerator methods (2-D toy data `moons`, `eight-gaussians`, `checkerboard`, `swiss-roll`; `digits-images`):\n\n"
     + _list({k: m.help for k, m in DIFFUSION_METHODS.items()})
 )

@@ -31,9 +31,15 @@ def test_command_help_has_shared_options_and_an_example(cli, cmd):
 
 
 def test_distill_help_lists_methods(cli):
+    from stages.lm.methods import LM_METHODS
+
     out = cli.ok("distill", "--help").output
     for m in ("ce", "kd", "reverse-kl", "jsd", "skew-kl", "tvd"):
         assert f"{m}" in out
+    flat = " ".join(out.replace("│", " ").split())
+    for name, method in LM_METHODS.items():  # each language-model method by its description, not its dataclass
+        assert f"{name}: {' '.join(method.help.split()[:6])}" in flat
+    assert "LMMethod(" not in out
 
 
 def test_chain_of_all_five_commands(cli, tmp_path):
