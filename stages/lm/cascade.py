@@ -66,7 +66,7 @@ ALWAYS_DEFER = 1.0 + 1e-6
 
 def uses_demos(policy: str, demos: int) -> bool:
     """Whether the policy puts teacher demonstrations in the student's prompt."""
-    return policy in ("icd", "icd-sc-cascade") or (policy in ("adaptive", "weighted-vote") and demos > 0)
+    return policy in ("icd", "icd-sc-cascade") or (policy in ("adaptive", "weighted-vote", "blend-asc") and demos > 0)
 
 
 # ---- votes ---------------------------------------------------------------------------------

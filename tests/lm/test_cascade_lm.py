@@ -173,7 +173,7 @@ def test_bank_puts_the_most_similar_demonstration_last_and_never_the_query_itsel
 def test_every_policy_writes_a_coherent_decisions_table(lm, tmp_path, policy):
     extra = ["--model", lm["t"]] if policy == "weighted-vote" else []
     rows, m = cascade(lm, tmp_path / "c", "--policy", policy, *extra)
-    n, demos = CASCADE["samples"], CASCADE["demos"] if policy in ("icd", "icd-sc-cascade", "adaptive", "weighted-vote") else 0
+    n, demos = CASCADE["samples"], CASCADE["demos"] if policy in ("icd", "icd-sc-cascade", "adaptive", "weighted-vote", "blend-asc") else 0
     assert len(rows) == 20 == m["queries"] and m["policy"] == policy
     deferred = [r for r in rows if r["route"] == "teacher"]
     assert len(deferred) / len(rows) == pytest.approx(m["teacher_rate"])
