@@ -35,9 +35,9 @@ def test_the_temperature_hits_the_target_entropy_inside_its_range_and_stays_low_
     assert target_temperature(sure).item() == pytest.approx(1.1)
 
 
-def _toy():
+def _toy(dtype=torch.float64):
     torch.manual_seed(0)
-    model = build_lm("llama", LMSize(hidden=16, layers=1, heads=2, intermediate=32, context=32), Vocab()).double()
+    model = build_lm("llama", LMSize(hidden=16, layers=1, heads=2, intermediate=32, context=32), Vocab()).to(dtype)
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -76,7 +76,7 @@ def _fit(model, b, loss_fn, steps=40):
 def test_trained_on_one_answer_curio_keeps_more_entropy_than_ce_and_still_learns_it():
     from stages.lm.training import next_token_loss
 
-    model, b = _toy()
+    model, b = _toy(torch.float32)
     ce_entropy, ce_p = _fit(copy.deepcopy(model), b, lambda m, x: next_token_loss(m, x, chunk=0))
     curio_entropy, curio_p = _fit(copy.deepcopy(model), b, CurioLoss(0))
     assert ce_p > 0.95 and curio_p > 0.95  # both have learned the answer: greedy decoding gives it
