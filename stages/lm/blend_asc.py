@@ -69,8 +69,11 @@ def blend_step(n: int, budget: float, temperature: float, sampler, student, prom
     calls = [0] * len(prompts)
 
     def take(idx: list[int], k: int) -> None:
-        for c in sorted({calls[i] for i in idx}):  # a query's c-th call is its round c (``Sampler``'s per-query seed)
-            draw(idx=[i for i in idx if calls[i] == c], k=k, round_=c)
+        groups: dict[int, list[int]] = {}
+        for i in idx:  # a query's c-th call is its round c (``Sampler``'s per-query seed); grouped before any is drawn
+            groups.setdefault(calls[i], []).append(i)
+        for c, group in sorted(groups.items()):
+            draw(idx=group, k=k, round_=c)
 
     def draw(idx: list[int], k: int, round_: int) -> None:
         d = sampler.draw(student, [prompts[i] for i in idx], k, temperature, round_)

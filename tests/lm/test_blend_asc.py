@@ -53,6 +53,13 @@ def test_the_budget_goes_to_the_tied_queries_and_is_spent_exactly():
     assert all(o["s_prompt"] >= 3 for o in out)
 
 
+@pytest.mark.parametrize("budget", [1.5, 4.0, 8.0])
+def test_the_mean_samples_per_query_is_the_budget_when_queries_are_at_different_rounds(budget):
+    prompts = [f"easy {i}" for i in range(40)] + [f"hard {i}" for i in range(20)]
+    out = blend_step(16, budget, 0.7, Script(), None, prompts, _empty(len(prompts)))
+    assert sum(o["used"] for o in out) == round(budget * len(prompts)) and max(o["used"] for o in out) <= 16
+
+
 def test_a_budget_of_n_is_fixed_n_self_consistency():
     prompts = ["easy 0", "hard 0", "hard 1"]
     out = blend_step(5, 5.0, 0.7, Script(), None, prompts, _empty(3))
