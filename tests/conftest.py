@@ -143,16 +143,17 @@ def repo_shell(repo: Path, timeout: int = 600):
 @pytest.fixture(scope="session")
 def dvc_pipeline(tmp_path_factory):
     """The repo's pipeline (its dvc.yaml, .gitignore, code) in a fresh git repo, with tiny params,
-    after `dvc repro`: ``(repo, run)``. Shared by the DVC modules; test_dvc_experiments commits it
-    as its baseline and runs experiments on it, so it runs after test_dvc."""
+    reproduced as ``make demo`` does (``pipelines/repro.py``, two stages at once): ``(repo, run)``.
+    Shared by the DVC modules; test_dvc_experiments commits it as its baseline and runs
+    experiments on it, so it runs after test_dvc."""
     repo = tmp_path_factory.mktemp("pipeline")
-    for item in ("dvc.yaml", ".dvcignore", ".gitignore", "stages", "distilcli"):
+    for item in ("dvc.yaml", ".dvcignore", ".gitignore", "stages", "distilcli", "pipelines/repro.py"):
         src = REPO_ROOT / item
-        (
+        if src.is_dir():
             shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
-            if src.is_dir()
-            else shutil.copy(src, repo / item)
-        )
+        else:
+            (repo / item).parent.mkdir(exist_ok=True)
+            shutil.copy(src, repo / item)
     (repo / ".dvc").mkdir()
     shutil.copy(REPO_ROOT / ".dvc" / "config", repo / ".dvc" / "config")
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
@@ -180,5 +181,5 @@ def dvc_pipeline(tmp_path_factory):
     run("git", "init", "-q")
     run("git", "add", "-A")
     run("git", "commit", "-qm", "pipeline")
-    run(sys.executable, "-m", "dvc", "repro", "-q")
+    run(sys.executable, "pipelines/repro.py", "--jobs", "2")  # as `make demo` runs it: two stages at once
     return repo, run
