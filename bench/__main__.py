@@ -19,6 +19,7 @@ BENCHMARKS = [
     "lm_students",
     "lm_reward",
     "lm_curio",
+    "lm_agent",
     "lm_cascade",
     "lm_cascade_defer",
     "lm_moe",

@@ -120,6 +120,13 @@ class DataConfig:
         valid=Range(1, also=(0,)),
     )
     image_size: int = _f(8, "digits-images: image side, 8 (native) or 16 (bilinear upsampling)")
+    target: str = _f(
+        "answer",
+        "reasoning tasks, gold rows: what a student trained on them writes: answer, cot (the running sums, step by step) or "
+        "agent (a code-tool trajectory: thought, code, observation, answer); cot and agent need arithmetic questions",
+        only=(LM,),
+        choices=("answer", "cot", "agent"),
+    )
 
 
 @dataclass
@@ -209,6 +216,36 @@ class RewardConfig:
         0.5, "rlad: teacher weight w of the ratio's anchor pi_old^(1-w) pi_teacher^w (TRRD's alpha = 1 - w; 0 = grpo)",
         only=(LM,), valid=UNIT,
     )  # fmt: skip
+
+
+@dataclass
+class QCRDConfig:
+    """``qcrd``: contrastive rationale distillation (``stages.lm.methods.qcrd``)."""
+
+    lag: int = _f(50, "negatives come from the student lag to 2 x lag optimiser steps old", only=(LM,), valid=COUNT)
+    temperature: float = _f(1.5, "sampling temperature of the negatives", only=(LM,), valid=POSITIVE)
+    margin: float = _f(3.0, "delta: a negative is pushed down until its CE per token reaches delta", only=(LM,), valid=POSITIVE)
+    weight: float = _f(0.2, "beta: weight of the negatives' margin term", only=(LM,), valid=NONNEG)
+
+
+@dataclass
+class AgentConfig:
+    """Agent mode for LMs (``stages.lm.agent``): the model thinks, writes ``Code:`` lines that a
+    sandboxed Python tool runs, reads the observation and answers."""
+
+    tool: str = _f("none", "none (plain completions) or python (the sandboxed code tool)", only=(LM,), choices=("none", "python"))
+    max_calls: int = _f(2, "tool calls per trajectory before the model is asked for its answer", only=(LM,), valid=COUNT)
+    samples: int = _f(
+        1, "self-consistent actions: code candidates sampled per call, the observation most agree on kept (1 = one)",
+        only=(LM,), valid=COUNT,
+    )  # fmt: skip
+    temperature: float = _f(0.7, "temperature of those candidates (samples > 1)", only=(LM,), valid=POSITIVE)
+    round_tokens: int = _f(64, "new tokens per round (a thought and a code line, up to its observation)", only=(LM,), valid=COUNT)
+    first_thought: bool = _f(
+        False, "start each trajectory with the model's own first thought, written before it sees the tool format", only=(LM,)
+    )
+    seconds: float = _f(2.0, "the sandbox's time limit per call (wall clock and CPU)", only=(LM,), valid=POSITIVE)
+    memory_mb: int = _f(256, "the sandbox's memory limit per call", only=(LM,), valid=Range(16))
 
 
 @dataclass
@@ -342,6 +379,9 @@ class DistillConfig:
     reward: RewardConfig = field(
         default_factory=RewardConfig, metadata={"only": (LM,), "help": "reward-aware LM methods (grpo, rlad): group, trust region"}
     )
+    qcrd: QCRDConfig = field(
+        default_factory=QCRDConfig, metadata={"only": (LM,), "help": "qcrd: negatives' lag and temperature, margin, weight"}
+    )
     grad_accum: int = _f(1, "LM: micro-batches per optimiser step", only=(LM,), valid=COUNT)
     epochs: int = _f(30, "training epochs", valid=COUNT)
     steps: int = _f(
@@ -456,6 +496,9 @@ class GenerateTeacherDataConfig(SCMoEOptions):
     )
     teacher: TeacherConfig = field(
         default_factory=TeacherConfig, metadata={"only": (LM,), "help": "where the LM teacher runs (--teacher DIR, NAME or URL)"}
+    )
+    agent: AgentConfig = field(
+        default_factory=AgentConfig, metadata={"only": (LM,), "help": "agent trajectories: the teacher solves with a code tool"}
     )
     routing: str = _f(
         "auto",
@@ -631,6 +674,10 @@ class EvaluateConfig(SCMoEOptions):
     )
     decode: str = _f(
         "greedy", "LMs: greedy (the model's own choice) or scmoe (MoE self-contrast decoding, also for samples > 1)", only=(LM,)
+    )
+    agent: AgentConfig = field(
+        default_factory=AgentConfig,
+        metadata={"only": (LM,), "help": "run each model as an agent with a code tool; score its final answer, count its tool calls"},
     )
     steps: int = _f(
         1,

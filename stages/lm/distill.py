@@ -31,6 +31,7 @@ from stages.devices import resolve_device
 from stages.distributed import main_first, ranks
 from stages.errors import DistilError
 from stages.lm import lora
+from stages.lm.agent.trajectory import encode as encode_trajectory
 from stages.lm.chat import encode_chat, install_template, training_conversation
 from stages.lm.methods import LM_METHODS, LMMethod
 from stages.lm.models import (
@@ -121,6 +122,9 @@ def _sources(cfg: DistillConfig, method: LMMethod, data, data_cfg: DataConfig, m
         raise DistilError(
             f"method '{cfg.method}' needs LM teacher data with top-k log-probs; run `distil generate-teacher-data` first"
         )
+    if method.contrastive and not teacher_data:
+        raise DistilError(f"method '{cfg.method}' contrasts teacher samples with the student's: pass LM teacher data "
+                          "(`distil generate-teacher-data` with samples > 1, for self-consistency)")  # fmt: skip
     if teacher_data:
         sources, gated = _teacher_data_sources(cfg, method, data, manifest)
     else:
@@ -145,8 +149,14 @@ def _teacher_data_sources(cfg: DistillConfig, method: LMMethod, data, manifest: 
         from stages.lm.methods.mst import gate_rows
 
         part_loader, count, gated = gate_rows(part_loader, files, manifest, cfg, data)
+    if method.contrastive:
+        from stages.lm.methods.qcrd import qcrd_rows
+
+        part_loader, count = qcrd_rows(part_loader, files, data)
     if cfg.demos > 0:
         part_loader = _with_demos(part_loader, files, cfg)
+    if manifest.get("agent"):
+        part_loader = _as_trajectories(part_loader)
     return {split: ([part_loader(f, split) for f in files], [count(f, split) for f in files]) for split in SPLITS}, gated
 
 
@@ -210,8 +220,29 @@ def _prompt_sources(cfg: DistillConfig, data, data_cfg: DataConfig) -> dict:
         raise DistilError("demos > 0 trains on prompts with teacher demonstrations: pass teacher data (or a selection)")
     table, _ = load_prompts(data, data_cfg)
     rows = [r for r in table.to_pylist() if r["answer"] is not None and str(r["answer"]).strip()]
+    if data_cfg.target != "answer":
+        rows = [_rendered(r, data_cfg.target, data) for r in rows]
     return {split: ([lambda s=split: [r for r in rows if r["split"] == s]], [sum(r["split"] == split for r in rows)])
             for split in SPLITS}  # fmt: skip
+
+
+def _rendered(row: dict, target: str, data) -> dict:
+    """A gold row whose completion is its answer written out as ``target`` (``data.target``):
+    the running sums (cot) or a verified code-tool trajectory (agent, ``stages.lm.agent``)."""
+    from stages.lm.agent.trajectory import gold, gold_cot
+
+    if row.get(MESSAGES):
+        raise DistilError(f"data.target={target} writes out answers of text prompts; {data} gives chats: set data.chat=false")
+    text = gold_cot(row["prompt"], row["answer"]) if target == "cot" else gold(row["prompt"], row["answer"])
+    if text is None:
+        raise DistilError(f"data.target={target} needs questions that end in a sum of integers ('... 41234 + 50023 - 812 ='); "
+                          f"row {row['id']} of {data} does not: use data.target=answer")  # fmt: skip
+    return dict(row, completion=text, trajectory=target == "agent")
+
+
+def _as_trajectories(part_loader):
+    """``part_loader`` of agent teacher data: its rows' completions are trajectories (observations masked)."""
+    return lambda f, split: (lambda load=part_loader(f, split): [dict(r, trajectory=True) for r in load()])
 
 
 def _student(cfg: DistillConfig, method: LMMethod, manifest: dict, teacher_data: bool, sources: dict, teachers, dev_):
@@ -333,6 +364,8 @@ def _encoder(tokenizer, max_len: int, k: int, token_level: bool, *, last_only: b
                 return (*encode_chat(tokenizer, training_conversation(r), max_len, last_only=last_only), None, None, w)
             except DistilError as exc:
                 raise DistilError(f"row {r['id']}: {exc}") from None
+        if r.get("trajectory"):  # the tool wrote the observations: they are masked out of the loss
+            return (*encode_trajectory(tokenizer, r["prompt"], r["completion"], max_len), None, None, w)
         if not token_level:
             return (*encode(tokenizer, r["prompt"], _target(r), max_len), None, None, w)
         ids, labels = encode_tokens(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"], r["token_ids"], max_len)
@@ -344,6 +377,10 @@ def _encoder(tokenizer, max_len: int, k: int, token_level: bool, *, last_only: b
 
 def _loss(method: LMMethod, cfg: DistillConfig, live, tokenizer, max_len: int, verifier=None):
     """The method's ``loss(model, batch)``; None is ``fit``'s default, next-token CE (sft)."""
+    if method.contrastive:
+        from stages.lm.methods.qcrd import QCRDLoss
+
+        return QCRDLoss(cfg, tokenizer, max_len)
     if method.reviser:
         from stages.lm.methods.sd_zero import SDZeroLoss
 

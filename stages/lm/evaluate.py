@@ -71,14 +71,16 @@ def lm_metrics(path: Path, rows: list[dict], task, cfg, device, teacher_answers:
     sample(model, tokenizer, prompts[:1], samples=1, temperature=0.0, top_p=1.0, max_new_tokens=2, top_k=0, device=device,
            decode=decode)  # fmt: skip
     t0 = time.perf_counter()
-    greedy = []
-    step = min(cfg.batch_size, 64)
-    for i in range(0, len(prompts), step):
-        greedy += sample(model, tokenizer, prompts[i : i + step], samples=1, temperature=0.0, top_p=1.0,
-                         max_new_tokens=cfg.max_new_tokens, top_k=0, device=device, decode=decode,
-                         routing=moe, prompt_routing=moe)  # fmt: skip
+    greedy, step, agent = [], min(cfg.batch_size, 64), {}
+    if cfg.agent.tool != "none":
+        greedy, answers, agent = _as_agent(model, tokenizer, prompts, cfg, device, step)
+    else:
+        for i in range(0, len(prompts), step):
+            greedy += sample(model, tokenizer, prompts[i : i + step], samples=1, temperature=0.0, top_p=1.0,
+                             max_new_tokens=cfg.max_new_tokens, top_k=0, device=device, decode=decode,
+                             routing=moe, prompt_routing=moe)  # fmt: skip
+        answers = [extract_answer(g["completion"])[0] for g in greedy]
     seconds = time.perf_counter() - t0
-    answers = [extract_answer(g["completion"])[0] for g in greedy]
     per_row = [score(r, a) for r, a in zip(rows, answers, strict=True)]
     if greedy_out is not None:
         greedy_out.extend({"prompt": p, "completion": g["completion"], "token_ids": g["token_ids"], "score": s}
@@ -94,6 +96,7 @@ def lm_metrics(path: Path, rows: list[dict], task, cfg, device, teacher_answers:
         "tokens_per_second": tokens / max(seconds, 1e-9),
         "ms_per_1k_rows": 1e6 * seconds / len(rows),
         "decode": cfg.decode,
+        **agent,
     }
     if decode is not None:
         metrics.update(scmoe_beta=decode.beta, scmoe_alpha=decode.alpha, scmoe_weak_rank=decode.weak_rank)
@@ -101,7 +104,7 @@ def lm_metrics(path: Path, rows: list[dict], task, cfg, device, teacher_answers:
     if teacher_answers is not None:
         pairs = [(a, teacher_answers.get(r["id"])) for r, a in zip(rows, answers, strict=True)]
         metrics["agreement_with_teacher"] = float(np.mean([agree(a, t) for a, t in pairs]))
-    if moe:
+    if moe and not agent:
         summary, layers, load = _routing(model, greedy, cfg)
         metrics.update(summary)
         if routing is not None:
@@ -109,6 +112,22 @@ def lm_metrics(path: Path, rows: list[dict], task, cfg, device, teacher_answers:
     if cfg.samples > 1:
         metrics.update(_sampled(model, tokenizer, rows, cfg, device, score, decode))
     return metrics
+
+
+def _as_agent(model, tokenizer, prompts: list[str], cfg, device, batch: int) -> tuple[list[dict], list, dict]:
+    """The model run as an agent (``agent.tool``; greedy, ``agent.samples`` code candidates per
+    call): per prompt its trajectory as the completion, its final answer, and the agent's
+    metrics: tool calls per prompt, the share of calls whose code failed, and the setting."""
+    from stages.lm.agent.runner import Decoder, model_completer, solve
+
+    decoder = Decoder(model_completer(model, tokenizer, device, batch), cfg.agent, 0.0, cfg.max_new_tokens)
+    trajectories = solve(decoder, prompts, cfg.agent)
+    greedy = [{"completion": t.text, "token_ids": tokenizer(t.text, add_special_tokens=False)["input_ids"]} for t in trajectories]
+    calls = [s for t in trajectories for s in t.steps]
+    metrics = {"tool_calls": sum(t.tool_calls for t in trajectories) / len(trajectories),
+               "tool_error_share": sum(not s.ok for s in calls) / max(len(calls), 1),
+               "agent_samples": cfg.agent.samples}  # fmt: skip
+    return greedy, [t.answer for t in trajectories], metrics
 
 
 def _compare_to_teacher(results: dict, greedy: dict[str, list], teacher: str, models: list[Path], device) -> None:
@@ -209,6 +228,9 @@ def run(cfg: EvaluateConfig, models: list[Path], data, out: Path, *, data_cfg: D
         raise DistilError(f"{data} has no prompts in split '{cfg.split}'; set evaluate.split")
     if cfg.samples < 1 or cfg.max_new_tokens < 1:
         raise DistilError("evaluate.samples and evaluate.max_new_tokens must be positive")
+    if cfg.agent.tool != "none" and (cfg.samples > 1 or cfg.teacher or cfg.decode != "greedy"):
+        raise DistilError("agent mode (agent.tool) scores each model's trajectories: set samples=1 (agent.samples samples "
+                          "code candidates instead), teacher='' and decode=greedy")  # fmt: skip
     if cfg.routing_segment < 1 or cfg.routing_cache < 0:
         raise DistilError("evaluate.routing_segment must be >= 1 and routing_cache >= 0 (0 = 2 x experts per token)")
     params = {"evaluate": to_dict(cfg), "data": to_dict(data_cfg)}

@@ -108,8 +108,8 @@ def _attach_routing(rows: list[dict], recorder, attention_mask: torch.Tensor, sa
 
 @torch.no_grad()
 def sample_continuations(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, max_len: int,
-                         device) -> list[list[int]]:  # fmt: skip
-    """One completion per prompt of token ids, sampled at temperature 1 and cut after eos:
+                         device, temperature: float = 1.0) -> list[list[int]]:  # fmt: skip
+    """One completion per prompt of token ids, sampled at ``temperature`` and cut after eos:
     at most ``max_new_tokens`` and no further than ``max_len`` in all (at least one token).
     The model is put in eval mode for the call and handed back in the mode it came in."""
     width = max(len(p) for p in prompts)
@@ -120,7 +120,7 @@ def sample_continuations(model, tokenizer, prompts: list[list[int]], *, max_new_
     ).long()
     was = model.training
     model.eval()
-    gen = model.generate(input_ids=left, attention_mask=attn, do_sample=True, temperature=1.0,
+    gen = model.generate(input_ids=left, attention_mask=attn, do_sample=True, temperature=temperature,
                          max_new_tokens=max(1, min(max_new_tokens, max_len - width)), pad_token_id=pad,
                          eos_token_id=tokenizer.eos_token_id)[:, width:]  # fmt: skip
     model.train(was)

@@ -78,8 +78,9 @@ def run(cfg: GenerateTeacherDataConfig, teacher: Path | str | list, data, out: P
     chat_api = _check_chat(prompts, cfg, specs, local)
     current = _open(cfg, teachers[0], dev_, local)
     entries = describe_teachers(teachers, cfg.top_k) if local else [_remote_entry(current)]
-    routed = _routing_plan(cfg.routing, current.model, teachers[0]) if local else None
-    text_only = None if local else _text_only(current, cfg.top_k)
+    agent = cfg.agent.tool != "none"
+    routed = _routing_plan(cfg.routing, current.model, teachers[0]) if local and not agent else None
+    text_only = AGENT_TEXT if agent else None if local else _text_only(current, cfg.top_k)
     params = {"generate_teacher_data": to_dict(cfg), "data": to_dict(data_cfg)}
     inputs = {"teacher": entries[0]["sha256"], "data": source_identity(data) if Path(data).exists() else f"task:{data}"}
     if len(teachers) > 1:
@@ -110,6 +111,9 @@ def run(cfg: GenerateTeacherDataConfig, teacher: Path | str | list, data, out: P
         _write_manifest(work, cfg, data, params, inputs, entries, routed, teacher=teachers[0], rows=_rows(work), tokens=tokens,
                         seconds=seconds, top_k=_stored_k(work) if text_only is None else 0, text_only=text_only)  # fmt: skip
         return output.commit()
+
+
+AGENT_TEXT = "agent trajectories: the code tool wrote their observations, so only their text is stored (for sft)"
 
 
 def _generate(step: dict, current, todo: list[tuple], writer: TopKWriter, advance) -> int:
@@ -238,11 +242,18 @@ def _chat_prompts(chunk: list[dict], teacher, chat_api: bool) -> tuple[list[dict
 
 
 def _open(cfg: GenerateTeacherDataConfig, spec, device, local: bool):
-    """The ``Teacher`` of one spec; an in-process one with SCMoE decoding when asked."""
+    """The ``Teacher`` of one spec; an in-process one with SCMoE decoding when asked; with
+    ``agent.tool`` set, one whose completions are agent trajectories (``stages.lm.agent.runner``)."""
     if not local:
-        return open_teacher(spec, cfg.teacher, device)
-    model, tokenizer = load_lm(spec, device)
-    return open_teacher(spec, cfg.teacher, device, model=model, tokenizer=tokenizer, decode=decoding(cfg, model, spec))
+        teacher = open_teacher(spec, cfg.teacher, device)
+    else:
+        model, tokenizer = load_lm(spec, device)
+        teacher = open_teacher(spec, cfg.teacher, device, model=model, tokenizer=tokenizer, decode=decoding(cfg, model, spec))
+    if cfg.agent.tool == "none":
+        return teacher
+    from stages.lm.agent.runner import AgentTeacher
+
+    return AgentTeacher(teacher, cfg.agent)
 
 
 def _remote_entry(teacher) -> dict:
@@ -300,7 +311,7 @@ def _records(chunk: list[dict], done: list, score, *, teacher: int, teachers: in
     records, error = [], 0.0
     for j, c in enumerate(done):
         p = chunk[j // samples]
-        answer, parse = extract_answer(c.text)
+        answer, parse = (c.extra["answer"], "ok" if c.extra["answer"] else "no answer") if "answer" in c.extra else extract_answer(c.text)
         ids = c.token_ids or []
         top = encode(*_top_k(c, len(ids), k))
         error = max(error, top.max_error)
@@ -350,7 +361,8 @@ def _write_manifest(work: Path, cfg: GenerateTeacherDataConfig, data, params: di
                "decode": cfg.decode, "tokens_generated": all_tokens, "usage": usage,
                "tokens_per_second": tokens / max(seconds, 1e-9), "bytes_per_token": size / max(all_tokens, 1),
                **TopKFormat(top_k or 0, FORMAT).manifest(max_error(sorted(work.glob("part-*.parquet")))),
-               **({"routing": routed} if routed is not None else {})},
+               **({"routing": routed} if routed is not None else {}),
+               **({"agent": to_dict(cfg.agent)} if cfg.agent.tool != "none" else {})},
     )  # fmt: skip
 
 

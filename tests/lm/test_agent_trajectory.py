@@ -56,29 +56,29 @@ def scripted(answers: dict[str, list[str]]):
 
 
 def test_the_agent_runs_the_tool_and_answers_after_its_observation():
-    gen = scripted({"Q1": ["Thought: compute\nCode: print(120000 + 3456)\nObservation:", "Answer: 123456"]})
+    gen = scripted({"Q1": [" Thought: compute\nCode: print(120000 + 3456)\nObservation:", "Answer: 123456"]})
     (t,) = act(gen, ["Q1 what is 120000 + 3456?"], max_calls=2, limits=QUICK)
     assert t.tool_calls == 1 and t.steps[0].ok and t.steps[0].observation == "123456"
     assert "Observation: 123456\n" in t.text and t.answer == "123456"
 
 
 def test_a_failing_or_runaway_snippet_is_an_observation_not_a_crash():
-    gen = scripted({"Q": ["Code: import os\nObservation:", "Code: while True: pass\nObservation:", " 0"]})
+    gen = scripted({"Q": [" Code: import os\nObservation:", "Code: while True: pass\nObservation:", " 0"]})
     (t,) = act(gen, ["Q"], max_calls=2, limits=QUICK)
     assert [s.ok for s in t.steps] == [False, False] and "not allowed" in t.steps[0].observation
     assert "TimeoutError" in t.steps[1].observation and t.answer == "0"  # asked for its answer after max_calls
 
 
 def test_self_consistent_actions_keep_the_observation_most_candidates_agree_on():
-    cands = ["Code: print(2 + 2)\nObservation:", "Code: print(5)\nObservation:", "Code: print(4)\nObservation:",
-             "Code: 1/0\nObservation:"]  # fmt: skip
+    cands = [" Code: print(2 + 2)\nObservation:", " Code: print(5)\nObservation:", " Code: print(4)\nObservation:",
+             " Code: 1/0\nObservation:"]  # fmt: skip
     gen = scripted({"Q": cands + ["Answer: 4"] * 4})
     (t,) = act(gen, ["Q"], max_calls=1, samples=4, limits=QUICK)
     assert t.tool_calls == 1 and t.steps[0].observation == "4" and t.steps[0].code == "print(2 + 2)"
 
 
 def test_an_answer_without_code_ends_the_trajectory_without_a_tool_call():
-    (t,) = act(scripted({"Q": ["Thought: easy\nAnswer: 7"]}), ["Q"], max_calls=3, limits=QUICK)
+    (t,) = act(scripted({"Q": [" Thought: easy\nAnswer: 7"]}), ["Q"], max_calls=3, limits=QUICK)
     assert t.tool_calls == 0 and t.answer == "7"
 
 

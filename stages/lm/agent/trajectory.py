@@ -65,8 +65,31 @@ def gold(prompt: str, answer: str, limits: Limits = Limits()) -> str | None:
     obs = run(code, limits)
     if not obs.ok or obs.text.strip() != str(answer).strip():
         return None
-    return render("the numbers are too large to add in my head, so I compute them with code", [(code, obs.text.strip())],
+    return render("the numbers are large, so I use the tool", [(code, obs.text.strip())],
                   obs.text.strip())  # fmt: skip
+
+
+def gold_cot(prompt: str, answer: str) -> str | None:
+    """The plain chain-of-thought of a sum-and-difference question, the baseline a tool-using
+    student is compared with: the running result after each term, then the answer
+    ("Thought: 41234 + 50023 = 91257. 91257 - 812 = 90445." / "Answer: 90445"). None when the
+    question has no such expression or its result is not the gold answer."""
+    expr = expression(prompt)
+    terms = re.findall(r"[+-]|\d+", expr.replace(" ", "")) if expr else []
+    if len(terms) < 3 or not terms[0].isdigit() and not (terms[0] == "-" and terms[1].isdigit()):
+        return None
+    if terms[0] == "-":
+        terms = ["-" + terms[1], *terms[2:]]
+    total, steps = int(terms[0]), []
+    for op, num in zip(terms[1::2], terms[2::2], strict=False):
+        if op not in "+-" or not num.isdigit():
+            return None
+        new = total + int(num) if op == "+" else total - int(num)
+        steps.append(f"{total} {op} {num} = {new}.")
+        total = new
+    if str(total) != str(answer).strip():
+        return None
+    return f"{THOUGHT} {' '.join(steps)}\n{ANSWER} {total}"
 
 
 def render(thought: str, steps: list[tuple[str, str]], answer: str) -> str:
@@ -88,8 +111,9 @@ def encode(tokenizer, prompt: str, trajectory: str, max_len: int, ignore: int = 
     """(ids, labels) of prompt + " " + trajectory + eos, labels IGNORE on the prompt and on every
     token that overlaps an observation (the tool wrote those)."""
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    enc = tokenizer(" " + trajectory, add_special_tokens=False, return_offsets_mapping=True)
-    spans = [(a + 1, b + 1) for a, b in observation_spans(trajectory)]  # the leading space shifts every offset by one
+    body = " " + trajectory.lstrip()  # the separator is part of the first completion token, as the model generates it
+    enc = tokenizer(body, add_special_tokens=False, return_offsets_mapping=True)
+    spans = observation_spans(body)
     labels = [ignore if any(s < e2 and s2 < e for s2, e2 in spans) else t
               for t, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]  # fmt: skip
     ids = (p + enc["input_ids"] + [tokenizer.eos_token_id])[:max_len]
@@ -98,36 +122,39 @@ def encode(tokenizer, prompt: str, trajectory: str, max_len: int, ignore: int = 
 
 def code_of(text: str) -> str | None:
     """The last ``Code:`` line's snippet of a generated text (``;`` joins statements), or None."""
-    found = re.findall(rf"^{CODE}\s?(.*)$", text, flags=re.MULTILINE)
+    found = re.findall(rf"^\s*{CODE}\s?(.*)$", text, flags=re.MULTILINE)
     return found[-1].replace("; ", "\n").replace(";", "\n").strip() if found else None
 
 
 def answer_of(text: str) -> str | None:
-    found = re.findall(rf"^{ANSWER}\s?(.*)$", text, flags=re.MULTILINE)
+    found = re.findall(rf"^\s*{ANSWER}\s?(.*)$", text, flags=re.MULTILINE)
     return found[-1].strip() if found else None
 
 
-def act(generate, prompts: list[str], *, max_calls: int = 2, samples: int = 1, limits: Limits = Limits()) -> list[Trajectory]:
+def act(generate, prompts: list[str], *, max_calls: int = 2, samples: int = 1, limits: Limits = Limits(),
+        prefixes: list[str] | None = None) -> list[Trajectory]:  # fmt: skip
     """Run an agent over ``prompts``. ``generate(texts, n, stop)`` continues each text with ``n``
     samples (greedy when n = 1), each cut after the first ``stop`` string it writes. Each round the
     model writes up to an ``Observation:``; a ``Code:`` line there is run by the sandbox and its
     observation appended; with ``samples`` > 1 the round's n candidates all run and the most
     common successful observation (the first candidate that gave it) is kept. A round that ends
     without code, or an ``Answer:`` line, ends the trajectory; after ``max_calls`` tool calls the
-    model is asked for its answer."""
-    out = [Trajectory() for _ in prompts]
+    model is asked for its answer. ``prefixes`` (one per prompt) start the trajectories: the
+    model continues them (the first-thought prefix, ``stages.lm.agent.runner.solve``)."""
+    out = [Trajectory(text=p) for p in (prefixes or [""] * len(prompts))]
     open_ = list(range(len(prompts)))
     for _ in range(max_calls):
         if not open_:
             break
-        texts = [prompts[i] + " " + out[i].text for i in open_]
+        texts = [prompts[i] + out[i].text for i in open_]  # the text starts with its separator, as the model wrote it
         drafts = generate(texts, samples, OBSERVATION)
         still = []
         for j, i in enumerate(open_):
             cands = drafts[j * samples : (j + 1) * samples]
             chosen = _choose(cands, limits)
             if chosen is None:  # no code: the model answered (or gave up) without the tool
-                out[i].text += cands[0]
+                draft = cands[0]
+                out[i].text += draft[: draft.rfind(OBSERVATION)] if draft.rstrip().endswith(OBSERVATION) else draft
                 continue
             draft, step = chosen
             head = draft[: draft.rfind(OBSERVATION)] if OBSERVATION in draft else draft.rstrip() + "\n"
@@ -136,7 +163,7 @@ def act(generate, prompts: list[str], *, max_calls: int = 2, samples: int = 1, l
             still.append(i)
         open_ = still
     if open_:
-        finals = generate([prompts[i] + " " + out[i].text + ANSWER for i in open_], 1, "\n")
+        finals = generate([prompts[i] + out[i].text + ANSWER for i in open_], 1, "\n")
         for i, f in zip(open_, finals, strict=True):
             out[i].text += ANSWER + f
     for t in out:

@@ -38,6 +38,8 @@ class LMMethod:
     self_teacher: str = ""
     """Reward methods that distil rollouts toward the model reading a correct sibling (``srpo``):
     'routed' (failed rollouts only, the rest to GRPO) or 'all' (no GRPO)."""
+    contrastive: bool = False
+    """Self-consistent teacher samples as positives, an earlier student's samples as negatives (``qcrd``)."""
     cross_tokenizer: bool = False
     """The student may split text differently from the teacher: ``divergence`` names a loss of
     ``stages.losses.cross_tokenizer.CROSS_TOKENIZER``, compared on aligned spans (``cross_tokenizer``)."""
@@ -89,6 +91,11 @@ LM_METHODS: dict[str, LMMethod] = {
     "sd-zero": LMMethod(
         "Self-Distillation Zero: the model learns to revise its own answers given their verifier reward, then that "
         "reviser, frozen, scores the model's answers token by token (reverse KL on its top-64)", reward=True, reviser=True,
+    ),  # fmt: skip
+    "qcrd": LMMethod(
+        "quality-guided contrastive rationale distillation: CE on self-consistent teacher samples, a margin loss pushing "
+        "down an earlier student's samples, both weighted by an online discriminator's quality scores (teacher data)",
+        contrastive=True,
     ),  # fmt: skip
     "tsd": LMMethod(
         "token-selective KD: only tokens where the teacher is more confident than the student, plus an entropy penalty",
