@@ -20,6 +20,7 @@ BENCHMARKS = [
     "lm_reward",
     "lm_curio",
     "lm_agent",
+    "lm_qcrd",
     "lm_cascade",
     "lm_cascade_defer",
     "lm_moe",
