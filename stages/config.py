@@ -260,6 +260,16 @@ class DiffusionConfig:
     layers_per_block: int = _f(1, "unet: resnet layers per block", valid=COUNT)
     norm_groups: int = _f(8, "unet: GroupNorm groups (must divide every channel count)", valid=COUNT)
     prediction: str = _f("v_prediction", "denoise: what the network predicts: epsilon, v_prediction or sample")
+    classes: int = _f(
+        0,
+        "denoise: a class-conditional teacher over this many classes of labelled data (digits-images: 10), trained with "
+        "label dropout for classifier-free guidance (0 = unconditional)",
+        valid=NONNEG,
+    )
+    label_dropout: float = _f(
+        0.1, "denoise with classes: share of train rows given the null class, so the model also learns the unconditional score",
+        valid=DECAY,
+    )
     beta_schedule: str = _f(
         "cosine",
         "denoise: betas of the DDPMScheduler: cosine (squaredcos_cap_v2; pair with v_prediction), linear or scaled_linear",
@@ -707,6 +717,13 @@ class EvaluateConfig(SCMoEOptions):
         only=(DIFFUSION, LM),
     )
     teacher_steps: int = _f(50, "generators: ODE steps of the teacher's paired-error reference", only=(DIFFUSION,), valid=COUNT)
+    guidance: list[float] = _f(
+        [],
+        "class-conditional generators: classifier-free guidance weights w, one row each: sample i of class i % classes, "
+        "guided (1 + w) F(x, c) - w F(x, null) ([] = unconditional samples only)",
+        only=(DIFFUSION,),
+        valid=NONNEG,
+    )
     time_samples: int = _f(
         256, "generators: samples per timing call of seconds_per_1k (0 = no timing)", only=(DIFFUSION,), valid=NONNEG
     )

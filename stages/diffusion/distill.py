@@ -53,6 +53,9 @@ def run(
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.steps < 0:
         raise DistilError("epochs, batch_size and lr must be positive (and steps >= 0)")
     teachers = [Path(t) for t in teachers]
+    if cfg.diffusion.classes and cfg.method != "denoise":
+        raise DistilError(f"diffusion.classes trains a class-conditional teacher (--method denoise); {cfg.method} trains an "
+                          "unconditional generator: set diffusion.classes=0")  # fmt: skip
     if not method.teacher and teachers:
         raise DistilError(f"method '{cfg.method}' trains from data alone; drop --teacher")
     if method.teacher and len(teachers) != 1:

@@ -223,13 +223,16 @@ class _Images:
         test = np.asarray(test, np.float32) if test is not None and len(test) >= 2 else None
         self.reference, holdout = _reference_holdout(np.asarray(splits["train"], np.float32), test, seed)
         x_tr, y_tr = labelled.splits["train"], labelled.labels["train"]
+        self.real_train, self.real_labels = x_tr, y_tr
         self.classifier = classifier or train_digits_classifier(x_tr, y_tr, size=int(x_tr.shape[-1]), seed=seed)
         self.test_accuracy = accuracy(self.classifier, labelled.splits["test"], labelled.labels["test"])
         self.ref_features = digit_features(self.classifier, self.reference)
         self.holdout = subsample(holdout, n, seed)
         self.floor_n = len(self.holdout)
         self.floor = self.measure(self.holdout, floor=True)
-        self.floor.update(floor_n=self.floor_n, classifier_test_accuracy=self.test_accuracy)
+        self.floor.update(floor_n=self.floor_n, classifier_test_accuracy=self.test_accuracy, class_accuracy=self.test_accuracy)
+        self.guided = False
+        """Whether the table has guided rows of class-conditional generators (set by ``evaluate_generators``)."""
 
     def _fd(self, x: np.ndarray) -> float:
         from stages.diffusion.metrics.digits_features import digit_features
@@ -237,10 +240,14 @@ class _Images:
 
         return frechet_between(digit_features(self.classifier, x), self.ref_features)
 
-    def measure(self, x: np.ndarray, floor: bool = False) -> dict[str, Any]:
-        from stages.diffusion.metrics.digits_features import class_coverage
+    def measure(self, x: np.ndarray, floor: bool = False, labels: np.ndarray | None = None) -> dict[str, Any]:
+        """The metrics of samples ``x``; with ``labels`` (the class each was asked for) also
+        ``stages.diffusion.metrics.digits_features.class_conditional``'s."""
+        from stages.diffusion.metrics.digits_features import class_conditional, class_coverage
 
         m: dict[str, Any] = {"fd": self._fd(x)}
+        if labels is not None:
+            m.update(class_conditional(self.classifier, x, labels, self.real_train, self.real_labels))
         if not floor:
             m["fd_at_floor_n"] = self._fd(x[: self.floor_n]) if len(x) > self.floor_n else m["fd"]
         c = class_coverage(self.classifier, x)
@@ -258,6 +265,8 @@ class _Images:
             "classes_covered",
             "confidence",
             "confidence_floor",
+            *(["guidance", "class_accuracy", "class_accuracy_floor", "fd_per_class", "diversity", "diversity_real"]
+              if self.guided else []),
         ]
 
     def shape(self, x: np.ndarray, path: Path) -> np.ndarray:
@@ -351,7 +360,7 @@ def evaluate_generators(
 
     options = {"solver": cfg.solver, "device": str(resolve_device(device))}
     space = _space(real if real is not None else _real_data(str(data), data_cfg), str(data), data_cfg, cfg, classifier)
-    runs = _runs(models, steps, hybrid)
+    runs = _runs(models, steps, hybrid, _guided(models, cfg.guidance, space))
 
     params = {"evaluate": to_dict(cfg), "data": to_dict(data_cfg), "steps": steps}
     folders = [*models, *([teacher] if teacher else []), *([hybrid] if hybrid else [])]
@@ -362,10 +371,10 @@ def evaluate_generators(
         extra = {} if ref is None else {f"teacher @{cfg.teacher_steps}": ref[_finite(ref)]}
         rows: list[dict[str, Any]] = []
         samples: dict[tuple[str, int], np.ndarray] = {}
-        for label, path, k, first in runs:
-            opts = {**options, "hybrid_first_step_teacher": first}
+        for label, path, k, first, w in runs:
+            opts = {**options, "hybrid_first_step_teacher": first, "guidance": w}
             row, samples[(label, k)] = _measure_run(space, sampler, cfg, path, k, opts, ref)
-            rows.append({"model": label, "steps": k, **row})
+            rows.append({"model": label, "steps": k, **({"guidance": w} if w is not None else {}), **row})
         columns = _columns(space, ref is not None, cfg.time_samples > 0)
         table, metrics = _tabulate(rows, columns, space.floor)
         write_json(work / "metrics.json", metrics)
@@ -391,12 +400,42 @@ def _space(real: Any, data: str, data_cfg: DataConfig, cfg: EvaluateConfig, clas
     return _Points(data, splits, cfg.n_samples, cfg.seed)
 
 
-def _runs(models: list[Path], steps: list[int], hybrid: Path | None) -> list[tuple[str, Path, int, Path | None]]:
-    """(label, folder, steps, hybrid teacher): every model at every count; hybrid rows for students."""
-    runs = [(p.name, p, k, None) for p in models for k in steps]
+def _runs(models: list[Path], steps: list[int], hybrid: Path | None,
+          guided: dict[Path, int]) -> list[tuple[str, Path, int, Path | None, float | None]]:  # fmt: skip
+    """(label, folder, steps, hybrid teacher, guidance weight): every model at every count;
+    hybrid rows for students; a class-conditional model (``guided``) also at every guidance weight."""
+    runs = [(p.name, p, k, None, None) for p in models for k in steps]
     if hybrid is not None:
-        runs += [(f"{p.name}+hybrid", p, k, hybrid) for p in models if _kind(p) == "consistency" for k in steps if k >= 2]
+        runs += [(f"{p.name}+hybrid", p, k, hybrid, None) for p in models if _kind(p) == "consistency" for k in steps if k >= 2]
+    runs += [(f"{p.name}+w{w:g}", p, k, None, float(w)) for p, ws in guided.items() for w in ws for k in steps]
     return runs
+
+
+def _guided(models: list[Path], weights: list[float], space) -> dict[Path, list[float]]:
+    """The class-conditional models among ``models`` with the guidance weights they are sampled
+    at ({} without weights); weights with no class-conditional model, or on 2-D points, are refused."""
+    if not weights:
+        return {}
+    conditional = [p for p in models if _classes(p)]
+    if not conditional:
+        raise DistilError(f"evaluate.guidance {weights} needs a class-conditional generator (distill --method denoise --set "
+                          f"diffusion.classes=10 on digits-images); {', '.join(p.name for p in models)} are unconditional")  # fmt: skip
+    if not isinstance(space, _Images):
+        raise DistilError("evaluate.guidance scores samples by class with the digits classifier: evaluate on digits-images")
+    space.guided = True
+    return {p: list(weights) for p in conditional}
+
+
+def _classes(path: Path) -> int:
+    """The classes a generator folder's network is conditioned on, from its config (0: unconditional)."""
+    import json
+
+    for component, key, offset in (("unet", "num_class_embeds", 1), ("denoiser", "num_classes", 0)):
+        config = path / component / "config.json"
+        if config.is_file():
+            value = json.loads(config.read_text()).get(key) or 0
+            return max(int(value) - offset, 0) if value else 0
+    return 0
 
 
 def _teacher_reference(
@@ -418,8 +457,13 @@ def _measure_run(
     x = space.shape(_sample(sampler, path, n, k, seed, **opts), path)
     ok = _finite(x)
     row: dict[str, Any] = {"n": int(ok.sum()), "nonfinite_rate": float(1 - ok.mean())}
+    labels = None
+    if opts.get("guidance") is not None:
+        from stages.diffusion.sampling import sample_labels
+
+        labels = sample_labels(n, _classes(path))[ok]
     if ok.sum() >= 2:
-        row.update(space.measure(x[ok]))
+        row.update(space.measure(x[ok]) if labels is None else space.measure(x[ok], labels=labels))
     if ref is not None:
         both = ok & _finite(ref)
         row["paired_error"] = paired_error(x[both], ref[both]) if both.any() else None
@@ -490,7 +534,7 @@ def _fmt(v: Any) -> str:
 
 
 SUMMARY = ("model", "steps", "sw", "sw_floor", "mmd2", "hq_rate", "modes_covered", "mode_entropy", "fd", "fd_floor",
-           "class_entropy", "confidence", "paired_error", "seconds_per_1k")  # fmt: skip
+           "class_entropy", "confidence", "class_accuracy", "fd_per_class", "diversity", "paired_error", "seconds_per_1k")  # fmt: skip
 """The columns of the printed table (generators.csv has them all)."""
 
 

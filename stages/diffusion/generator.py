@@ -24,6 +24,7 @@ classes by name.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -60,14 +61,41 @@ class Generator:
     kind: str
     """'diffusion' (sampled with an ODE solver) or 'consistency' (multistep consistency sampling)."""
     sample_shape: list[int]
+    classes: int = 0
+    """Classes the network is conditioned on (0: unconditional; ``stages.diffusion.models.classes_of``)."""
+    labels: torch.Tensor | None = None
+    """The class of each row ``denoise`` sees, set by ``conditioned`` (None: the null class)."""
+    guidance: float = 0.0
 
     @property
     def timestep_scaling(self) -> float:
         return float(self.scheduler.config.get("timestep_scaling", 10.0))
 
+    def conditioned(self, labels: torch.Tensor | None, guidance: float = 0.0) -> Generator:
+        """This generator sampling class ``labels[i]`` at row i, with classifier-free guidance weight
+        ``guidance`` (Ho & Salimans 2022, eq. 6 with w = ``guidance``): (1 + w) F(x, c) - w F(x, null)."""
+        if labels is None and guidance == 0:
+            return self
+        if not self.classes:
+            raise DistilError(f"{self.path} is an unconditional generator: class labels and guidance need a class-conditional "
+                              "teacher (distill --method denoise --set diffusion.classes=K)")  # fmt: skip
+        if labels is not None and len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.classes):
+            raise DistilError(f"class {int(labels.max())} is outside {self.path}'s label set 0..{self.classes - 1}")
+        return dataclasses.replace(self, labels=labels, guidance=float(guidance))
+
     def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The raw network output at (x_t, t) for per-row integer timesteps t [B]."""
-        return self.model(x, t.to(x.device)).sample
+        """The raw network output at (x_t, t) for per-row integer timesteps t [B]: of the rows'
+        classes (``conditioned``; the null class without), guided when ``guidance`` > 0."""
+        t = t.to(x.device)
+        if not self.classes:
+            return self.model(x, t).sample
+        null = torch.full((len(x),), self.classes, dtype=torch.long, device=x.device)
+        if self.labels is None:
+            return self.model(x, t, class_labels=null).sample
+        cond = self.model(x, t, class_labels=self.labels.to(x.device)).sample
+        if self.guidance == 0:
+            return cond
+        return (1 + self.guidance) * cond - self.guidance * self.model(x, t, class_labels=null).sample
 
     def identity(self) -> dict[str, Any]:
         return {"path": str(self.path), "sha256": generator_hash(self.path), "kind": self.kind, "sample_shape": self.sample_shape,
@@ -104,7 +132,7 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu", what: s
         )
     import diffusers
 
-    from stages.diffusion.models import sample_shape_of
+    from stages.diffusion.models import classes_of, sample_shape_of
 
     cls = getattr(importlib.import_module(spec[0]), spec[1])
     scheduler_cls = getattr(diffusers, str(index["scheduler"][1]), None)
@@ -121,7 +149,7 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu", what: s
     name = type(scheduler).__name__
     kind = "consistency" if name in CONSISTENCY_SCHEDULERS else "diffusion"
     schedule = (KarrasSchedule if name in KARRAS_SCHEDULERS else NoiseSchedule).of(scheduler, f"{what} {path}")
-    return Generator(path, model, scheduler, schedule, kind, sample_shape_of(model))
+    return Generator(path, model, scheduler, schedule, kind, sample_shape_of(model), classes_of(model))
 
 
 def save_generator(directory: Path, model: torch.nn.Module, scheduler) -> None:

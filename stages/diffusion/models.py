@@ -25,24 +25,33 @@ from stages.errors import DistilError
 class MLPDenoiser(ModelMixin, ConfigMixin):
     """A residual MLP over flattened samples, conditioned on a sinusoidal embedding of the
     timestep (Vaswani et al. 2017's positional encoding, as DDPM's U-Net embeds time) fed
-    through a 2-layer MLP and added to every block's input."""
+    through a 2-layer MLP and added to every block's input. With ``num_classes`` > 0 a learnt
+    embedding of the class label (index ``num_classes`` is the null class, used when no label
+    is given) is added to the time embedding, as diffusers' U-Net adds ``class_embedding``."""
 
     @register_to_config
-    def __init__(self, sample_shape: tuple[int, ...] = (2,), hidden: int = 128, layers: int = 3, time_dim: int = 64):
+    def __init__(self, sample_shape: tuple[int, ...] = (2,), hidden: int = 128, layers: int = 3, time_dim: int = 64,
+                 num_classes: int = 0):  # fmt: skip
         super().__init__()
         dim = math.prod(sample_shape)
         self.time_mlp = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.class_embedding = nn.Embedding(num_classes + 1, hidden) if num_classes else None
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(layers)
         )
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, return_dict: bool = True):
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, class_labels: torch.Tensor | None = None,
+                return_dict: bool = True):  # fmt: skip
         b = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.expand(b) if t.ndim == 0 else t
         temb = self.time_mlp(get_timestep_embedding(t, self.config.time_dim, flip_sin_to_cos=True, downscale_freq_shift=0))
+        if self.class_embedding is not None:
+            if class_labels is None:
+                class_labels = torch.full((b,), self.config.num_classes, device=sample.device, dtype=torch.long)
+            temb = temb + self.class_embedding(class_labels.to(sample.device))
         h = self.inp(sample.reshape(b, -1))
         for block in self.blocks:
             h = h + block(h + temb)
@@ -50,14 +59,16 @@ class MLPDenoiser(ModelMixin, ConfigMixin):
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
-def build_denoiser(cfg: DiffusionConfig, sample_shape: list[int], seed: int) -> ModelMixin:
-    """A fresh network for samples of ``sample_shape`` ([2] points or [C, H, W] images)."""
+def build_denoiser(cfg: DiffusionConfig, sample_shape: list[int], seed: int, classes: int = 0) -> ModelMixin:
+    """A fresh network for samples of ``sample_shape`` ([2] points or [C, H, W] images); with
+    ``classes`` > 0, conditioned on a class label (``classes`` + 1 embeddings, the last the null class)."""
     arch = cfg.arch if cfg.arch != "auto" else ("unet" if len(sample_shape) == 3 else "mlp")
     torch.manual_seed(seed)
     if arch == "mlp":
         if cfg.width < 1 or cfg.depth < 0 or cfg.time_dim < 2 or cfg.time_dim % 2:
             raise DistilError("diffusion.width must be >= 1, depth >= 0 and time_dim an even number >= 2")
-        return MLPDenoiser(sample_shape=tuple(sample_shape), hidden=cfg.width, layers=cfg.depth, time_dim=cfg.time_dim)
+        return MLPDenoiser(sample_shape=tuple(sample_shape), hidden=cfg.width, layers=cfg.depth, time_dim=cfg.time_dim,
+                           num_classes=classes)  # fmt: skip
     if arch != "unet":
         raise DistilError(f"unknown diffusion.arch '{cfg.arch}'; use auto, mlp or unet")
     if len(sample_shape) != 3 or sample_shape[1] != sample_shape[2]:
@@ -73,7 +84,16 @@ def build_denoiser(cfg: DiffusionConfig, sample_shape: list[int], seed: int) -> 
         sample_size=sample_shape[1], in_channels=sample_shape[0], out_channels=sample_shape[0],
         block_out_channels=tuple(cfg.channels), layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_groups,
         down_block_types=("DownBlock2D",) * levels, up_block_types=("UpBlock2D",) * levels,
+        num_class_embeds=classes + 1 if classes else None,
     )  # fmt: skip
+
+
+def classes_of(model: ModelMixin) -> int:
+    """The classes a denoiser is conditioned on (0: unconditional); its null class has this index."""
+    if isinstance(model, MLPDenoiser):
+        return int(model.config.get("num_classes", 0) or 0)
+    embeds = model.config.get("num_class_embeds")
+    return int(embeds) - 1 if embeds else 0
 
 
 def sample_shape_of(model: ModelMixin) -> list[int]:

@@ -37,6 +37,7 @@ import copy
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from stages.diffusion.generator import Generator, check_same_shape, load_generator
@@ -211,10 +212,14 @@ def check_hybrid(gen: Generator, hybrid: Generator | None, steps: int) -> None:
 
 @torch.no_grad()
 def sample(gen: Generator, seeds: list[int], steps: int, *, solver: str = "ddim", hybrid: Generator | None = None,
-           record: Record | None = None) -> torch.Tensor:  # fmt: skip
-    """Samples [len(seeds), *shape] (on the model's device) from noise seeded per sample."""
+           record: Record | None = None, labels: torch.Tensor | None = None, guidance: float = 0.0) -> torch.Tensor:  # fmt: skip
+    """Samples [len(seeds), *shape] (on the model's device) from noise seeded per sample; of
+    class ``labels[i]`` with guidance weight ``guidance`` for a class-conditional generator
+    (``Generator.conditioned``; the hybrid teacher's first step is conditioned the same way)."""
     check_sampling(steps, solver)
     check_hybrid(gen, hybrid, steps)
+    gen = gen.conditioned(labels, guidance)
+    hybrid = hybrid.conditioned(labels, guidance) if hybrid is not None and hybrid.classes else hybrid
     noise = SampleNoise(seeds, gen.sample_shape)
     if gen.kind == "consistency":
         return consistency_sample(gen, noise, steps, hybrid=hybrid, solver=solver, record=record)
@@ -223,17 +228,30 @@ def sample(gen: Generator, seeds: list[int], steps: int, *, solver: str = "ddim"
 
 
 def sample_generator(path: str | Path, n: int, steps: int, seed: int, hybrid_first_step_teacher: str | Path | None = None,
-                     *, solver: str = "ddim", device: str | torch.device = "cpu", batch_size: int = 1024) -> torch.Tensor:  # fmt: skip
+                     *, solver: str = "ddim", device: str | torch.device = "cpu", batch_size: int = 1024,
+                     guidance: float | None = None) -> torch.Tensor:  # fmt: skip
     """``n`` samples [n, *sample_shape] (float32, CPU) of the generator folder at ``path``:
     an ODE solve of ``steps`` steps for a diffusion teacher, ``steps`` consistency steps for
     a student (with ``hybrid_first_step_teacher``: that teacher's first step, then the
-    student's). Sample i starts from noise seeded ``seed + i``."""
+    student's). Sample i starts from noise seeded ``seed + i``; with ``guidance`` (a
+    class-conditional generator) it is of class i % classes, guided with that weight."""
     check_sampling(steps, solver)
     if n < 1 or batch_size < 1:
         raise DistilError(f"need n >= 1 samples and batch_size >= 1, got {n} and {batch_size}")
     gen = load_generator(path, device, "model")
     hybrid = load_generator(hybrid_first_step_teacher, device, "hybrid teacher") if hybrid_first_step_teacher else None
     check_hybrid(gen, hybrid, steps)
-    out = [sample(gen, list(range(seed + lo, seed + min(lo + batch_size, n))), steps, solver=solver, hybrid=hybrid).float().cpu()
-           for lo in range(0, n, batch_size)]  # fmt: skip
+    if guidance is not None and not gen.classes:
+        gen.conditioned(None, 1.0)  # refused with the message for an unconditional generator
+    out = []
+    for lo in range(0, n, batch_size):
+        hi = min(lo + batch_size, n)
+        labels = torch.from_numpy(sample_labels(n, gen.classes)[lo:hi]) if guidance is not None else None
+        out.append(sample(gen, list(range(seed + lo, seed + hi)), steps, solver=solver, hybrid=hybrid, labels=labels,
+                          guidance=guidance or 0.0).float().cpu())  # fmt: skip
     return torch.cat(out)
+
+
+def sample_labels(n: int, classes: int) -> np.ndarray:
+    """The class of each sample of a conditioned ``sample_generator`` run: i % classes."""
+    return np.arange(n) % classes

@@ -63,10 +63,12 @@ def plan(cfg: DistillConfig, rows: int) -> tuple[int, int, int]:
 
 def fit(model: nn.Module, ema: EMA, train: torch.Tensor, cfg: DistillConfig, work: Path, loss_fn: LossFn, *,
         device: torch.device, label: str, bar=None, live=None,
-        on_epoch: Callable[[int], dict[str, float]] | None = None, sampler: EMA | None = None) -> dict[str, Any]:  # fmt: skip
+        on_epoch: Callable[[int], dict[str, float]] | None = None, sampler: EMA | None = None,
+        labels: torch.Tensor | None = None) -> dict[str, Any]:  # fmt: skip
     """Train ``model`` in place and update ``ema`` (and ``sampler``, a second average kept
     for sampling, when given) after every step; returns the progress (history of per-epoch
-    rows, seconds). ``on_epoch(epoch)`` adds evaluations to a row."""
+    rows, seconds). ``on_epoch(epoch)`` adds evaluations to a row. With ``labels`` (one per
+    train row) the loss is called ``loss_fn(model, x0, g, y)`` with the batch's labels."""
     if cfg.diffusion.checkpoint_every < 1:
         raise DistilError(f"diffusion.checkpoint_every must be >= 1, got {cfg.diffusion.checkpoint_every}")
     bs, per_epoch, epochs = plan(cfg, len(train))
@@ -83,7 +85,7 @@ def fit(model: nn.Module, ema: EMA, train: torch.Tensor, cfg: DistillConfig, wor
     for epoch in range(progress["epoch"], epochs):
         t0 = time.perf_counter()
         loss = _train_epoch(model, averages, train, cfg, loss_fn, opt, sched,
-                            bs=bs, per_epoch=per_epoch, epoch=epoch, device=device, label=label)  # fmt: skip
+                            bs=bs, per_epoch=per_epoch, epoch=epoch, device=device, label=label, labels=labels)  # fmt: skip
         row = {"epoch": epoch + 1, "loss": loss}
         model.eval()
         if on_epoch is not None:
@@ -133,6 +135,7 @@ def _train_epoch(
     epoch: int,
     device: torch.device,
     label: str,
+    labels: torch.Tensor | None = None,
 ) -> float:
     """One epoch of ``per_epoch`` steps; the mean loss. Shuffling, timesteps and noise all
     come from one generator seeded by (seed, epoch), so a resumed run repeats this epoch."""
@@ -141,8 +144,9 @@ def _train_epoch(
     model.train()
     total_loss = 0.0
     for i in range(per_epoch):
-        x0 = train[order[i * bs : (i + 1) * bs]].to(device)
-        loss = loss_fn(model, x0, g)
+        rows = order[i * bs : (i + 1) * bs]
+        x0 = train[rows].to(device)
+        loss = loss_fn(model, x0, g) if labels is None else loss_fn(model, x0, g, labels[rows].to(device))
         if not torch.isfinite(loss):
             raise DistilError(f"{label}: the loss became {float(loss)} at epoch {epoch + 1}; lower lr or check the data")
         opt.zero_grad(set_to_none=True)

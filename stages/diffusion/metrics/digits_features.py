@@ -155,6 +155,32 @@ def class_coverage(model: DigitsClassifier, images: Any, *, min_share: float = 0
     }
 
 
+def class_conditional(model: DigitsClassifier, images: Any, labels: np.ndarray, real: Any, real_labels: np.ndarray,
+                      min_rows: int = 4) -> dict[str, float]:  # fmt: skip
+    """How well samples asked for class ``labels[i]`` are of that class: ``class_accuracy`` (the
+    classifier predicts the asked class), and per class with at least ``min_rows`` samples and
+    real images, the Frechet distance of its samples to the real train images of that class and
+    their ``diversity`` (mean pairwise feature distance), each averaged over those classes
+    (``fd_per_class``, ``diversity``; ``diversity_real`` is the same for the real images)."""
+    from stages.diffusion.metrics.distances import _sq_dists, frechet_between
+
+    images = np.asarray(images, np.float32)
+    labels, real_labels = np.asarray(labels), np.asarray(real_labels)
+    feats, real_feats = digit_features(model, images), digit_features(model, np.asarray(real, np.float32))
+    out = {"class_accuracy": float((predict_proba(model, images).argmax(1) == labels).mean())}
+    fds, div, div_real = [], [], []
+    spread = lambda f: float(np.sqrt(np.maximum(_sq_dists(f, f), 0)).sum() / max(len(f) * (len(f) - 1), 1))  # noqa: E731
+    for c in np.unique(labels):
+        mine, theirs = feats[labels == c], real_feats[real_labels == c]
+        if len(mine) >= min_rows and len(theirs) >= min_rows:
+            fds.append(frechet_between(mine, theirs))
+            div.append(spread(mine))
+            div_real.append(spread(theirs))
+    if fds:
+        out.update(fd_per_class=float(np.mean(fds)), diversity=float(np.mean(div)), diversity_real=float(np.mean(div_real)))
+    return out
+
+
 def save_digits_classifier(model: DigitsClassifier, path: Path, info: dict[str, Any] | None = None) -> None:
     from stages.artifacts import save_tensors
 

@@ -1,0 +1,128 @@
+"""Class-conditional diffusion teachers and classifier-free guidance: the label embedding and its
+null class, the guided prediction (1 + w) F(x, c) - w F(x, null), a teacher trained with label
+dropout on digits-images, ``evaluate``'s class accuracy per guidance weight (measured on scripted
+samplers that give the asked class or not), and the bad inputs refused in one line."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from stages.config import DataConfig, DiffusionConfig, EvaluateConfig
+from stages.diffusion.evaluate import evaluate_generators
+from stages.diffusion.generator import load_generator, save_generator
+from stages.diffusion.metrics.digits_features import train_digits_classifier
+from stages.diffusion.models import MLPDenoiser, build_denoiser, classes_of
+from stages.diffusion.sampling import sample_generator, sample_labels
+from stages.errors import DistilError
+from stages.tasks.digits_images import digits_images
+
+UNET = ["--set", "diffusion.channels=[8,16]", "--set", "diffusion.norm_groups=4", "--set", "batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y, split = digits_images(DataConfig())
+    return {s: (x[split == s], y[split == s]) for s in ("train", "test")}
+
+
+@pytest.fixture(scope="module")
+def clf(digits):
+    return train_digits_classifier(*digits["train"], seed=0)
+
+
+def _folder(root, name: str, classes: int, arch: str = "unet"):
+    from diffusers import DDPMScheduler
+
+    cfg = DiffusionConfig(arch=arch, channels=[8, 16], norm_groups=4, width=16, depth=1)
+    shape = [1, 8, 8] if arch == "unet" else [2]
+    save_generator(root / name, build_denoiser(cfg, shape, 0, classes=classes), DDPMScheduler(num_train_timesteps=20))
+    return root / name
+
+
+@pytest.mark.parametrize("arch", ["unet", "mlp"])
+def test_the_guided_prediction_combines_the_conditional_and_the_null_class(tmp_path, arch):
+    gen = load_generator(_folder(tmp_path, arch, 10, arch))
+    assert gen.classes == 10 == classes_of(gen.model)
+    x = torch.randn(4, *gen.sample_shape, generator=torch.Generator().manual_seed(0))
+    x[2] = x[1]
+    t = torch.full((4,), 7)
+    labels = torch.tensor([0, 3, 3, 9])
+    null = gen.denoise(x, t)  # no labels: the null class
+    cond = gen.conditioned(labels).denoise(x, t)
+    assert not torch.allclose(cond, null)
+    assert torch.allclose(gen.conditioned(labels, 2.5).denoise(x, t), 3.5 * cond - 2.5 * null, atol=1e-5)
+    assert torch.allclose(cond[1], cond[2]) and not torch.allclose(cond[0], cond[1])  # same class, same noise: same output
+
+
+def test_an_mlp_without_classes_ignores_nothing_and_has_no_label_embedding():
+    m = MLPDenoiser(sample_shape=(2,), hidden=8, layers=1, time_dim=8)
+    assert m.class_embedding is None and classes_of(m) == 0
+
+
+def test_a_conditional_teacher_trains_on_digits_with_label_dropout_and_samples_the_asked_classes(tmp_path):
+    from conftest import Cli, write_params
+
+    cli = Cli(write_params(tmp_path, data={"limit": 64}))
+    cli.ok("distill", "--method", "denoise", "--data", "digits-images", "--out", tmp_path / "t", "--set", "steps=6",
+           "--set", "diffusion.classes=10", "--set", "diffusion.label_dropout=0.2", *UNET, "-q")  # fmt: skip
+    summary = json.loads((tmp_path / "t" / "training.json").read_text())
+    assert summary["classes"] == 10 and summary["label_dropout"] == 0.2
+    assert load_generator(tmp_path / "t").classes == 10
+    x = sample_generator(tmp_path / "t", 12, 3, 0, guidance=1.5)
+    assert x.shape == (12, 1, 8, 8) and torch.isfinite(x).all()
+    assert list(sample_labels(12, 10)) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    unguided = sample_generator(tmp_path / "t", 12, 3, 0)
+    assert not torch.allclose(x, unguided)
+
+
+class ClassSampler:
+    """Scripted samples: a real test image of the asked class (i % 10) for 'right', of the next class for 'wrong'."""
+
+    def __init__(self, digits):
+        self.x, self.y = digits["test"]
+
+    def __call__(self, path, n, steps, seed, hybrid_first_step_teacher=None, *, solver="ddim", device="cpu", guidance=None):
+        shift = 0 if path.name == "right" else 1
+        asked = (np.arange(n) + shift) % 10 if guidance is not None else np.random.default_rng(seed).integers(0, 10, n)
+        pick = [np.flatnonzero(self.y == c)[i % (self.y == c).sum()] for i, c in enumerate(asked)]
+        return torch.from_numpy(self.x[pick]).float()
+
+
+def test_evaluate_scores_the_class_of_guided_samples_per_weight(tmp_path, digits, clf):
+    models = [_folder(tmp_path, "right", 10), _folder(tmp_path, "wrong", 10), _folder(tmp_path, "plain", 0)]
+    cfg = EvaluateConfig(n_samples=200, time_samples=0, guidance=[0.0, 2.0])
+    out = evaluate_generators(models, "digits-images", [1], cfg, tmp_path / "ev", sampler=ClassSampler(digits), classifier=clf)
+    with open(out / "generators.csv", newline="") as fh:
+        rows = {r["model"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"right", "wrong", "plain", "right+w0", "right+w2", "wrong+w0", "wrong+w2"}  # no guided rows for 'plain'
+    assert float(rows["right+w2"]["class_accuracy"]) > 0.9 > 0.2 > float(rows["wrong+w2"]["class_accuracy"])
+    assert rows["right+w2"]["guidance"] == "2.0" and rows["right"]["class_accuracy"] == ""
+    assert float(rows["right+w2"]["fd_per_class"]) < float(rows["wrong+w2"]["fd_per_class"])
+    assert float(rows["right+w0"]["diversity"]) > 0 and float(rows["right+w0"]["class_accuracy_floor"]) > 0.9
+
+
+def test_guidance_and_classes_where_they_cannot_apply_are_refused(tmp_path, digits, clf):
+    from conftest import Cli, write_params
+
+    plain = _folder(tmp_path, "plain", 0)
+    with pytest.raises(DistilError, match="unconditional"):
+        evaluate_generators([plain], "digits-images", [1], EvaluateConfig(n_samples=20, time_samples=0, guidance=[1.0]),
+                            tmp_path / "ev", sampler=ClassSampler(digits), classifier=clf)  # fmt: skip
+    assert not (tmp_path / "ev").exists()
+    with pytest.raises(DistilError, match="unconditional"):
+        sample_generator(plain, 2, 1, 0, guidance=1.0)
+    with pytest.raises(DistilError, match="outside"):
+        load_generator(_folder(tmp_path, "cond", 10)).conditioned(torch.tensor([3, 10]))
+    cli = Cli(write_params(tmp_path, data={"limit": 32}))
+    cli.fails("distill", "--method", "denoise", "--data", "moons", "--out", tmp_path / "m", "--set", "diffusion.classes=10",
+              "--set", "steps=2", match="no class labels")  # fmt: skip
+    cli.fails("distill", "--method", "denoise", "--data", "digits-images", "--out", tmp_path / "m", "--set", "diffusion.classes=5",
+              "--set", "steps=2", *UNET, match="outside diffusion.classes=5")  # fmt: skip
+    cli.fails("distill", "--method", "consistency-train", "--data", "digits-images", "--out", tmp_path / "m",
+              "--set", "diffusion.classes=10", "--set", "steps=2", *UNET, match="diffusion.classes=0")  # fmt: skip
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.partial").exists()
