@@ -266,6 +266,11 @@ class DiffusionConfig:
         "label dropout for classifier-free guidance (0 = unconditional)",
         valid=NONNEG,
     )
+    guidance_weights: list[float] = _f(
+        [0.0, 1.0, 2.0, 3.0, 4.0],
+        "cfg-distill: the guidance weights w the student learns, each its own condition (evaluate.guidance picks among them)",
+        valid=NONNEG,
+    )
     label_dropout: float = _f(
         0.1, "denoise with classes: share of train rows given the null class, so the model also learns the unconditional score",
         valid=DECAY,

@@ -74,7 +74,7 @@ def run(
         with logged(work, progress) as (live, bar):
             model, scheduler, summary = method.train(cfg, gdata, teachers[0] if teachers else None, work, device=dev,
                                                      bar=bar, live=live)  # fmt: skip
-        save_generator(work, model.cpu(), scheduler)
+        save_generator(work, model.cpu(), scheduler, guided=summary.get("guided"))
         summary = {"method": cfg.method, "params": sum(p.numel() for p in model.parameters()),
                    "train_rows": len(gdata.splits["train"]), **summary}  # fmt: skip
         kind = "consistency" if type(scheduler).__name__ in CONSISTENCY_SCHEDULERS else "diffusion"

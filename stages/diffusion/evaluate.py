@@ -430,6 +430,10 @@ def _classes(path: Path) -> int:
     """The classes a generator folder's network is conditioned on, from its config (0: unconditional)."""
     import json
 
+    from stages.diffusion.generator import GUIDED
+
+    if (path / GUIDED).is_file():
+        return int(json.loads((path / GUIDED).read_text())["classes"])
     for component, key, offset in (("unet", "num_class_embeds", 1), ("denoiser", "num_classes", 0)):
         config = path / component / "config.json"
         if config.is_file():

@@ -39,6 +39,9 @@ from stages.diffusion.schedule import KarrasSchedule, NoiseSchedule
 from stages.errors import DistilError
 
 MODEL_INDEX = "model_index.json"
+GUIDED = "guidance.json"
+"""A ``cfg-distill`` student's conditions: ``{"classes": K, "weights": [w...]}``; its network's
+condition index is ``weights.index(w) * (K + 1) + class`` (class K: the null class)."""
 MODEL_CLASSES = (("diffusers", "UNet2DModel"), ("stages.diffusion.models", "MLPDenoiser"))
 """The only network classes a generator folder may name: nothing else is imported from a path.
 (diffusers itself is imported only when a folder is loaded or saved, so checking for a
@@ -66,6 +69,9 @@ class Generator:
     labels: torch.Tensor | None = None
     """The class of each row ``denoise`` sees, set by ``conditioned`` (None: the null class)."""
     guidance: float = 0.0
+    weights: tuple[float, ...] = ()
+    """A ``cfg-distill`` student's guidance weights (``GUIDED``): one network call per step gives
+    the guided prediction; () for a model guided by combining two calls."""
 
     @property
     def timestep_scaling(self) -> float:
@@ -81,6 +87,9 @@ class Generator:
                               "teacher (distill --method denoise --set diffusion.classes=K)")  # fmt: skip
         if labels is not None and len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.classes):
             raise DistilError(f"class {int(labels.max())} is outside {self.path}'s label set 0..{self.classes - 1}")
+        if self.weights and labels is not None and float(guidance) not in self.weights:
+            raise DistilError(f"{self.path} was distilled for guidance weights {list(self.weights)}; {guidance:g} is not one of "
+                              "them: pick one in evaluate.guidance, or distil with that weight in diffusion.guidance_weights")  # fmt: skip
         return dataclasses.replace(self, labels=labels, guidance=float(guidance))
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -90,6 +99,11 @@ class Generator:
         if not self.classes:
             return self.model(x, t).sample
         null = torch.full((len(x),), self.classes, dtype=torch.long, device=x.device)
+        if self.weights:  # a cfg-distill student: the guided prediction in one call (the null class: any weight's copy)
+            if self.labels is None:
+                return self.model(x, t, class_labels=null).sample
+            g = self.weights.index(self.guidance)
+            return self.model(x, t, class_labels=g * (self.classes + 1) + self.labels.to(x.device)).sample
         if self.labels is None:
             return self.model(x, t, class_labels=null).sample
         cond = self.model(x, t, class_labels=self.labels.to(x.device)).sample
@@ -149,11 +163,14 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu", what: s
     name = type(scheduler).__name__
     kind = "consistency" if name in CONSISTENCY_SCHEDULERS else "diffusion"
     schedule = (KarrasSchedule if name in KARRAS_SCHEDULERS else NoiseSchedule).of(scheduler, f"{what} {path}")
-    return Generator(path, model, scheduler, schedule, kind, sample_shape_of(model), classes_of(model))
+    guided = json.loads((path / GUIDED).read_text()) if (path / GUIDED).is_file() else None
+    classes, weights = (int(guided["classes"]), tuple(float(w) for w in guided["weights"])) if guided else (classes_of(model), ())
+    return Generator(path, model, scheduler, schedule, kind, sample_shape_of(model), classes, weights=weights)
 
 
-def save_generator(directory: Path, model: torch.nn.Module, scheduler) -> None:
-    """Write ``model`` and ``scheduler`` as diffusers components with a ``model_index.json``."""
+def save_generator(directory: Path, model: torch.nn.Module, scheduler, guided: dict | None = None) -> None:
+    """Write ``model`` and ``scheduler`` as diffusers components with a ``model_index.json``
+    (and a ``cfg-distill`` student's conditions, ``guided``, as ``GUIDED``)."""
     import diffusers
 
     directory = Path(directory)
@@ -168,6 +185,8 @@ def save_generator(directory: Path, model: torch.nn.Module, scheduler) -> None:
         component: [library, type(model).__name__],
         "scheduler": ["diffusers", type(scheduler).__name__],
     })  # fmt: skip
+    if guided:
+        write_json(directory / GUIDED, guided)
 
 
 def check_same_shape(a: list[int], b: list[int], what_a: str, what_b: str) -> None:

@@ -126,3 +126,72 @@ def test_guidance_and_classes_where_they_cannot_apply_are_refused(tmp_path, digi
     cli.fails("distill", "--method", "consistency-train", "--data", "digits-images", "--out", tmp_path / "m",
               "--set", "diffusion.classes=10", "--set", "steps=2", *UNET, match="diffusion.classes=0")  # fmt: skip
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.partial").exists()
+
+
+# ---- cfg-distill ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    from conftest import Cli, write_params
+
+    root = tmp_path_factory.mktemp("cfg")
+    cli = Cli(write_params(root, data={"limit": 64}))
+    cli.ok("distill", "--method", "denoise", "--data", "digits-images", "--out", root / "t", "--set", "steps=8",
+           "--set", "diffusion.classes=10", *UNET, "-q")  # fmt: skip
+    return root, cli
+
+
+def test_the_widened_student_starts_as_the_teacher_for_every_weight(teacher):
+    from stages.diffusion.methods.cfg_distill import guided_target, widen
+
+    root, _ = teacher
+    gen = load_generator(root / "t")
+    student = widen(gen.model, 3).eval()
+    x, t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.full((4,), 5)
+    c = torch.tensor([0, 4, 9, 10])
+    with torch.no_grad():
+        ref = gen.model(x, t, class_labels=c).sample
+        for g in range(3):
+            assert torch.allclose(student(x, t, class_labels=g * 11 + c).sample, ref, atol=1e-5)
+    w = torch.tensor([0.0, 2.0, 2.0, 3.0])
+    target = guided_target(gen.model, x, t, c, w, 10)
+    for i in range(3):  # the guided prediction, as a class-conditional teacher gives it in two calls
+        assert torch.allclose(target[i], gen.conditioned(c[i : i + 1], float(w[i])).denoise(x[i : i + 1], t[i : i + 1])[0], atol=1e-5)
+    assert torch.allclose(target[3], gen.denoise(x[3:], t[3:])[0], atol=1e-5)  # the null class: unconditional
+
+
+def test_cfg_distill_gives_the_guided_prediction_in_one_call_per_step(teacher, tmp_path):
+    root, cli = teacher
+    cli.ok("distill", "--method", "cfg-distill", "-t", root / "t", "--data", "digits-images", "--out", tmp_path / "s",
+           "--set", "steps=8", "--set", "diffusion.guidance_weights=[0,2]", *UNET, "-q")  # fmt: skip
+    assert json.loads((tmp_path / "s" / "guidance.json").read_text()) == {"classes": 10, "weights": [0.0, 2.0]}
+    history = json.loads((tmp_path / "s" / "training.json").read_text())["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    student = load_generator(tmp_path / "s")
+    calls = []
+    student.model.register_forward_hook(lambda *a: calls.append(1))
+    x = sample_generator(tmp_path / "s", 5, 3, 0, guidance=2.0)  # a fresh load: count on the loaded copy below
+    assert x.shape == (5, 1, 8, 8) and torch.isfinite(x).all()
+    from stages.diffusion.sampling import sample
+
+    sample(student, [0, 1], 3, labels=torch.tensor([1, 2]), guidance=2.0)
+    assert len(calls) == 3  # one network call per step; the teacher's CFG makes two
+    with pytest.raises(DistilError, match="not one of them"):
+        sample_generator(tmp_path / "s", 2, 1, 0, guidance=1.5)
+    cli.fails("distill", "--method", "cfg-distill", "-t", tmp_path / "s", "--data", "digits-images", "--out", tmp_path / "s2",
+              "--set", "steps=2", *UNET, match="already a cfg-distill student")  # fmt: skip
+    plain = _folder(tmp_path, "plain", 0)
+    cli.fails("distill", "--method", "cfg-distill", "-t", plain, "--data", "digits-images", "--out", tmp_path / "s3",
+              "--set", "steps=2", *UNET, match="unconditional")  # fmt: skip
+
+
+def test_evaluate_samples_a_cfg_distill_student_at_its_weights(teacher, tmp_path, clf):
+    root, cli = teacher
+    cli.ok("distill", "--method", "cfg-distill", "-t", root / "t", "--data", "digits-images", "--out", tmp_path / "s",
+           "--set", "steps=2", "--set", "diffusion.guidance_weights=[2]", *UNET, "-q")  # fmt: skip
+    cfg = EvaluateConfig(n_samples=20, time_samples=0, guidance=[2.0], step_counts=[2])
+    out = evaluate_generators([root / "t", tmp_path / "s"], "digits-images", [2], cfg, tmp_path / "ev", classifier=clf)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"t+w2/steps_2", "s+w2/steps_2"} <= set(metrics)
+    assert all(0 <= metrics[k]["class_accuracy"] <= 1 for k in ("t+w2/steps_2", "s+w2/steps_2"))

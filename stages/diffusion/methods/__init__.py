@@ -60,4 +60,9 @@ DIFFUSION_METHODS = {
         "its teacher with one, halving diffusion.teacher_steps down to target_steps; saved with a DDIMScheduler",
         "stages.diffusion.methods.progressive", True,
     ),
+    "cfg-distill": DiffusionMethod(
+        "classifier-free guidance distilled (Meng et al. 2023, stage one) from a class-conditional --teacher: the student "
+        "alone gives (1 + w) F(x, c) - w F(x) for each w of diffusion.guidance_weights, one network call per step",
+        "stages.diffusion.methods.cfg_distill", True,
+    ),
 }  # fmt: skip

@@ -64,7 +64,7 @@ def dev_loss(model, schedule: NoiseSchedule, dev: torch.Tensor, device, seed: in
     return float(loss(model, dev.to(device), g, None if labels is None else labels.to(device)))
 
 
-def _labels(data: GeneratorData, classes: int) -> dict[str, torch.Tensor]:
+def train_labels(data: GeneratorData, classes: int) -> dict[str, torch.Tensor]:
     """The train and dev labels a class-conditional teacher learns from ({} when unconditional), checked."""
     if not classes:
         return {}
@@ -85,7 +85,7 @@ def train(cfg: DistillConfig, data: GeneratorData, teacher, work, *, device, bar
     scheduler = make_scheduler(cfg)
     schedule = NoiseSchedule.of(scheduler, "denoise")
     classes = cfg.diffusion.classes
-    labels = _labels(data, classes)
+    labels = train_labels(data, classes)
     model = build_denoiser(cfg.diffusion, data.sample_shape, cfg.seed, classes=classes).to(device)
     ema = EMA(model, cfg.diffusion.ema, warmup=True)
     dev = data.split("dev")
