@@ -21,6 +21,7 @@ BENCHMARKS = [
     "lm_curio",
     "lm_agent",
     "lm_qcrd",
+    "diffusion_cfg",
     "lm_cascade",
     "lm_cascade_defer",
     "lm_moe",

@@ -266,6 +266,12 @@ class DiffusionConfig:
         "label dropout for classifier-free guidance (0 = unconditional)",
         valid=NONNEG,
     )
+    diversity: float = _f(
+        0.0,
+        "cfg-distill: weight of the diversity term, the cosine similarity of two one-step predictions of the same class and "
+        "weight from different noise (0 = off)",
+        valid=NONNEG,
+    )
     guidance_weights: list[float] = _f(
         [0.0, 1.0, 2.0, 3.0, 4.0],
         "cfg-distill: the guidance weights w the student learns, each its own condition (evaluate.guidance picks among them)",
@@ -722,6 +728,12 @@ class EvaluateConfig(SCMoEOptions):
         only=(DIFFUSION, LM),
     )
     teacher_steps: int = _f(50, "generators: ODE steps of the teacher's paired-error reference", only=(DIFFUSION,), valid=COUNT)
+    merge: list[str] = _f(
+        [], "generators: two folders [A, B] of students of one teacher whose interpolated weights are evaluated too", only=(DIFFUSION,)
+    )
+    merge_alphas: list[float] = _f(
+        [0.5], "generators with merge: weights alpha of (1 - alpha) A + alpha B, one model each", only=(DIFFUSION,), valid=Range(0, 1)
+    )
     guidance: list[float] = _f(
         [],
         "class-conditional generators: classifier-free guidance weights w, one row each: sample i of class i % classes, "

@@ -44,6 +44,8 @@ from __future__ import annotations
 import csv
 import inspect
 import io
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -351,6 +353,10 @@ def evaluate_generators(
     ``DigitsClassifier`` (otherwise one is trained on the labelled digits-images)."""
     data_cfg = data_cfg or DataConfig()
     models = [Path(p) for p in models]
+    merged_dir = None
+    if cfg.merge:
+        merged_dir = tempfile.TemporaryDirectory(prefix="distil-merge-")
+        models += _merged(cfg, Path(merged_dir.name))
     teacher = Path(teacher) if teacher else (Path(cfg.teacher) if cfg.teacher else None)
     hybrid = Path(cfg.hybrid_first_step) if cfg.hybrid_first_step else None
     steps = list(steps)
@@ -386,6 +392,9 @@ def evaluate_generators(
             save_digits_classifier(space.classifier, work / "digits_classifier.safetensors",
                                    {"test_accuracy": space.test_accuracy, "seed": cfg.seed})  # fmt: skip
         _write_summary(work, columns, table, console)
+        if merged_dir is not None:  # the interpolated models, kept with the table that scores them
+            shutil.copytree(merged_dir.name, work / "merged")
+            merged_dir.cleanup()
         write_manifest(work, kind=Kind.GENERATOR_EVALUATION, params=params, inputs=inputs,
                        extra={"task": {"name": str(data), "kind": space.kind}, "metrics": metrics})  # fmt: skip
         return output.commit()
@@ -409,6 +418,16 @@ def _runs(models: list[Path], steps: list[int], hybrid: Path | None,
         runs += [(f"{p.name}+hybrid", p, k, hybrid, None) for p in models if _kind(p) == "consistency" for k in steps if k >= 2]
     runs += [(f"{p.name}+w{w:g}", p, k, None, float(w)) for p, ws in guided.items() for w in ws for k in steps]
     return runs
+
+
+def _merged(cfg: EvaluateConfig, root: Path) -> list[Path]:
+    """``merge`` [A, B]: one generator per ``merge_alphas`` weight, (1 - alpha) A + alpha B, named ``A+B@alpha``."""
+    from stages.diffusion.generator import merge_generators
+
+    if len(cfg.merge) != 2:
+        raise DistilError(f"evaluate.merge names two generator folders [A, B], got {cfg.merge}")
+    a, b = (Path(p) for p in cfg.merge)
+    return [merge_generators(a, b, float(w), root / f"{a.name}+{b.name}@{w:g}") for w in cfg.merge_alphas]
 
 
 def _guided(models: list[Path], weights: list[float], space) -> dict[Path, list[float]]:

@@ -189,6 +189,27 @@ def save_generator(directory: Path, model: torch.nn.Module, scheduler, guided: d
         write_json(directory / GUIDED, guided)
 
 
+def merge_generators(a: str | Path, b: str | Path, alpha: float, dest: Path) -> Path:
+    """The generator whose weights are (1 - alpha) theta_a + alpha theta_b (model merging of two
+    students of one teacher, Cideron et al. 2024, section 4: interpolating a quality- and a
+    diversity-tuned student trades one for the other), saved at ``dest`` with ``a``'s scheduler."""
+    if not 0 <= alpha <= 1:
+        raise DistilError(f"merge weights must be in [0, 1], got {alpha}")
+    ga, gb = load_generator(a, "cpu", "merged model"), load_generator(b, "cpu", "merged model")
+    public = lambda g: {k: v for k, v in g.model.config.items() if not k.startswith("_")}  # noqa: E731  (not its path)
+    same = (type(ga.model) is type(gb.model) and public(ga) == public(gb)
+            and (ga.classes, ga.weights) == (gb.classes, gb.weights) and type(ga.scheduler) is type(gb.scheduler))  # fmt: skip
+    if not same:
+        raise DistilError(f"{a} and {b} cannot be merged: their networks, conditions or schedulers differ (merge two students "
+                          "of one teacher trained with the same settings)")  # fmt: skip
+    other = gb.model.state_dict()
+    merged = {k: (1 - alpha) * v + alpha * other[k] if v.is_floating_point() else v for k, v in ga.model.state_dict().items()}
+    ga.model.load_state_dict(merged)
+    guided = {"classes": ga.classes, "weights": list(ga.weights)} if ga.weights else None
+    save_generator(dest, ga.model, ga.scheduler, guided=guided)
+    return dest
+
+
 def check_same_shape(a: list[int], b: list[int], what_a: str, what_b: str) -> None:
     if list(a) != list(b):
         raise DistilError(f"{what_a} makes samples of shape {list(a)} but {what_b} has {list(b)}; use matching data and models")

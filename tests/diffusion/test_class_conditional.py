@@ -195,3 +195,45 @@ def test_evaluate_samples_a_cfg_distill_student_at_its_weights(teacher, tmp_path
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"t+w2/steps_2", "s+w2/steps_2"} <= set(metrics)
     assert all(0 <= metrics[k]["class_accuracy"] <= 1 for k in ("t+w2/steps_2", "s+w2/steps_2"))
+
+
+def test_the_diversity_term_is_a_similarity_the_student_can_lower(teacher):
+    from stages.diffusion.methods.cfg_distill import diversity_penalty, widen
+
+    root, _ = teacher
+    gen = load_generator(root / "t")
+    student = widen(gen.model, 2)
+    y, gi = torch.tensor([1, 2, 3, 4, 5, 6]), torch.tensor([0, 1, 0, 1, 0, 1])
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    values = []
+    for _ in range(4):
+        p = diversity_penalty(student, gen.schedule, torch.Size([1, 8, 8]), y, gi, 10, torch.Generator().manual_seed(0))
+        values.append(float(p.detach()))
+        opt.zero_grad()
+        p.backward()
+        opt.step()
+    assert -1 <= values[0] <= 1 and values[-1] < values[0]
+
+
+def test_merging_two_students_interpolates_their_weights_and_evaluate_scores_the_mix(teacher, tmp_path, clf):
+    from stages.diffusion.generator import merge_generators
+
+    root, cli = teacher
+    for name, div in (("q", "0"), ("d", "1.0")):
+        cli.ok("distill", "--method", "cfg-distill", "-t", root / "t", "--data", "digits-images", "--out", tmp_path / name,
+               "--set", "steps=2", "--set", f"diffusion.diversity={div}", "--set", "diffusion.guidance_weights=[2]", *UNET, "-q")  # fmt: skip
+    assert json.loads((tmp_path / "d" / "training.json").read_text())["diversity"] == 1.0
+    a, b = load_generator(tmp_path / "q").model.state_dict(), load_generator(tmp_path / "d").model.state_dict()
+    half = load_generator(merge_generators(tmp_path / "q", tmp_path / "d", 0.5, tmp_path / "m")).model.state_dict()
+    key = next(k for k in a if a[k].is_floating_point() and not torch.equal(a[k], b[k]))
+    assert torch.allclose(half[key], (a[key] + b[key]) / 2)
+    assert load_generator(tmp_path / "m").weights == (2.0,)
+    cfg = EvaluateConfig(n_samples=20, time_samples=0, guidance=[2.0], step_counts=[2], merge=[str(tmp_path / "q"), str(tmp_path / "d")],
+                         merge_alphas=[0.0, 0.5])  # fmt: skip
+    out = evaluate_generators([tmp_path / "q"], "digits-images", [2], cfg, tmp_path / "ev", classifier=clf)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"q+d@0+w2/steps_2", "q+d@0.5+w2/steps_2"} <= set(metrics)
+    assert metrics["q+d@0+w2/steps_2"]["class_accuracy"] == metrics["q+w2/steps_2"]["class_accuracy"]  # alpha 0 is A itself
+    assert (out / "merged" / "q+d@0.5" / "model_index.json").is_file()
+    with pytest.raises(DistilError, match="cannot be merged"):
+        merge_generators(root / "t", tmp_path / "q", 0.5, tmp_path / "bad")

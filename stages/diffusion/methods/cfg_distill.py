@@ -15,6 +15,11 @@ starts from the teacher with every copy equal to the teacher's embedding. A ``la
 share of the rows trains the null class on the teacher's unconditional prediction. The
 student is the teacher's architecture and schedule, sampled by the same ODE solvers; its
 weights and classes go to ``guidance.json`` (``stages.diffusion.generator.GUIDED``).
+
+``diffusion.diversity`` > 0 adds ``diversity_penalty`` with that weight: the similarity of two
+one-step predictions of the same condition from different noise, which the student lowers.
+Students trained with and without it are the quality- and diversity-tuned pair whose weights
+``evaluate``'s ``merge`` interpolates (Cideron et al., section 4: model merging of the two).
 """
 
 from __future__ import annotations
@@ -60,7 +65,24 @@ def widen(teacher: torch.nn.Module, groups: int) -> torch.nn.Module:
     return student.to(old.device).train().requires_grad_(True)
 
 
-def cfg_loss(teacher, schedule, weights: torch.Tensor, classes: int, dropout: float):
+def diversity_penalty(model, schedule, shape: torch.Size, y: torch.Tensor, gi: torch.Tensor, classes: int,
+                      g: torch.Generator) -> torch.Tensor:  # fmt: skip
+    """Mean cosine similarity of two one-step data predictions x0_hat(z, T - 1) of the same
+    (class, weight) condition from independent noise z1, z2, each centred on the batch's mean
+    prediction: the diversity term (after Cideron et al., section 3, whose reward is the
+    dissimilarity of two generations of the same prompt; here it is differentiable, so it is a
+    loss term rather than a reward for reinforcement learning)."""
+    b, device = len(y), y.device
+    t = torch.full((2 * b,), schedule.T - 1, dtype=torch.long)
+    z = torch.randn((2 * b, *shape), generator=g).to(device)
+    cond = (gi * (classes + 1) + y).repeat(2)
+    x0, _ = schedule.x0_eps(model(z, t.to(device), class_labels=cond).sample, z, t)
+    flat = x0.float().flatten(1)
+    flat = flat - flat.mean(0, keepdim=True)
+    return torch.nn.functional.cosine_similarity(flat[:b], flat[b:], dim=1).mean()
+
+
+def cfg_loss(teacher, schedule, weights: torch.Tensor, classes: int, dropout: float, diversity: float = 0.0):
     def loss(model, x0: torch.Tensor, g: torch.Generator, y: torch.Tensor) -> torch.Tensor:
         b, device = len(x0), x0.device
         t = torch.randint(0, schedule.T, (b,), generator=g).to(device)
@@ -71,7 +93,10 @@ def cfg_loss(teacher, schedule, weights: torch.Tensor, classes: int, dropout: fl
         x_t = schedule.add_noise(x0, eps, t.cpu())
         target = guided_target(teacher, x_t, t, c, weights.to(device)[gi], classes)
         out = model(x_t, t, class_labels=gi * (classes + 1) + c).sample
-        return torch.mean((out - target) ** 2)
+        mse = torch.mean((out - target) ** 2)
+        if not diversity:
+            return mse
+        return mse + diversity * diversity_penalty(model, schedule, x0.shape[1:], y, gi, classes, g)
 
     return loss
 
@@ -91,9 +116,10 @@ def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device
     labels = train_labels(data, classes)
     student = widen(teacher.model, len(grid))
     ema = EMA(student, cfg.diffusion.ema, warmup=True)
-    loss = cfg_loss(copy.deepcopy(teacher.model).eval(), teacher.schedule, torch.tensor(grid), classes, cfg.diffusion.label_dropout)
+    loss = cfg_loss(copy.deepcopy(teacher.model).eval(), teacher.schedule, torch.tensor(grid), classes, cfg.diffusion.label_dropout,
+                    cfg.diffusion.diversity)  # fmt: skip
     progress = fit(student, ema, data.split("train"), cfg, work, loss, device=device, label="cfg-distill", bar=bar, live=live,
                    labels=labels["train"])  # fmt: skip
-    summary = {"teacher": teacher.identity(), "guided": {"classes": classes, "weights": grid},
+    summary = {"teacher": teacher.identity(), "guided": {"classes": classes, "weights": grid}, "diversity": cfg.diffusion.diversity,
                "epochs": progress["epoch"], "train_seconds": progress["seconds"], "history": progress["history"]}  # fmt: skip
     return ema.model, teacher.scheduler, summary
