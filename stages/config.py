@@ -327,6 +327,11 @@ class DiffusionConfig:
         512, "students of a teacher: fixed noise batch of the per-epoch paired error to the teacher", valid=COUNT
     )
     eval_steps: int = _f(50, "students of a teacher: teacher ODE steps of the paired-error reference", valid=COUNT)
+    dmd_pairs: int = _f(
+        1024, "dmd: noise / teacher-ODE-solution pairs of the regression term (the teacher's eval_steps DDIM steps)", valid=COUNT
+    )
+    dmd_regression: float = _f(0.25, "dmd: weight of the regression term (DMD's lambda_reg)", valid=NONNEG)
+    dmd_fake_steps: int = _f(1, "dmd: updates of the fake score per generator step (DMD2's two time-scale rule uses 5)", valid=COUNT)
     segments: int = _f(
         4,
         "multistep: s, segments of the time axis; consistency within each, sampled in s DDIM steps along their starts",

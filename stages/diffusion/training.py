@@ -64,11 +64,13 @@ def plan(cfg: DistillConfig, rows: int) -> tuple[int, int, int]:
 def fit(model: nn.Module, ema: EMA, train: torch.Tensor, cfg: DistillConfig, work: Path, loss_fn: LossFn, *,
         device: torch.device, label: str, bar=None, live=None,
         on_epoch: Callable[[int], dict[str, float]] | None = None, sampler: EMA | None = None,
-        labels: torch.Tensor | None = None) -> dict[str, Any]:  # fmt: skip
+        labels: torch.Tensor | None = None, aux: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Train ``model`` in place and update ``ema`` (and ``sampler``, a second average kept
     for sampling, when given) after every step; returns the progress (history of per-epoch
     rows, seconds). ``on_epoch(epoch)`` adds evaluations to a row. With ``labels`` (one per
-    train row) the loss is called ``loss_fn(model, x0, g, y)`` with the batch's labels."""
+    train row) the loss is called ``loss_fn(model, x0, g, y)`` with the batch's labels. ``aux``
+    names what else the loss trains (a network, its optimiser: anything with ``state_dict``),
+    checkpointed and restored with the rest, so a resumed run continues exactly."""
     if cfg.diffusion.checkpoint_every < 1:
         raise DistilError(f"diffusion.checkpoint_every must be >= 1, got {cfg.diffusion.checkpoint_every}")
     bs, per_epoch, epochs = plan(cfg, len(train))
@@ -80,7 +82,7 @@ def fit(model: nn.Module, ema: EMA, train: torch.Tensor, cfg: DistillConfig, wor
     )
     averages = {"ema": ema, **({"sampler": sampler} if sampler is not None else {})}
     ckpt = work / "checkpoint"
-    progress = _resume(ckpt, model, averages, opt, sched)
+    progress = _resume(ckpt, model, averages, opt, sched, aux or {})
     task = bar.add_task(label, total=epochs, completed=progress["epoch"], info="") if bar else None
     for epoch in range(progress["epoch"], epochs):
         t0 = time.perf_counter()
@@ -99,14 +101,14 @@ def fit(model: nn.Module, ema: EMA, train: torch.Tensor, cfg: DistillConfig, wor
                     live.log_metric(k, v)
             live.next_step()
         if (epoch + 1) % cfg.diffusion.checkpoint_every == 0 or epoch + 1 == epochs:
-            _save_checkpoint(ckpt, model, averages, opt, sched, progress)
+            _save_checkpoint(ckpt, model, averages, opt, sched, progress, aux or {})
         if task is not None:
             bar.update(task, advance=1, info="  ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"))
     return progress
 
 
 def _resume(
-    ckpt: Path, model: nn.Module, averages: dict[str, EMA], opt: torch.optim.Optimizer, sched: LRScheduler
+    ckpt: Path, model: nn.Module, averages: dict[str, EMA], opt: torch.optim.Optimizer, sched: LRScheduler, aux: dict[str, Any]
 ) -> dict[str, Any]:
     """The progress record, restored with the model, its averages, optimiser and scheduler
     from the last checkpoint when there is one (else a fresh record)."""
@@ -116,6 +118,8 @@ def _resume(
         for name, avg in averages.items():
             avg.model.load_state_dict(saved[name])
             avg.updates = saved[f"{name}_updates"]
+        for name, part in aux.items():
+            part.load_state_dict(saved[f"aux_{name}"])
         progress = saved["progress"]
     ckpt.mkdir(parents=True, exist_ok=True)
     return progress
@@ -163,7 +167,7 @@ def _train_epoch(
 
 def _save_checkpoint(
     ckpt: Path, model: nn.Module, averages: dict[str, EMA], opt: torch.optim.Optimizer, sched: LRScheduler,
-    progress: dict[str, Any],
+    progress: dict[str, Any], aux: dict[str, Any],
 ) -> None:  # fmt: skip
     ema = averages["ema"]
     state = {
@@ -172,4 +176,5 @@ def _save_checkpoint(
     }  # fmt: skip
     if "sampler" in averages:
         state.update(sampler=averages["sampler"].model.state_dict(), sampler_updates=averages["sampler"].updates)
+    state.update({f"aux_{name}": part.state_dict() for name, part in aux.items()})
     save_state(ckpt / "state", state)

@@ -60,6 +60,12 @@ DIFFUSION_METHODS = {
         "its teacher with one, halving diffusion.teacher_steps down to target_steps; saved with a DDIMScheduler",
         "stages.diffusion.methods.progressive", True,
     ),
+    "dmd": DiffusionMethod(
+        "distribution matching distillation (DMD) of a --teacher into a one-step generator: the gradient of KL(fake || real) "
+        "from the frozen teacher's and a trained fake score's data predictions on noised generator samples, plus a "
+        "regression onto the teacher's ODE solutions; saved with an LCMScheduler (1 step)",
+        "stages.diffusion.methods.dmd", True,
+    ),
     "cfg-distill": DiffusionMethod(
         "classifier-free guidance distilled (Meng et al. 2023, stage one) from a class-conditional --teacher: the student "
         "alone gives (1 + w) F(x, c) - w F(x) for each w of diffusion.guidance_weights, one network call per step",
