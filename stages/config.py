@@ -327,6 +327,10 @@ class DiffusionConfig:
         512, "students of a teacher: fixed noise batch of the per-epoch paired error to the teacher", valid=COUNT
     )
     eval_steps: int = _f(50, "students of a teacher: teacher ODE steps of the paired-error reference", valid=COUNT)
+    noise_strength: float = _f(
+        0.3, "scott: noise strength eta of the teacher's stochastic step, 0 (the ODE's DDIM step) to 1 (ancestral)",
+        valid=Range(0, 1),
+    )
     dmd_pairs: int = _f(
         1024, "dmd: noise / teacher-ODE-solution pairs of the regression term (the teacher's eval_steps DDIM steps)", valid=COUNT
     )

@@ -120,6 +120,21 @@ def ode_step(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, t: torc
     return torch.where(bcast(last, x).to(x.device), ddim, heun).to(x.dtype)
 
 
+def sde_step(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, eta: float,
+             noise: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """One stochastic step from t to s < t with noise strength ``eta`` in [0, 1] (DDIM's eta, Song
+    et al. 2021, eq. 12 and 16): x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z with
+    c = eta (sigma_s / sigma_t) sqrt(1 - alpha_t^2 / alpha_s^2), z = ``noise``:
+    eta 0 is the ODE's DDIM step, eta 1 the ancestral (DDPM posterior) step. s = -1 is the clean end."""
+    x0, eps = schedule.x0_eps(denoise(x, t), x, t)
+    a_s, s_s = (bcast(v, x).to(x.device) for v in schedule.alpha_sigma(s))
+    a_t, s_t = (bcast(v, x).to(x.device) for v in schedule.alpha_sigma(t))
+    ratio = (a_t / a_s) ** 2
+    c = eta * (s_s / s_t.clamp_min(1e-12)) * (1 - ratio).clamp_min(0).sqrt()
+    out = a_s * x0 + (s_s**2 - c**2).clamp_min(0).sqrt() * eps + c * noise.double()
+    return out.to(x.dtype)
+
+
 def ode_sample(denoise: Denoise, schedule: NoiseSchedule, noise: torch.Tensor, steps: int, solver: str,
                record: Record | None = None) -> torch.Tensor:  # fmt: skip
     grid = [*ode_timesteps(schedule.T, steps), -1]

@@ -79,3 +79,46 @@ def test_dmd_refuses_a_conditional_teacher_and_a_bad_skip(tmp_path):
     save_generator(plain, build_denoiser(DiffusionConfig(width=8, depth=1), [2], 0), DDPMScheduler(num_train_timesteps=30))
     with pytest.raises(DistilError, match="divide"):
         distill.run(_dmd(), "moons", tmp_path / "g2", data_cfg=DATA, teachers=[plain], progress=False)
+
+
+# ---- scott: consistency distillation with a stochastic teacher step ---------------------
+
+
+def _schedule():
+    from diffusers import DDPMScheduler
+
+    from stages.diffusion.schedule import NoiseSchedule
+
+    return NoiseSchedule.of(DDPMScheduler(num_train_timesteps=100, prediction_type="epsilon"), "test")
+
+
+def test_the_sde_step_is_ddim_at_eta_0_and_the_ddpm_posterior_at_eta_1():
+    from stages.diffusion.sampling import ode_step, sde_step
+
+    schedule = _schedule()
+    g = torch.Generator().manual_seed(0)
+    x, eps_hat, z = (torch.randn(5, 2, generator=g, dtype=torch.float64) for _ in range(3))
+    t, s = torch.full((5,), 60), torch.full((5,), 40)
+    denoise = lambda x_, t_: eps_hat  # noqa: E731  (an epsilon-predicting model)
+    assert torch.allclose(sde_step(denoise, schedule, x, t, s, 0.0, z), ode_step(denoise, schedule, x, t, s, "ddim"))
+    (a_t, s_t), (a_s, s_s) = (tuple(v[0].double() for v in schedule.alpha_sigma(u)) for u in (t, s))
+    abar_t, abar_s = a_t**2, a_s**2
+    beta = 1 - abar_t / abar_s
+    x0 = (x - s_t * eps_hat) / a_t
+    mean = (a_s * beta / (1 - abar_t)) * x0 + ((abar_t / abar_s).sqrt() * (1 - abar_s) / (1 - abar_t)) * x
+    var = (1 - abar_s) / (1 - abar_t) * beta
+    assert torch.allclose(sde_step(denoise, schedule, x, t, s, 1.0, z), mean + var.sqrt() * z, atol=1e-10)
+
+
+def test_scott_distils_a_one_step_student_through_stochastic_teacher_steps(teacher, tmp_path):
+    cfg = DistillConfig(method="scott", diffusion=DiffusionConfig(**NET, skip=20, eval_samples=64, eval_steps=10,
+                                                                  noise_strength=0.5), steps=24, batch_size=64, lr=0.0005)  # fmt: skip
+    distill.run(cfg, "moons", tmp_path / "s", data_cfg=DATA, teachers=[teacher], progress=False)
+    summary = json.loads((tmp_path / "s" / "training.json").read_text())
+    assert summary["method"] == "scott" and summary["noise_strength"] == 0.5 and summary["solver"] == "sde"
+    assert summary["paired_error_final"] < summary["paired_error_initial"]
+    assert torch.isfinite(sample_generator(tmp_path / "s", 8, 2, 0)).all()
+    with pytest.raises(DistilError, match="noise_strength"):
+        from stages.config import from_dict
+
+        from_dict(DiffusionConfig, {"noise_strength": 1.5}, "diffusion")

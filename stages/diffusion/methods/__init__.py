@@ -60,6 +60,11 @@ DIFFUSION_METHODS = {
         "its teacher with one, halving diffusion.teacher_steps down to target_steps; saved with a DDIMScheduler",
         "stages.diffusion.methods.progressive", True,
     ),
+    "scott": DiffusionMethod(
+        "stochastic consistency distillation (SCott) from a --teacher: consistency-distill whose teacher step is an SDE "
+        "step with noise strength diffusion.noise_strength (0 = DDIM, 1 = ancestral); saved with an LCMScheduler",
+        "stages.diffusion.methods.scott", True,
+    ),
     "dmd": DiffusionMethod(
         "distribution matching distillation (DMD) of a --teacher into a one-step generator: the gradient of KL(fake || real) "
         "from the frozen teacher's and a trained fake score's data predictions on noised generator samples, plus a "

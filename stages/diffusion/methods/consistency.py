@@ -42,9 +42,11 @@ def _grid_points(cfg: DistillConfig, T: int) -> int:
     return T // d.skip
 
 
-def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device, bar, live):
-    """(student to save, its LCMScheduler, summary)."""
-    teacher = load_teacher(teacher_path, data, device, "consistency-distill")
+def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device, bar, live, method: str = "consistency-distill",
+          teacher_step=None):  # fmt: skip
+    """(student to save, its LCMScheduler, summary). ``teacher_step(denoise, schedule, x_t, t, s, g)``
+    replaces the teacher's ODE step (``scott``: a stochastic step)."""
+    teacher = load_teacher(teacher_path, data, device, method)
     schedule, d = teacher.schedule, cfg.diffusion
     N = _grid_points(cfg, schedule.T)
     student = init_student(cfg, teacher, data, device)
@@ -59,7 +61,8 @@ def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device
         s = t - k
         x_t = schedule.add_noise(x0, torch.randn(x0.shape, generator=g).to(x0.device), t)
         with torch.no_grad():
-            x_s = ode_step(teacher.denoise, schedule, x_t, t, s, d.solver)
+            x_s = (ode_step(teacher.denoise, schedule, x_t, t, s, d.solver) if teacher_step is None
+                   else teacher_step(teacher.denoise, schedule, x_t, t, s, g))  # fmt: skip
             y = consistency_fn(net(target.model), schedule, x_s, s.clamp_min(0), scaling)
         return distance(consistency_fn(net(model), schedule, x_t, t, scaling), y, d.huber_c)
 
@@ -71,7 +74,7 @@ def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device
         return {"paired_error": probe(consistency_fn(net(saved.model), schedule, probe.z, top, scaling))}
 
     initial = paired_error()["paired_error"]
-    progress = fit(student, target, data.split("train"), cfg, work, loss, device=device, label="consistency-distill",
+    progress = fit(student, target, data.split("train"), cfg, work, loss, device=device, label=method,
                    bar=bar, live=live, on_epoch=paired_error, sampler=sampler)  # fmt: skip
     scheduler = student_scheduler(teacher.scheduler, N, scaling)
     history = progress["history"]
