@@ -59,6 +59,41 @@ class MLPDenoiser(ModelMixin, ConfigMixin):
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
+class TimestepExperts(ModelMixin, ConfigMixin):
+    """Two denoisers of one architecture chosen per row by timestep: the semantic expert for
+    t > ``split`` (high noise: layout and class), the detail expert for t <= ``split`` (low noise:
+    texture) (Lv et al. 2025, "Dual-Expert Consistency Model"). Saved as one diffusers model
+    holding both (``expert_class`` / ``expert_config`` rebuild them), called like either."""
+
+    @register_to_config
+    def __init__(self, expert_class: str = "MLPDenoiser", expert_config: dict | None = None, split: int = 0):
+        super().__init__()
+        if expert_class not in ("MLPDenoiser", "UNet2DModel"):
+            raise DistilError(f"a timestep expert must be an MLPDenoiser or a UNet2DModel, got {expert_class}")
+        cls = MLPDenoiser if expert_class == "MLPDenoiser" else UNet2DModel
+        config = {k: v for k, v in (expert_config or {}).items() if not k.startswith("_")}
+        self.semantic, self.detail = cls.from_config(config), cls.from_config(config)
+
+    @classmethod
+    def of(cls, expert: ModelMixin, split: int) -> TimestepExperts:
+        """Both experts started from ``expert``'s weights (the teacher, as consistency students start)."""
+        experts = cls(type(expert).__name__, {k: v for k, v in expert.config.items() if not k.startswith("_")}, split)
+        experts.semantic.load_state_dict(expert.state_dict())
+        experts.detail.load_state_dict(expert.state_dict())
+        return experts.to(next(expert.parameters()).device)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, class_labels: torch.Tensor | None = None,
+                return_dict: bool = True):  # fmt: skip
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = t.expand(sample.shape[0]) if t.ndim == 0 else t
+        high = t > self.config.split
+        out = torch.empty_like(sample)
+        for mask, expert in ((high, self.semantic), (~high, self.detail)):
+            if mask.any():
+                out[mask] = expert(sample[mask], t[mask]).sample
+        return UNet2DOutput(sample=out) if return_dict else (out,)
+
+
 def build_denoiser(cfg: DiffusionConfig, sample_shape: list[int], seed: int, classes: int = 0) -> ModelMixin:
     """A fresh network for samples of ``sample_shape`` ([2] points or [C, H, W] images); with
     ``classes`` > 0, conditioned on a class label (``classes`` + 1 embeddings, the last the null class)."""
@@ -90,6 +125,8 @@ def build_denoiser(cfg: DiffusionConfig, sample_shape: list[int], seed: int, cla
 
 def classes_of(model: ModelMixin) -> int:
     """The classes a denoiser is conditioned on (0: unconditional); its null class has this index."""
+    if isinstance(model, TimestepExperts):
+        return 0
     if isinstance(model, MLPDenoiser):
         return int(model.config.get("num_classes", 0) or 0)
     embeds = model.config.get("num_class_embeds")
@@ -97,6 +134,8 @@ def classes_of(model: ModelMixin) -> int:
 
 
 def sample_shape_of(model: ModelMixin) -> list[int]:
+    if isinstance(model, TimestepExperts):
+        return sample_shape_of(model.semantic)
     if isinstance(model, MLPDenoiser):
         return list(model.config.sample_shape)
     c = model.config

@@ -60,6 +60,11 @@ DIFFUSION_METHODS = {
         "its teacher with one, halving diffusion.teacher_steps down to target_steps; saved with a DDIMScheduler",
         "stages.diffusion.methods.progressive", True,
     ),
+    "dual-expert": DiffusionMethod(
+        "dual-expert consistency (DCM) from a --teacher: multistep's segmented consistency distillation with a semantic "
+        "expert for the high-noise segments and a detail expert for the low-noise ones, chosen by timestep",
+        "stages.diffusion.methods.dual_expert", True,
+    ),
     "scott": DiffusionMethod(
         "stochastic consistency distillation (SCott) from a --teacher: consistency-distill whose teacher step is an SDE "
         "step with noise strength diffusion.noise_strength (0 = DDIM, 1 = ancestral); saved with an LCMScheduler",

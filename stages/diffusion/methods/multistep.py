@@ -61,13 +61,15 @@ def segment_grid(T: int, segments: int, k: int) -> tuple[list[int], torch.Tensor
     return bounds, torch.tensor(triples, dtype=torch.long)
 
 
-def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device, bar, live):
-    """(student to save, its DDIMScheduler, summary)."""
-    teacher = load_teacher(teacher_path, data, device, "multistep")
+def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device, bar, live, method: str = "multistep",
+          make_student=None):  # fmt: skip
+    """(student to save, its DDIMScheduler, summary). ``make_student(teacher, bounds)`` builds the
+    student network instead of ``init_student`` (``dual-expert``: one network per half of the segments)."""
+    teacher = load_teacher(teacher_path, data, device, method)
     schedule, d = teacher.schedule, cfg.diffusion
     check_student(cfg)
     bounds, triples = segment_grid(schedule.T, d.segments, d.skip)
-    student = init_student(cfg, teacher, data, device)
+    student = make_student(teacher, bounds) if make_student else init_student(cfg, teacher, data, device)
     target, sampler = averages(cfg, student)
     saved = sampler or target
     distance = CONSISTENCY_LOSSES[d.loss]
@@ -90,7 +92,7 @@ def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device
         return {"paired_error": probe(probe.ddim(net(saved.model), d.segments))}
 
     initial = paired_error()["paired_error"]
-    progress = fit(student, target, data.split("train"), cfg, work, loss, device=device, label="multistep",
+    progress = fit(student, target, data.split("train"), cfg, work, loss, device=device, label=method,
                    bar=bar, live=live, on_epoch=paired_error, sampler=sampler)  # fmt: skip
     history = progress["history"]
     summary = {

@@ -1,4 +1,4 @@
-"""``dmd``: the distribution-matching gradient against a hand computation, a one-step generator
+"""``dmd``, ``scott`` and ``dual-expert``. dmd: the distribution-matching gradient against a hand computation, a one-step generator
 trained from a moons teacher that samples in one step and moves toward the teacher, its fake
 score checkpointed so a killed run resumes to identical weights, and its refusals."""
 
@@ -122,3 +122,43 @@ def test_scott_distils_a_one_step_student_through_stochastic_teacher_steps(teach
         from stages.config import from_dict
 
         from_dict(DiffusionConfig, {"noise_strength": 1.5}, "diffusion")
+
+
+# ---- dual-expert: a semantic and a detail expert chosen by timestep ----------------------
+
+
+@pytest.mark.parametrize("arch", ["mlp", "unet"])
+def test_timestep_experts_route_each_row_to_its_expert(arch, tmp_path):
+    from diffusers import DDPMScheduler
+
+    from stages.diffusion.generator import load_generator, save_generator
+    from stages.diffusion.models import TimestepExperts, build_denoiser
+
+    shape = [2] if arch == "mlp" else [1, 8, 8]
+    base = build_denoiser(DiffusionConfig(arch=arch, width=8, depth=1, channels=[8, 16], norm_groups=4), shape, 0)
+    experts = TimestepExperts.of(base, split=10)
+    with torch.no_grad():
+        next(experts.detail.parameters()).add_(0.5)  # tell the two apart
+    save_generator(tmp_path / "g", experts, DDPMScheduler(num_train_timesteps=50))
+    experts = load_generator(tmp_path / "g").model  # and it survives the round trip
+    x, t = torch.randn(4, *shape), torch.tensor([3, 10, 11, 40])
+    out = experts(x, t).sample
+    assert torch.allclose(out[:2], experts.detail(x[:2], t[:2]).sample)
+    assert torch.allclose(out[2:], experts.semantic(x[2:], t[2:]).sample)
+
+
+def test_dual_expert_trains_two_experts_that_sample_along_the_segments(teacher, tmp_path):
+    from stages.diffusion.generator import load_generator
+
+    cfg = DistillConfig(method="dual-expert", diffusion=DiffusionConfig(**NET, segments=2, skip=10, eval_samples=64,
+                                                                        eval_steps=10), steps=24, batch_size=64, lr=0.0005)  # fmt: skip
+    distill.run(cfg, "moons", tmp_path / "s", data_cfg=DATA, teachers=[teacher], progress=False)
+    summary = json.loads((tmp_path / "s" / "training.json").read_text())
+    assert summary["expert_split"] == summary["boundaries"][1] and summary["paired_error_final"] < summary["paired_error_initial"]
+    model = load_generator(tmp_path / "s").model
+    sem, det = model.semantic.state_dict(), model.detail.state_dict()
+    assert any(not torch.equal(sem[k], det[k]) for k in sem)  # each learnt its own half
+    assert torch.isfinite(sample_generator(tmp_path / "s", 8, 2, 0)).all()
+    with pytest.raises(DistilError, match="segments >= 2"):
+        distill.run(DistillConfig(method="dual-expert", diffusion=DiffusionConfig(**NET, segments=1)), "moons", tmp_path / "x",
+                    data_cfg=DATA, teachers=[teacher], progress=False)  # fmt: skip
