@@ -1,6 +1,8 @@
-"""``dmd``, ``scott`` and ``dual-expert``. dmd: the distribution-matching gradient against a hand computation, a one-step generator
-trained from a moons teacher that samples in one step and moves toward the teacher, its fake
-score checkpointed so a killed run resumes to identical weights, and its refusals."""
+"""Three students of a diffusion teacher from the second wave. ``dmd``: the distribution-matching
+gradient against a hand computation, a one-step generator that moves toward the teacher, its fake
+score checkpointed so a killed run resumes to identical weights. ``scott``: the SDE step is DDIM
+at eta 0 and the DDPM posterior at eta 1, and the student trains through it. ``dual-expert``: rows
+routed to the expert of their timestep, two experts that learn their own halves. And refusals."""
 
 from __future__ import annotations
 
