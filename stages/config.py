@@ -327,6 +327,9 @@ class DiffusionConfig:
         512, "students of a teacher: fixed noise batch of the per-epoch paired error to the teacher", valid=COUNT
     )
     eval_steps: int = _f(50, "students of a teacher: teacher ODE steps of the paired-error reference", valid=COUNT)
+    students: int = _f(
+        2, "multi-student: one-step students, each for a contiguous group of the teacher's classes", valid=Range(2)
+    )
     noise_strength: float = _f(
         0.3, "scott: noise strength eta of the teacher's stochastic step, 0 (the ODE's DDIM step) to 1 (ancestral)",
         valid=Range(0, 1),

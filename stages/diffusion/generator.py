@@ -43,7 +43,7 @@ GUIDED = "guidance.json"
 """A ``cfg-distill`` student's conditions: ``{"classes": K, "weights": [w...]}``; its network's
 condition index is ``weights.index(w) * (K + 1) + class`` (class K: the null class)."""
 MODEL_CLASSES = (("diffusers", "UNet2DModel"), ("stages.diffusion.models", "MLPDenoiser"),
-                 ("stages.diffusion.models", "TimestepExperts"))
+                 ("stages.diffusion.models", "TimestepExperts"), ("stages.diffusion.models", "ClassExperts"))
 """The only network classes a generator folder may name: nothing else is imported from a path.
 (diffusers itself is imported only when a folder is loaded or saved, so checking for a
 generator folder stays cheap for the CLI.)"""

@@ -94,6 +94,47 @@ class TimestepExperts(ModelMixin, ConfigMixin):
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
+class ClassExperts(ModelMixin, ConfigMixin):
+    """Several class-conditional denoisers, each serving a group of the classes (``groups``: the
+    classes of expert i); a row goes to the expert of its class label, a row without one (the
+    null class) to the first. The routing is part of the saved model (Song et al. 2024,
+    "Multi-student Diffusion Distillation": each student a subset of the conditions)."""
+
+    @register_to_config
+    def __init__(self, expert_class: str = "MLPDenoiser", expert_configs: list | None = None, groups: list | None = None,
+                 num_classes: int = 0):  # fmt: skip
+        super().__init__()
+        if expert_class not in ("MLPDenoiser", "UNet2DModel"):
+            raise DistilError(f"a class expert must be an MLPDenoiser or a UNet2DModel, got {expert_class}")
+        cls = MLPDenoiser if expert_class == "MLPDenoiser" else UNet2DModel
+        self.experts = nn.ModuleList(cls.from_config(dict(c)) for c in (expert_configs or []))
+
+    @classmethod
+    def of(cls, experts: list[ModelMixin], groups: list[list[int]], classes: int) -> ClassExperts:
+        configs = [{k: v for k, v in e.config.items() if not k.startswith("_")} for e in experts]
+        out = cls(type(experts[0]).__name__, configs, [list(map(int, g)) for g in groups], classes)
+        for mine, theirs in zip(out.experts, experts, strict=True):
+            mine.load_state_dict(theirs.state_dict())
+        return out.to(next(experts[0].parameters()).device)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, class_labels: torch.Tensor | None = None,
+                return_dict: bool = True):  # fmt: skip
+        b = sample.shape[0]
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = t.expand(b) if t.ndim == 0 else t
+        null = self.config.num_classes
+        c = torch.full((b,), null, dtype=torch.long, device=sample.device) if class_labels is None else class_labels.to(sample.device)
+        owner = torch.zeros(b, dtype=torch.long, device=sample.device)
+        for i, group in enumerate(self.config.groups):
+            owner[torch.isin(c, torch.tensor(group, device=c.device))] = i
+        out = torch.empty_like(sample)
+        for i, expert in enumerate(self.experts):
+            rows = owner == i
+            if rows.any():
+                out[rows] = expert(sample[rows], t[rows], class_labels=c[rows]).sample
+        return UNet2DOutput(sample=out) if return_dict else (out,)
+
+
 def build_denoiser(cfg: DiffusionConfig, sample_shape: list[int], seed: int, classes: int = 0) -> ModelMixin:
     """A fresh network for samples of ``sample_shape`` ([2] points or [C, H, W] images); with
     ``classes`` > 0, conditioned on a class label (``classes`` + 1 embeddings, the last the null class)."""
@@ -127,6 +168,8 @@ def classes_of(model: ModelMixin) -> int:
     """The classes a denoiser is conditioned on (0: unconditional); its null class has this index."""
     if isinstance(model, TimestepExperts):
         return 0
+    if isinstance(model, ClassExperts):
+        return int(model.config.num_classes)
     if isinstance(model, MLPDenoiser):
         return int(model.config.get("num_classes", 0) or 0)
     embeds = model.config.get("num_class_embeds")
@@ -136,6 +179,8 @@ def classes_of(model: ModelMixin) -> int:
 def sample_shape_of(model: ModelMixin) -> list[int]:
     if isinstance(model, TimestepExperts):
         return sample_shape_of(model.semantic)
+    if isinstance(model, ClassExperts):
+        return sample_shape_of(model.experts[0])
     if isinstance(model, MLPDenoiser):
         return list(model.config.sample_shape)
     c = model.config

@@ -25,8 +25,11 @@ EVAL_SEED = 1_000_000_007
 """Noise seeds of the paired-error batch: apart from the seeds samples are drawn from."""
 
 
-def net(model: torch.nn.Module) -> Denoise:
-    """The network as ``denoise(x, t)``: its raw output at per-row timesteps t [B]."""
+def net(model: torch.nn.Module, labels: torch.Tensor | None = None) -> Denoise:
+    """The network as ``denoise(x, t)``: its raw output at per-row timesteps t [B] (of the rows'
+    classes ``labels`` for a class-conditional network)."""
+    if labels is not None:
+        return lambda x, t: model(x, t.to(x.device), class_labels=labels.to(x.device)).sample
     return lambda x, t: model(x, t.to(x.device)).sample
 
 
@@ -68,7 +71,7 @@ def init_student(cfg: DistillConfig, teacher: Generator, data: GeneratorData, de
     distillation start) or a fresh network built from ``cfg.diffusion``."""
     if cfg.diffusion.student_init == "teacher":
         return copy.deepcopy(teacher.model).requires_grad_(True)
-    student = build_denoiser(cfg.diffusion, data.sample_shape, cfg.seed).to(device)
+    student = build_denoiser(cfg.diffusion, data.sample_shape, cfg.seed, classes=teacher.classes).to(device)
     check_same_shape(sample_shape_of(student), teacher.sample_shape, "the fresh student", f"teacher {teacher.path}")
     return student
 

@@ -247,3 +247,51 @@ def test_merging_two_students_interpolates_their_weights_and_evaluate_scores_the
     assert (out / "merged" / "q+d@0.5" / "model_index.json").is_file()
     with pytest.raises(DistilError, match="cannot be merged"):
         merge_generators(root / "t", tmp_path / "q", 0.5, tmp_path / "bad")
+
+
+# ---- multi-student: one-step students for groups of classes -----------------------------
+
+
+def test_class_groups_and_the_routing_by_class():
+    from stages.diffusion.methods.multi_student import class_groups
+    from stages.diffusion.models import ClassExperts
+
+    assert class_groups(10, 3) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    for bad in (1, 11):
+        with pytest.raises(DistilError, match="diffusion.students"):
+            class_groups(10, bad)
+    cfg = DiffusionConfig(width=8, depth=1)
+    a, b = (build_denoiser(cfg, [2], seed, classes=4) for seed in (0, 1))
+    experts = ClassExperts.of([a, b], [[0, 1], [2, 3]], 4)
+    x, t, c = torch.randn(5, 2), torch.full((5,), 3), torch.tensor([0, 3, 1, 2, 4])  # 4: the null class
+    with torch.no_grad():
+        out = experts(x, t, class_labels=c).sample
+        assert torch.allclose(out[[0, 2, 4]], a(x[[0, 2, 4]], t[:3], class_labels=c[[0, 2, 4]]).sample)
+        assert torch.allclose(out[[1, 3]], b(x[[1, 3]], t[:2], class_labels=c[[1, 3]]).sample)
+
+
+def test_consistency_distill_of_a_conditional_teacher_is_conditional(teacher, tmp_path):
+    root, cli = teacher
+    cli.ok("distill", "--method", "consistency-distill", "-t", root / "t", "--data", "digits-images", "--out", tmp_path / "cd",
+           "--set", "steps=4", "--set", "diffusion.eval_samples=8", "--set", "diffusion.eval_steps=4", *FAST, "-q")  # fmt: skip
+    student = load_generator(tmp_path / "cd")
+    assert student.classes == 10 and student.kind == "consistency"
+    a, b = sample_generator(tmp_path / "cd", 10, 1, 0, guidance=0.0), sample_generator(tmp_path / "cd", 10, 1, 0)
+    assert a.shape == (10, 1, 8, 8) and not torch.allclose(a, b)  # classes 0..9 against the null class, same noise
+
+
+def test_multi_student_trains_a_student_per_group_and_routes_by_class(teacher, tmp_path):
+    root, cli = teacher
+    cli.ok("distill", "--method", "multi-student", "-t", root / "t", "--data", "digits-images", "--out", tmp_path / "ms",
+           *FAST, "--set", "diffusion.students=2", "--set", "diffusion.student_init=fresh", "--set", "diffusion.width=16",
+           "--set", "steps=4", "--set", "diffusion.eval_samples=8", "--set", "diffusion.eval_steps=4", "-q")  # fmt: skip
+    summary = json.loads((tmp_path / "ms" / "training.json").read_text())
+    assert [s["classes"] for s in summary["students"]] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert summary["params_per_student"] < sum(p.numel() for p in load_generator(root / "t").model.parameters())
+    gen = load_generator(tmp_path / "ms")
+    assert gen.classes == 10 and len(gen.model.experts) == 2
+    assert not any((tmp_path / "ms").glob("student-*"))  # the students' scratch is gone
+    x = sample_generator(tmp_path / "ms", 10, 1, 0, guidance=0.0)
+    assert x.shape == (10, 1, 8, 8) and torch.isfinite(x).all()
+    cli.fails("distill", "--method", "multi-student", "-t", _folder(tmp_path, "plain", 0), "--data", "digits-images",
+              "--out", tmp_path / "bad", "--set", "steps=2", *FAST, match="class-conditional")  # fmt: skip

@@ -60,6 +60,11 @@ DIFFUSION_METHODS = {
         "its teacher with one, halving diffusion.teacher_steps down to target_steps; saved with a DDIMScheduler",
         "stages.diffusion.methods.progressive", True,
     ),
+    "multi-student": DiffusionMethod(
+        "multi-student distillation (MSD) of a class-conditional --teacher: diffusion.students consistency students, each "
+        "on a group of the classes (optionally smaller: student_init fresh), saved as one model that routes by class",
+        "stages.diffusion.methods.multi_student", True,
+    ),
     "dual-expert": DiffusionMethod(
         "dual-expert consistency (DCM) from a --teacher: multistep's segmented consistency distillation with a semantic "
         "expert for the high-noise segments and a detail expert for the low-noise ones, chosen by timestep",

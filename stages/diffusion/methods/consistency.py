@@ -14,6 +14,10 @@ without guidance), with the skipping-step solver of LCM / MLCM:
    timestep scaling 10), so f(x, 0) = x;
 5. theta^- <- mu theta^- + (1 - mu) theta after every step (mu = ``target_ema``, 0.95).
 
+With a class-conditional teacher the student is class-conditional too: each row's teacher step
+and both sides of the loss are of the row's own class (no guidance); the paired-error probe
+samples the null class.
+
 The student starts from the teacher's weights (``student_init: teacher``, as CD and LCM
 do) or from a fresh network. Each epoch it records the paired error
 mean_z ||student_1step(z) - teacher_ODE(z)||_2 on a fixed batch of seeded noise (teacher:
@@ -27,6 +31,7 @@ import torch
 
 from stages.config import DistillConfig
 from stages.diffusion.data import GeneratorData
+from stages.diffusion.methods.denoise import train_labels
 from stages.diffusion.sampling import consistency_fn, ode_step
 from stages.diffusion.students import Probe, averages, check_student, init_student, load_teacher, net, student_scheduler
 from stages.diffusion.training import fit
@@ -56,15 +61,16 @@ def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device
     grid = torch.arange(1, N + 1) * k - 1
     distance = CONSISTENCY_LOSSES[d.loss]
 
-    def loss(model, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def loss(model, x0: torch.Tensor, g: torch.Generator, y_cls: torch.Tensor | None = None) -> torch.Tensor:
         t = grid[torch.randint(0, N, (len(x0),), generator=g)]
         s = t - k
         x_t = schedule.add_noise(x0, torch.randn(x0.shape, generator=g).to(x0.device), t)
+        denoise = teacher.conditioned(y_cls).denoise  # a class-conditional teacher: each row's own class
         with torch.no_grad():
-            x_s = (ode_step(teacher.denoise, schedule, x_t, t, s, d.solver) if teacher_step is None
-                   else teacher_step(teacher.denoise, schedule, x_t, t, s, g))  # fmt: skip
-            y = consistency_fn(net(target.model), schedule, x_s, s.clamp_min(0), scaling)
-        return distance(consistency_fn(net(model), schedule, x_t, t, scaling), y, d.huber_c)
+            x_s = (ode_step(denoise, schedule, x_t, t, s, d.solver) if teacher_step is None
+                   else teacher_step(denoise, schedule, x_t, t, s, g))  # fmt: skip
+            y = consistency_fn(net(target.model, y_cls), schedule, x_s, s.clamp_min(0), scaling)
+        return distance(consistency_fn(net(model, y_cls), schedule, x_t, t, scaling), y, d.huber_c)
 
     probe = Probe(teacher, cfg, device)
     top = torch.full((len(probe.z),), int(grid[-1]), dtype=torch.long)
@@ -74,8 +80,9 @@ def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device
         return {"paired_error": probe(consistency_fn(net(saved.model), schedule, probe.z, top, scaling))}
 
     initial = paired_error()["paired_error"]
+    labels = train_labels(data, teacher.classes).get("train") if teacher.classes else None
     progress = fit(student, target, data.split("train"), cfg, work, loss, device=device, label=method,
-                   bar=bar, live=live, on_epoch=paired_error, sampler=sampler)  # fmt: skip
+                   bar=bar, live=live, on_epoch=paired_error, sampler=sampler, labels=labels)  # fmt: skip
     scheduler = student_scheduler(teacher.scheduler, N, scaling)
     history = progress["history"]
     summary = {
