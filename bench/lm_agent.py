@@ -7,7 +7,8 @@ The task is ``chain_sum`` with 3-4 terms of 5-6 digits. Per seed, two teachers o
 running sums step by step, and ``agent``, a trajectory that prints the sum with the sandboxed
 Python tool. Each teacher labels the train prompts (greedy; the agent teacher through
 ``agent.tool=python``, its observations written by the tool), and a student of ``lm_student``'s
-size learns each teacher's outputs with ``sft`` (observations masked for the agent). Test
+size with a second layer learns each teacher's outputs with ``sft`` (observations masked for the
+agent; the demo's 1-layer student copied the numbers wrong into its code, 0% either way). Test
 accuracy: the CoT models answer in text, the agent models run as agents (``evaluate --set
 agent.tool=python``), which also counts their tool calls.
 
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TASK = "chain_sum"
 OPTIONS = {"min_terms": 3, "max_terms": 4, "min_digits": 5, "max_digits": 6}
 CONTEXT, ANSWER_TOKENS = 192, 96
+STUDENT_LAYERS = 2  # one layer (the demo's student) cannot copy a 20-digit expression into its code: 0% with the tool too
 SIZES = [1000, 100, 200]  # train prompts (gold for the teachers, teacher-labelled for the students), dev, test
 STEPS = {"teacher": int(os.environ.get("BENCH_TEACHER_STEPS", "1500")), "student": int(os.environ.get("BENCH_STUDENT_STEPS", "1500"))}
 
@@ -57,7 +59,8 @@ def _models(params: dict, seed: int, d: Path, data: DataConfig) -> dict[str, Pat
         cached(g_dir, (teacher, tdata, gen),
                lambda g=gen, t=t_dir, o=g_dir: generate_teacher_data.run(g, t, TASK, o, data_cfg=data, progress=False))  # fmt: skip
         student = load_section(DistillConfig, params, "lm_student")
-        student = replace(student, method="sft", seed=seed, steps=STEPS["student"], lm=replace(student.lm, context=CONTEXT))
+        student = replace(student, method="sft", seed=seed, steps=STEPS["student"],
+                          lm=replace(student.lm, context=CONTEXT, layers=STUDENT_LAYERS))  # fmt: skip
         s_dir = d / f"{target}_student"
         cached(s_dir, (teacher, gen, student), lambda c=student, g=g_dir, o=s_dir: distill.run(c, g, o, data_cfg=data, progress=False))
         out[f"{target}_teacher"], out[f"{target}_student"] = t_dir, s_dir
