@@ -39,7 +39,7 @@ OPTIONS = {"min_terms": 3, "max_terms": 4, "min_digits": 5, "max_digits": 6}
 CONTEXT, ANSWER_TOKENS = 192, 96
 STUDENT_LAYERS = 2  # one layer (the demo's student) cannot copy a 20-digit expression into its code: 0% with the tool too
 SIZES = [1000, 100, 200]  # train prompts (gold for the teachers, teacher-labelled for the students), dev, test
-STEPS = {"teacher": int(os.environ.get("BENCH_TEACHER_STEPS", "1500")), "student": int(os.environ.get("BENCH_STUDENT_STEPS", "1500"))}
+STEPS = {"teacher": int(os.environ.get("BENCH_TEACHER_STEPS", "800")), "student": int(os.environ.get("BENCH_STUDENT_STEPS", "1000"))}
 
 
 def _models(params: dict, seed: int, d: Path, data: DataConfig) -> dict[str, Path]:

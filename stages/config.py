@@ -124,7 +124,6 @@ class DataConfig:
         "answer",
         "reasoning tasks, gold rows: what a student trained on them writes: answer, cot (the running sums, step by step) or "
         "agent (a code-tool trajectory: thought, code, observation, answer); cot and agent need arithmetic questions",
-        only=(LM,),
         choices=("answer", "cot", "agent"),
     )
 

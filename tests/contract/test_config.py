@@ -373,7 +373,8 @@ def test_a_setting_is_refused_exactly_for_the_modalities_that_do_not_read_it(cas
 def test_property_covers_every_kind_of_field():
     kinds = {tuple(f.metadata.get("only", EVERY)) for _, f in FIELDS}
     assert {EVERY, (CLASSIFIER,), (LM,), (DIFFUSION,), (CLASSIFIER, LM)} <= kinds
-    assert {f.name for _, f in FIELDS if dataclasses.is_dataclass(_default(f))} == {"model", "lm", "diffusion", "teacher", "lora", "reward"}
+    nested = {"model", "lm", "diffusion", "teacher", "lora", "reward", "qcrd", "agent"}
+    assert {f.name for _, f in FIELDS if dataclasses.is_dataclass(_default(f))} == nested
 
 
 # ---- through the CLI ---------------------------------------------------------------------
