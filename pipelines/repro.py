@@ -11,12 +11,15 @@ stage upstream of it has finished, at most ``--jobs`` at a time (the stage with 
 stages downstream of it first), and gives each process ``cores / jobs`` torch threads. The
 outputs, the cache and ``dvc.lock`` are those of one ``dvc repro``; a stage that is already
 up to date is checked and skipped by DVC itself. A failed stage stops new launches, the
-running ones finish, and the script exits with DVC's exit code for it.
+running ones finish, and the script exits with DVC's exit code for it. Ctrl-C (SIGINT to the
+script) is passed on to every running stage's process group and the script exits 130; a rerun
+finishes the pipeline (distil's stages resume their partial work).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -73,7 +76,9 @@ def run(names: list[str], upstream: dict[str, set[str]], jobs: int, dvc: str, ec
                 order.remove(name)
                 log = tempfile.TemporaryFile(mode="w+")
                 cmd = [dvc, "--wait-for-lock", "repro", "--quiet", "--single-item", name]
-                running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, time.monotonic())
+                # each stage in its own session: on Ctrl-C the runner signals the stage's whole group (dvc and its command)
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                running[name] = (proc, log, time.monotonic())
             if failed and not running:
                 break
             time.sleep(0.2)
@@ -93,7 +98,8 @@ def run(names: list[str], upstream: dict[str, set[str]], jobs: int, dvc: str, ec
                     )
     except KeyboardInterrupt:
         for proc, _, _ in running.values():
-            proc.send_signal(signal.SIGINT)  # distil stops cleanly, leaving a resumable partial
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)  # distil stops cleanly, leaving a resumable partial
         for proc, _, _ in running.values():
             proc.wait()
         echo("interrupted: rerun to finish (stages resume where they stopped)")

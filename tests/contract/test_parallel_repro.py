@@ -100,3 +100,30 @@ def test_bad_jobs_is_one_line_and_exit_2(pipeline):
     repo, _ = pipeline
     proc = _runner(repo, "--jobs", "0")
     assert proc.returncode == 2 and "--jobs must be at least 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_stops_the_running_stages_and_a_rerun_finishes(pipeline):
+    """SIGINT to the runner while ``a`` and ``b`` sleep: both are stopped, the runner exits 130
+    with one line saying to rerun, and the rerun completes the pipeline."""
+    import signal
+    import time
+
+    repo, run = pipeline
+    slow = {"a": _stage("a.json", 30), "b": _stage("b.json", 30), "c": _stage("c.json", 0, "a.json", "b.json")}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": slow}))
+    proc = subprocess.Popen([sys.executable, str(RUNNER), "--jobs", "2"], cwd=repo, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (repo / ".dvc" / "tmp" / "rwlock").exists():
+        time.sleep(0.2)
+    time.sleep(3)  # both stages' commands are running
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted: rerun to finish" in out
+    assert time.monotonic() - started < 25  # the sleeping stages were stopped, not waited for
+    assert not (repo / "a.json").exists() and not (repo / "c.json").exists()
+    quick = {"a": _stage("a.json", 0), "b": _stage("b.json", 0), "c": _stage("c.json", 0, "a.json", "b.json")}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": quick}))
+    again = _runner(repo, "--jobs", "2")
+    assert again.returncode == 0 and (repo / "c.json").exists(), again.stdout + again.stderr
