@@ -40,7 +40,8 @@ from stages.config import DataConfig, DistillConfig, EvaluateConfig, GenerateTea
 from stages.diffusion.methods import DIFFUSION_METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("consistency-distill", "multistep", "consistency-train", "trajectory", "progressive")
+METHODS = ("consistency-distill", "multistep", "consistency-train", "trajectory", "progressive", "dual-expert", "scott", "dmd",
+           "phased-dmd", "flow-map")
 TEACHER_STEPS, STUDENT_STEPS = [1, 4, 50], [1, 2, 4]
 
 

@@ -338,6 +338,16 @@ class DiffusionConfig:
     )
     dmd_regression: float = _f(0.25, "dmd: weight of the regression term (DMD's lambda_reg)", valid=NONNEG)
     dmd_fake_steps: int = _f(1, "dmd: updates of the fake score per generator step (DMD2's two time-scale rule uses 5)", valid=COUNT)
+    phases: int = _f(
+        2, "phased-dmd: K phases of the SNR range, one expert each, sampled in K steps (K must divide the teacher's timesteps)",
+        valid=COUNT,
+    )
+    flow_diagonal: float = _f(
+        0.75, "flow-map: share of each batch on the diagonal s = t (flow matching of the velocity); the rest trains the "
+        "Lagrangian self-distillation of the map", valid=Range(0, 1, high_open=True),
+    )
+    control_class: int = _f(0, "control-lora: the class whose train images the adapter learns to generate", valid=NONNEG)
+    control_rank: int = _f(4, "control-lora: rank r of the LoRA adapter on the generator's linear and conv layers", valid=COUNT)
     segments: int = _f(
         4,
         "multistep: s, segments of the time axis; consistency within each, sampled in s DDIM steps along their starts",
@@ -751,6 +761,10 @@ class EvaluateConfig(SCMoEOptions):
         "guided (1 + w) F(x, c) - w F(x, null) ([] = unconditional samples only)",
         only=(DIFFUSION,),
         valid=NONNEG,
+    )
+    control: str = _f(
+        "", "generators: a control-lora folder whose adapter is applied unchanged to every model evaluated (rows /control: "
+        "the share of samples of its class, with and without it) ('' = none)", only=(DIFFUSION,),
     )
     time_samples: int = _f(
         256, "generators: samples per timing call of seconds_per_1k (0 = no timing)", only=(DIFFUSION,), valid=NONNEG
