@@ -19,7 +19,7 @@ from stages.diffusion.data import (
     is_teacher_data,
     load_generator_data,
 )
-from stages.diffusion.generator import CONSISTENCY_SCHEDULERS, generator_hash, is_generator, save_generator
+from stages.diffusion.generator import CONSISTENCY_SCHEDULERS, FLOW_SCHEDULERS, generator_hash, is_generator, save_generator
 from stages.diffusion.methods import DIFFUSION_METHODS
 from stages.errors import DistilError
 from stages.modality import DIFFUSION, of_data
@@ -77,7 +77,8 @@ def run(
         save_generator(work, model.cpu(), scheduler, guided=summary.get("guided"))
         summary = {"method": cfg.method, "params": sum(p.numel() for p in model.parameters()),
                    "train_rows": len(gdata.splits["train"]), **summary}  # fmt: skip
-        kind = "consistency" if type(scheduler).__name__ in CONSISTENCY_SCHEDULERS else "diffusion"
+        name = type(scheduler).__name__
+        kind = "consistency" if name in CONSISTENCY_SCHEDULERS else "flow-map" if name in FLOW_SCHEDULERS else "diffusion"
         finish(work, summary, kind=Kind.GENERATOR, params=params, inputs=inputs,
                extra={"data": gdata.describe(), "generator": {"kind": kind, "sample_shape": gdata.sample_shape,
                       "scheduler": type(scheduler).__name__}})  # fmt: skip

@@ -221,6 +221,9 @@ class _Images:
         (``GeneratorData`` of digits-images) to train and test the classifier on."""
         from stages.diffusion.metrics.digits_features import accuracy, digit_features, train_digits_classifier
 
+        self.control_class: int | None = None
+        """The class of ``evaluate.control``'s adapter: every row gets the share of its samples of that class."""
+
         test = splits.get("test")
         test = np.asarray(test, np.float32) if test is not None and len(test) >= 2 else None
         self.reference, holdout = _reference_holdout(np.asarray(splits["train"], np.float32), test, seed)
@@ -255,6 +258,8 @@ class _Images:
         c = class_coverage(self.classifier, x)
         m.update({k: c[k] for k in ("class_entropy", "classes_covered", "confidence")})
         m["_counts"] = [c["class_counts"]]
+        if self.control_class is not None:
+            m["control_share"] = c["class_counts"][self.control_class] / max(1, len(x))
         return m
 
     def columns(self) -> list[str]:
@@ -269,6 +274,7 @@ class _Images:
             "confidence_floor",
             *(["guidance", "class_accuracy", "class_accuracy_floor", "fd_per_class", "diversity", "diversity_real"]
               if self.guided else []),
+            *(["control_share"] if self.control_class is not None else []),
         ]
 
     def shape(self, x: np.ndarray, path: Path) -> np.ndarray:
@@ -357,6 +363,10 @@ def evaluate_generators(
     if cfg.merge:
         merged_dir = tempfile.TemporaryDirectory(prefix="distil-merge-")
         models += _merged(cfg, Path(merged_dir.name))
+    control_dir = None
+    if cfg.control:
+        control_dir = tempfile.TemporaryDirectory(prefix="distil-control-")
+        models += _controlled(models, Path(cfg.control), Path(control_dir.name))
     teacher = Path(teacher) if teacher else (Path(cfg.teacher) if cfg.teacher else None)
     hybrid = Path(cfg.hybrid_first_step) if cfg.hybrid_first_step else None
     steps = list(steps)
@@ -366,10 +376,21 @@ def evaluate_generators(
 
     options = {"solver": cfg.solver, "device": str(resolve_device(device))}
     space = _space(real if real is not None else _real_data(str(data), data_cfg), str(data), data_cfg, cfg, classifier)
+    if cfg.control:
+        if not isinstance(space, _Images):
+            raise DistilError("evaluate.control scores samples by class with the digits classifier: evaluate on digits-images")
+        from stages.diffusion.methods.control_lora import read_control
+
+        space.control_class = int(read_control(cfg.control)["class"])
     runs = _runs(models, steps, hybrid, _guided(models, cfg.guidance, space))
 
     params = {"evaluate": to_dict(cfg), "data": to_dict(data_cfg), "steps": steps}
-    folders = [*models, *([teacher] if teacher else []), *([hybrid] if hybrid else [])]
+    folders = [
+        *models,
+        *([teacher] if teacher else []),
+        *([hybrid] if hybrid else []),
+        *([Path(cfg.control)] if cfg.control else []),
+    ]
     inputs = {"data": str(data), **{str(p): artifact_hash(p) for p in folders}}
     output = Output(out, fingerprint("evaluate", params, inputs))
     with output as work:
@@ -392,9 +413,10 @@ def evaluate_generators(
             save_digits_classifier(space.classifier, work / "digits_classifier.safetensors",
                                    {"test_accuracy": space.test_accuracy, "seed": cfg.seed})  # fmt: skip
         _write_summary(work, columns, table, console)
-        if merged_dir is not None:  # the interpolated models, kept with the table that scores them
-            shutil.copytree(merged_dir.name, work / "merged")
-            merged_dir.cleanup()
+        for kept, name in ((merged_dir, "merged"), (control_dir, "controlled")):  # the derived models, with the table
+            if kept is not None:
+                shutil.copytree(kept.name, work / name)
+                kept.cleanup()
         write_manifest(work, kind=Kind.GENERATOR_EVALUATION, params=params, inputs=inputs,
                        extra={"task": {"name": str(data), "kind": space.kind}, "metrics": metrics})  # fmt: skip
         return output.commit()
@@ -428,6 +450,13 @@ def _merged(cfg: EvaluateConfig, root: Path) -> list[Path]:
         raise DistilError(f"evaluate.merge names two generator folders [A, B], got {cfg.merge}")
     a, b = (Path(p) for p in cfg.merge)
     return [merge_generators(a, b, float(w), root / f"{a.name}+{b.name}@{w:g}") for w in cfg.merge_alphas]
+
+
+def _controlled(models: list[Path], control: Path, root: Path) -> list[Path]:
+    """``control``: every model with the control-lora adapter merged in unchanged, named ``NAME+control``."""
+    from stages.diffusion.methods.control_lora import apply_control
+
+    return [apply_control(p, control, root / f"{p.name}+control") for p in models]
 
 
 def _guided(models: list[Path], weights: list[float], space) -> dict[Path, list[float]]:

@@ -5,7 +5,8 @@
 <dir>/unet/ or denoiser/   the network (config.json + diffusion_pytorch_model.safetensors)
 <dir>/scheduler/           scheduler_config.json: DDPMScheduler (teachers), LCMScheduler (consistency
                            students), CMStochasticIterativeScheduler (consistency-train), DDIMScheduler
-                           (multistep and progressive students, sampled with DDIM)
+                           (multistep and progressive students, sampled with DDIM),
+                           FlowMatchEulerDiscreteScheduler (flow maps: a ``denoiser/`` and DistilGeneratorPipeline)
 <dir>/.manifest.json       distil provenance (kind "generator"), training.json beside it
 ```
 
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 
 from stages.artifacts import artifact_hash, write_json
-from stages.diffusion.schedule import KarrasSchedule, NoiseSchedule
+from stages.diffusion.schedule import FlowSchedule, KarrasSchedule, NoiseSchedule
 from stages.errors import DistilError
 
 MODEL_INDEX = "model_index.json"
@@ -50,6 +51,8 @@ generator folder stays cheap for the CLI.)"""
 CONSISTENCY_SCHEDULERS = ("LCMScheduler", "CMStochasticIterativeScheduler")
 """Schedulers of consistency models (multistep consistency sampling); any other is sampled as a diffusion model."""
 KARRAS_SCHEDULERS = ("CMStochasticIterativeScheduler",)
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+"""Flow maps (``flow-map``): X_{sigma, tau}(x) = x + (tau - sigma) u(x, sigma, tau) on the linear interpolant."""
 """Variance-exploding schedulers on Karras noise levels (``KarrasSchedule``)."""
 UNET_PIPELINES = {"CMStochasticIterativeScheduler": "ConsistencyModelPipeline", "DDIMScheduler": "DDIMPipeline"}
 """The diffusers pipeline an image folder names, by its scheduler (DDPMPipeline otherwise): the one
@@ -61,9 +64,10 @@ class Generator:
     path: Path
     model: torch.nn.Module
     scheduler: Any
-    schedule: NoiseSchedule | KarrasSchedule
+    schedule: NoiseSchedule | KarrasSchedule | FlowSchedule
     kind: str
-    """'diffusion' (sampled with an ODE solver) or 'consistency' (multistep consistency sampling)."""
+    """'diffusion' (sampled with an ODE solver), 'consistency' (multistep consistency sampling) or
+    'flow-map' (jumps of the flow map along an even grid of the interpolant's time)."""
     sample_shape: list[int]
     classes: int = 0
     """Classes the network is conditioned on (0: unconditional; ``stages.diffusion.models.classes_of``)."""
@@ -162,8 +166,9 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu", what: s
         raise DistilError(f"cannot load {what} {path} ({str(exc).splitlines()[0][:160]}); retrain it") from None
     model.requires_grad_(False)
     name = type(scheduler).__name__
-    kind = "consistency" if name in CONSISTENCY_SCHEDULERS else "diffusion"
-    schedule = (KarrasSchedule if name in KARRAS_SCHEDULERS else NoiseSchedule).of(scheduler, f"{what} {path}")
+    kind = "consistency" if name in CONSISTENCY_SCHEDULERS else "flow-map" if name in FLOW_SCHEDULERS else "diffusion"
+    schedule_cls = KarrasSchedule if name in KARRAS_SCHEDULERS else FlowSchedule if name in FLOW_SCHEDULERS else NoiseSchedule
+    schedule = schedule_cls.of(scheduler, f"{what} {path}")
     guided = json.loads((path / GUIDED).read_text()) if (path / GUIDED).is_file() else None
     classes, weights = (int(guided["classes"]), tuple(float(w) for w in guided["weights"])) if guided else (classes_of(model), ())
     return Generator(path, model, scheduler, schedule, kind, sample_shape_of(model), classes, weights=weights)
@@ -175,8 +180,9 @@ def save_generator(directory: Path, model: torch.nn.Module, scheduler, guided: d
     import diffusers
 
     directory = Path(directory)
-    component = "unet" if isinstance(model, diffusers.UNet2DModel) else "denoiser"
-    library = "diffusers" if component == "unet" else type(model).__module__
+    flow = type(scheduler).__name__ in FLOW_SCHEDULERS  # no diffusers pipeline samples a two-time flow map: distil's does
+    component = "unet" if isinstance(model, diffusers.UNet2DModel) and not flow else "denoiser"
+    library = "diffusers" if isinstance(model, diffusers.UNet2DModel) else type(model).__module__
     model.save_pretrained(directory / component, safe_serialization=True)
     scheduler.save_pretrained(directory / "scheduler")
     write_json(directory / MODEL_INDEX, {

@@ -27,15 +27,21 @@ class MLPDenoiser(ModelMixin, ConfigMixin):
     timestep (Vaswani et al. 2017's positional encoding, as DDPM's U-Net embeds time) fed
     through a 2-layer MLP and added to every block's input. With ``num_classes`` > 0 a learnt
     embedding of the class label (index ``num_classes`` is the null class, used when no label
-    is given) is added to the time embedding, as diffusers' U-Net adds ``class_embedding``."""
+    is given) is added to the time embedding, as diffusers' U-Net adds ``class_embedding``. With
+    ``class_embed_type="timestep"`` (as diffusers' U-Net names it) ``class_labels`` is a second,
+    real-valued time embedded like the first (a flow map's target time)."""
 
     @register_to_config
     def __init__(self, sample_shape: tuple[int, ...] = (2,), hidden: int = 128, layers: int = 3, time_dim: int = 64,
-                 num_classes: int = 0):  # fmt: skip
+                 num_classes: int = 0, class_embed_type: str | None = None):  # fmt: skip
         super().__init__()
         dim = math.prod(sample_shape)
-        self.time_mlp = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.class_embedding = nn.Embedding(num_classes + 1, hidden) if num_classes else None
+        mlp = lambda: nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))  # noqa: E731
+        self.time_mlp = mlp()
+        if class_embed_type not in (None, "timestep"):
+            raise DistilError(f"MLPDenoiser's class_embed_type must be None or 'timestep', got {class_embed_type!r}")
+        self.second_time = mlp() if class_embed_type == "timestep" else None
+        self.class_embedding = nn.Embedding(num_classes + 1, hidden) if num_classes and self.second_time is None else None
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(layers)
@@ -47,8 +53,13 @@ class MLPDenoiser(ModelMixin, ConfigMixin):
         b = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.expand(b) if t.ndim == 0 else t
-        temb = self.time_mlp(get_timestep_embedding(t, self.config.time_dim, flip_sin_to_cos=True, downscale_freq_shift=0))
-        if self.class_embedding is not None:
+        embed = lambda v: get_timestep_embedding(v, self.config.time_dim, flip_sin_to_cos=True, downscale_freq_shift=0)  # noqa: E731
+        temb = self.time_mlp(embed(t))
+        if self.second_time is not None:
+            if class_labels is None:
+                raise DistilError("this network takes two times (a flow map): pass the second as class_labels")
+            temb = temb + self.second_time(embed(torch.as_tensor(class_labels, device=sample.device).expand(b)))
+        elif self.class_embedding is not None:
             if class_labels is None:
                 class_labels = torch.full((b,), self.config.num_classes, device=sample.device, dtype=torch.long)
             temb = temb + self.class_embedding(class_labels.to(sample.device))
@@ -60,37 +71,47 @@ class MLPDenoiser(ModelMixin, ConfigMixin):
 
 
 class TimestepExperts(ModelMixin, ConfigMixin):
-    """Two denoisers of one architecture chosen per row by timestep: the semantic expert for
-    t > ``split`` (high noise: layout and class), the detail expert for t <= ``split`` (low noise:
-    texture) (Lv et al. 2025, "Dual-Expert Consistency Model"). Saved as one diffusers model
-    holding both (``expert_class`` / ``expert_config`` rebuild them), called like either."""
+    """Denoisers of one architecture chosen per row by timestep: with ``splits`` s_1 > s_2 > ...,
+    expert 0 serves t > s_1, expert i serves s_{i+1} < t <= s_i and the last t <= s_last. Two
+    experts are DCM's semantic (high noise: layout and class) and detail (low noise: texture)
+    experts (Lv et al. 2025, "Dual-Expert Consistency Model"); K are Phased DMD's one expert per
+    phase of the SNR range (Fan et al. 2025). Saved as one diffusers model holding all of them
+    (``expert_class`` / ``expert_config`` rebuild them), called like any one."""
 
     @register_to_config
-    def __init__(self, expert_class: str = "MLPDenoiser", expert_config: dict | None = None, split: int = 0):
+    def __init__(self, expert_class: str = "MLPDenoiser", expert_config: dict | None = None, splits: list | None = None):
         super().__init__()
         if expert_class not in ("MLPDenoiser", "UNet2DModel"):
             raise DistilError(f"a timestep expert must be an MLPDenoiser or a UNet2DModel, got {expert_class}")
+        splits = [int(v) for v in (splits or [])]
+        if not splits or any(a <= b for a, b in zip(splits, splits[1:], strict=False)):
+            raise DistilError(f"timestep experts need strictly decreasing splits, got {splits}")
         cls = MLPDenoiser if expert_class == "MLPDenoiser" else UNet2DModel
         config = {k: v for k, v in (expert_config or {}).items() if not k.startswith("_")}
-        self.semantic, self.detail = cls.from_config(config), cls.from_config(config)
+        self.experts = nn.ModuleList(cls.from_config(config) for _ in range(len(splits) + 1))
 
     @classmethod
-    def of(cls, expert: ModelMixin, split: int) -> TimestepExperts:
-        """Both experts started from ``expert``'s weights (the teacher, as consistency students start)."""
-        experts = cls(type(expert).__name__, {k: v for k, v in expert.config.items() if not k.startswith("_")}, split)
-        experts.semantic.load_state_dict(expert.state_dict())
-        experts.detail.load_state_dict(expert.state_dict())
+    def of(cls, expert: ModelMixin, splits: list[int]) -> TimestepExperts:
+        """Every expert started from ``expert``'s weights (the teacher, as consistency students start)."""
+        experts = cls(type(expert).__name__, {k: v for k, v in expert.config.items() if not k.startswith("_")}, list(splits))
+        for e in experts.experts:
+            e.load_state_dict(expert.state_dict())
         return experts.to(next(expert.parameters()).device)
+
+    def owner(self, t: torch.Tensor) -> torch.Tensor:
+        """The expert index of each timestep [B]."""
+        return (t.reshape(-1, 1) <= torch.tensor(self.config.splits, device=t.device)).sum(1)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, class_labels: torch.Tensor | None = None,
                 return_dict: bool = True):  # fmt: skip
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.expand(sample.shape[0]) if t.ndim == 0 else t
-        high = t > self.config.split
+        owner = self.owner(t)
         out = torch.empty_like(sample)
-        for mask, expert in ((high, self.semantic), (~high, self.detail)):
-            if mask.any():
-                out[mask] = expert(sample[mask], t[mask]).sample
+        for i, expert in enumerate(self.experts):
+            rows = owner == i
+            if rows.any():
+                out[rows] = expert(sample[rows], t[rows]).sample
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
@@ -135,16 +156,18 @@ class ClassExperts(ModelMixin, ConfigMixin):
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
-def build_denoiser(cfg: DiffusionConfig, sample_shape: list[int], seed: int, classes: int = 0) -> ModelMixin:
+def build_denoiser(cfg: DiffusionConfig, sample_shape: list[int], seed: int, classes: int = 0,
+                   two_times: bool = False) -> ModelMixin:  # fmt: skip
     """A fresh network for samples of ``sample_shape`` ([2] points or [C, H, W] images); with
-    ``classes`` > 0, conditioned on a class label (``classes`` + 1 embeddings, the last the null class)."""
+    ``classes`` > 0, conditioned on a class label (``classes`` + 1 embeddings, the last the null class);
+    with ``two_times``, on a second time passed as ``class_labels`` (``class_embed_type="timestep"``)."""
     arch = cfg.arch if cfg.arch != "auto" else ("unet" if len(sample_shape) == 3 else "mlp")
     torch.manual_seed(seed)
     if arch == "mlp":
         if cfg.width < 1 or cfg.depth < 0 or cfg.time_dim < 2 or cfg.time_dim % 2:
             raise DistilError("diffusion.width must be >= 1, depth >= 0 and time_dim an even number >= 2")
         return MLPDenoiser(sample_shape=tuple(sample_shape), hidden=cfg.width, layers=cfg.depth, time_dim=cfg.time_dim,
-                           num_classes=classes)  # fmt: skip
+                           num_classes=classes, class_embed_type="timestep" if two_times else None)  # fmt: skip
     if arch != "unet":
         raise DistilError(f"unknown diffusion.arch '{cfg.arch}'; use auto, mlp or unet")
     if len(sample_shape) != 3 or sample_shape[1] != sample_shape[2]:
@@ -160,7 +183,7 @@ def build_denoiser(cfg: DiffusionConfig, sample_shape: list[int], seed: int, cla
         sample_size=sample_shape[1], in_channels=sample_shape[0], out_channels=sample_shape[0],
         block_out_channels=tuple(cfg.channels), layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_groups,
         down_block_types=("DownBlock2D",) * levels, up_block_types=("UpBlock2D",) * levels,
-        num_class_embeds=classes + 1 if classes else None,
+        num_class_embeds=classes + 1 if classes else None, class_embed_type="timestep" if two_times else None,
     )  # fmt: skip
 
 
@@ -171,14 +194,14 @@ def classes_of(model: ModelMixin) -> int:
     if isinstance(model, ClassExperts):
         return int(model.config.num_classes)
     if isinstance(model, MLPDenoiser):
-        return int(model.config.get("num_classes", 0) or 0)
+        return 0 if model.config.get("class_embed_type") else int(model.config.get("num_classes", 0) or 0)
     embeds = model.config.get("num_class_embeds")
     return int(embeds) - 1 if embeds else 0
 
 
 def sample_shape_of(model: ModelMixin) -> list[int]:
     if isinstance(model, TimestepExperts):
-        return sample_shape_of(model.semantic)
+        return sample_shape_of(model.experts[0])
     if isinstance(model, ClassExperts):
         return sample_shape_of(model.experts[0])
     if isinstance(model, MLPDenoiser):

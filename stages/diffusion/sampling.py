@@ -201,12 +201,42 @@ def consistency_sample(gen: Generator, noise: SampleNoise, steps: int, *, hybrid
     raise AssertionError("unreachable")
 
 
+def flow_map_times(steps: int) -> torch.Tensor:
+    """sigma_0 = 1 > sigma_1 > ... > sigma_n = 0, even: the jumps of an n-step flow map (float64 [n + 1])."""
+    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+
+
+def flow_map_fn(model: torch.nn.Module, T: int, x: torch.Tensor, sigma: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """X_{sigma, tau}(x) = x + (tau - sigma) u(x, sigma, tau) for per-row times [B] (Boffi, Albergo &
+    Vanden-Eijnden 2025, "How to build a consistency model", the flow map's Euler-like
+    parameterisation: X_{s,s} = x exactly); the network sees T sigma and T tau. Differentiable."""
+    u = model(x, (sigma * T).to(x.dtype).to(x.device), class_labels=(tau * T).to(x.dtype).to(x.device)).sample
+    return x + bcast((tau - sigma).to(x.dtype), x).to(x.device) * u
+
+
+def flow_map_sample(gen: Generator, noise: SampleNoise, steps: int, record: Record | None = None,
+                    device=None) -> torch.Tensor:  # fmt: skip
+    """``steps`` jumps of a flow map from pure noise (sigma 1) to data (sigma 0) on an even grid; a
+    recorded point is labelled with the teacher-grid timestep T sigma - 1 (``ode_timesteps``)."""
+    device = device or next(gen.model.parameters()).device
+    times = flow_map_times(steps)
+    x = noise.draw().to(device)
+    if record:
+        record(0, gen.schedule.T - 1, x)
+    for i in range(steps):
+        sigma, tau = (torch.full((len(x),), float(v), dtype=torch.float64) for v in times[i : i + 2])
+        x = flow_map_fn(gen.model, gen.schedule.T, x, sigma, tau)
+        if record and i + 1 < steps:
+            record(i + 1, round(float(times[i + 1]) * gen.schedule.T) - 1, x)
+    return x
+
+
 def check_hybrid(gen: Generator, hybrid: Generator | None, steps: int) -> None:
     if hybrid is None:
         return
     if gen.kind != "consistency":
         raise DistilError(
-            f"hybrid_first_step hands the steps after the first to a consistency student; {gen.path} is a diffusion teacher"
+            f"hybrid_first_step hands the steps after the first to a consistency student; {gen.path} is a {'flow map' if gen.kind == 'flow-map' else 'diffusion teacher'}"
         )
     if isinstance(gen.schedule, KarrasSchedule):
         raise DistilError(
@@ -238,6 +268,8 @@ def sample(gen: Generator, seeds: list[int], steps: int, *, solver: str = "ddim"
     noise = SampleNoise(seeds, gen.sample_shape)
     if gen.kind == "consistency":
         return consistency_sample(gen, noise, steps, hybrid=hybrid, solver=solver, record=record)
+    if gen.kind == "flow-map":
+        return flow_map_sample(gen, noise, steps, record=record)
     device = next(gen.model.parameters()).device
     return ode_sample(gen.denoise, gen.schedule, noise.draw().to(device), steps, solver, record)
 

@@ -99,6 +99,23 @@ class NoiseSchedule:
         return 0.25 / (u**2 + 0.25), u / (u**2 + 0.25).sqrt()
 
 
+@dataclass
+class FlowSchedule:
+    """The linear interpolant x_sigma = (1 - sigma) x_0 + sigma z, sigma from 1 (noise) to 0 (data), of
+    a flow map (``flow-map``), saved with diffusers' ``FlowMatchEulerDiscreteScheduler`` (its
+    convention: velocity z - x_0, Euler steps x + (sigma' - sigma) v); the network sees the times as
+    ``T`` sigma, as diffusers' flow-matching pipelines pass ``sigma * num_train_timesteps``."""
+
+    T: int
+    prediction: str = "flow_map"
+
+    @classmethod
+    def of(cls, scheduler, where: str) -> FlowSchedule:
+        if scheduler.config.get("shift", 1.0) != 1.0 or scheduler.config.get("use_dynamic_shifting"):
+            raise DistilError(f"{where}: a flow map is sampled on the unshifted interpolant; its scheduler has a time shift")
+        return cls(int(scheduler.config.num_train_timesteps))
+
+
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
     """``n`` >= 2 noise levels from sigma_min up to sigma_max, float64 [n]: Karras et al. 2022
     ("Elucidating the Design Space", eq. 5), sigma_i = (sigma_min^(1/rho) + i/(n-1)

@@ -40,7 +40,7 @@ def load_teacher(path: Path | None, data: GeneratorData, device, method: str) ->
     teacher = load_generator(path, device, "teacher")
     if teacher.kind != "diffusion":
         raise DistilError(
-            f"teacher {path} is a consistency model ({type(teacher.scheduler).__name__}); "
+            f"teacher {path} is a {teacher.kind} model ({type(teacher.scheduler).__name__}); "
             f"{method} needs a diffusion teacher (distill --method denoise)"
         )
     check_same_shape(teacher.sample_shape, data.sample_shape, f"teacher {path}", f"data {data.name}")

@@ -64,6 +64,9 @@ def run(
         raise DistilError(f"--data '{data}' is not generator data; pass the data the teacher was trained on (e.g. moons)")
     dev = resolve_device(device)
     gen = load_generator(teachers[0], dev, "teacher")
+    if gen.kind == "flow-map":
+        raise DistilError(f"teacher {teachers[0]} is a flow map, with no diffusion ODE whose trajectories students read; "
+                          "use a diffusion teacher (distill --method denoise) or a consistency student")  # fmt: skip
     hybrid = load_generator(cfg.hybrid_first_step, dev, "hybrid teacher") if cfg.hybrid_first_step else None
     check_hybrid(gen, hybrid, cfg.steps)
     gdata = load_generator_data(data, data_cfg)

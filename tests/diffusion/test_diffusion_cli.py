@@ -182,8 +182,10 @@ def test_bad_input_gives_one_line_and_writes_nothing(moons, tmp_path):
     cli.fails(*gtd, "-t", teacher, "--data", "moons", "--set", "solver=rk4", match="unknown solver")
     cli.fails(*gtd, "-t", student, "--data", "moons", "--steps", "1", "--hybrid-first-step", teacher, match="steps >= 2")
     cli.fails(*gtd, "-t", teacher, "--data", "moons", "--hybrid-first-step", teacher, match="is a diffusion teacher")
-    flow = _broken_teacher(teacher, tmp_path / "flow", "FlowMatchEulerDiscreteScheduler")
-    cli.fails(*cd, "-t", flow, "--data", "moons", match="has no alphas_cumprod")
+    score = _broken_teacher(teacher, tmp_path / "score", "ScoreSdeVeScheduler")
+    cli.fails(*cd, "-t", score, "--data", "moons", match="has no alphas_cumprod")
+    flow = _broken_teacher(teacher, tmp_path / "flow", "FlowMatchEulerDiscreteScheduler")  # a flow map: a student, not a teacher
+    cli.fails(*cd, "-t", flow, "--data", "moons", match="is a flow-map model")
     odd = _broken_teacher(teacher, tmp_path / "odd", prediction_type="flow")
     cli.fails(*cd, "-t", odd, "--data", "moons", match="prediction_type 'flow'")
     cli.fails(*gtd, "-t", odd, "--data", "moons", match="prediction_type 'flow'")

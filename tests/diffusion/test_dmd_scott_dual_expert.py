@@ -138,15 +138,18 @@ def test_timestep_experts_route_each_row_to_its_expert(arch, tmp_path):
 
     shape = [2] if arch == "mlp" else [1, 8, 8]
     base = build_denoiser(DiffusionConfig(arch=arch, width=8, depth=1, channels=[8, 16], norm_groups=4), shape, 0)
-    experts = TimestepExperts.of(base, split=10)
+    experts = TimestepExperts.of(base, [30, 10])
     with torch.no_grad():
-        next(experts.detail.parameters()).add_(0.5)  # tell the two apart
+        for i, e in enumerate(experts.experts):
+            next(e.parameters()).add_(0.5 * i)  # tell the three apart
     save_generator(tmp_path / "g", experts, DDPMScheduler(num_train_timesteps=50))
     experts = load_generator(tmp_path / "g").model  # and it survives the round trip
-    x, t = torch.randn(4, *shape), torch.tensor([3, 10, 11, 40])
+    x, t = torch.randn(6, *shape), torch.tensor([3, 10, 11, 30, 31, 40])
     out = experts(x, t).sample
-    assert torch.allclose(out[:2], experts.detail(x[:2], t[:2]).sample)
-    assert torch.allclose(out[2:], experts.semantic(x[2:], t[2:]).sample)
+    for rows, i in ((slice(0, 2), 2), (slice(2, 4), 1), (slice(4, 6), 0)):  # t <= 10, 10 < t <= 30, t > 30
+        assert torch.allclose(out[rows], experts.experts[i](x[rows], t[rows]).sample)
+    with pytest.raises(DistilError, match="decreasing"):
+        TimestepExperts.of(base, [10, 30])
 
 
 def test_dual_expert_trains_two_experts_that_sample_along_the_segments(teacher, tmp_path):
@@ -158,7 +161,7 @@ def test_dual_expert_trains_two_experts_that_sample_along_the_segments(teacher, 
     summary = json.loads((tmp_path / "s" / "training.json").read_text())
     assert summary["expert_split"] == summary["boundaries"][1] and summary["paired_error_final"] < summary["paired_error_initial"]
     model = load_generator(tmp_path / "s").model
-    sem, det = model.semantic.state_dict(), model.detail.state_dict()
+    sem, det = (e.state_dict() for e in model.experts)
     assert any(not torch.equal(sem[k], det[k]) for k in sem)  # each learnt its own half
     assert torch.isfinite(sample_generator(tmp_path / "s", 8, 2, 0)).all()
     with pytest.raises(DistilError, match="segments >= 2"):

@@ -50,6 +50,12 @@ DIFFUSION_METHODS = {
         "CMStochasticIterativeScheduler",
         "stages.diffusion.methods.consistency_train", False,
     ),
+    "flow-map": DiffusionMethod(
+        "a flow map learnt from data alone by Lagrangian self-distillation (Boffi et al. 2025), no teacher: flow matching "
+        "on the diagonal s = t, d/dt X_{s,t} = velocity at X_{s,t} off it; sampled in n jumps, one call each (saved with "
+        "a FlowMatchEulerDiscreteScheduler)",
+        "stages.diffusion.methods.flow_map", False,
+    ),
     "trajectory": DiffusionMethod(
         "image-free consistency distillation (TBCM) from pairs on the --teacher's own ODE trajectories: --data is its "
         "generate-teacher-data output (an even grid of saved steps), never a dataset; saved with an LCMScheduler",
@@ -80,6 +86,18 @@ DIFFUSION_METHODS = {
         "from the frozen teacher's and a trained fake score's data predictions on noised generator samples, plus a "
         "regression onto the teacher's ODE solutions; saved with an LCMScheduler (1 step)",
         "stages.diffusion.methods.dmd", True,
+    ),
+    "phased-dmd": DiffusionMethod(
+        "phased distribution matching (Phased DMD) of a --teacher into a diffusion.phases-step generator: one expert per "
+        "phase of the SNR range, trained phase after phase by DMD on its subinterval, the fake score matched to the "
+        "subinterval's conditional score; sampled in that many DDIM steps (saved with a DDIMScheduler)",
+        "stages.diffusion.methods.phased_dmd", True,
+    ),
+    "control-lora": DiffusionMethod(
+        "control transfer (Gandikota & Bau 2025): a LoRA (peft) fitted to an unconditional --teacher on the train images "
+        "of diffusion.control_class, saved merged and as an adapter that evaluate --set control=DIR applies unchanged "
+        "to the teacher's distilled students",
+        "stages.diffusion.methods.control_lora", True,
     ),
     "cfg-distill": DiffusionMethod(
         "classifier-free guidance distilled (Meng et al. 2023, stage one) from a class-conditional --teacher: the student "

@@ -31,7 +31,7 @@ def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device
         split["t"] = bounds[len(bounds) // 2]
         if teacher.classes:
             raise DistilError(f"dual-expert distils an unconditional teacher; {teacher.path} is class-conditional")
-        return TimestepExperts.of(teacher.model, split["t"]).train().requires_grad_(True)
+        return TimestepExperts.of(teacher.model, [split["t"]]).train().requires_grad_(True)
 
     model, scheduler, summary = multistep.train(cfg, data, teacher_path, work, device=device, bar=bar, live=live,
                                                 method="dual-expert", make_student=make)  # fmt: skip
