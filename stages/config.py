@@ -468,6 +468,16 @@ class DistillConfig:
     anchor: float = _f(0.5, "anchored: weight of the base teacher in each round's target", only=(CLASSIFIER,), valid=UNIT)
     pskd_alpha: float = _f(0.8, "pskd: final weight a_T of the model's own past predictions", only=(CLASSIFIER,), valid=UNIT)
     probe_dim: int = _f(128, "random-teacher: output size of the random teacher's projection", only=(CLASSIFIER,), valid=COUNT)
+    feature_weight: float = _f(
+        1.0, "fitnet, mi-alpha: weight of the intermediate-representation term beside KD + CE", only=(CLASSIFIER,), valid=NONNEG
+    )
+    mi_alpha: float = _f(
+        0.5, "mi-alpha: alpha of the I_alpha bound, 0 (NWJ: unbiased, high variance) to 1 (InfoNCE: low variance)",
+        only=(CLASSIFIER,), valid=UNIT,
+    )  # fmt: skip
+    critic_temperature: float = _f(
+        0.1, "mi-alpha, hybrid: temperature of the cosine critic / sample-relation softmax", only=(CLASSIFIER,), valid=POSITIVE
+    )
     probe_epochs: int = _f(300, "random-teacher: full-batch steps of the linear probe", only=(CLASSIFIER,), valid=COUNT)
     rotations: int = _f(4, "sla-sd: rotations (of 90 degrees) in the joint label space", only=(CLASSIFIER,), valid=Range(2, 4))
     expert_lambdas: list[float] = _f(

@@ -172,6 +172,10 @@ def _checked_method(cfg: DistillConfig, teachers: list[Path]) -> Method:
         raise DistilError(f"method '{cfg.method}' learns from one teacher, got {len(teachers)}; use mst for several")
     if method.teacher == "many" and len(teachers) < 2:
         raise DistilError(f"method '{cfg.method}' needs at least two teachers; pass --teacher DIR several times")
+    if method.teachers and len(teachers) != method.teachers:
+        raise DistilError(f"method '{cfg.method}' learns from exactly {method.teachers} teachers, got {len(teachers)}")
+    if method.features and not teachers:
+        raise DistilError(f"method '{cfg.method}' reads the teacher's features, which stored teacher data lacks: pass --teacher DIR")
     return method
 
 

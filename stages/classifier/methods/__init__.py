@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stages.classifier.methods import experts, logit, representation, self_distill
+from stages.classifier.methods import experts, intermediate, logit, representation, self_distill
 from stages.classifier.methods.common import Trained
 from stages.classifier.training import Context
 
@@ -23,6 +23,10 @@ class Method:
     """'none'; 'one' (stored logits or one live --teacher); 'many' (several live --teacher)."""
     label_free: bool = False
     """Trains on every train row, labelled or not (see distill.labeled_fraction)."""
+    features: bool = False
+    """Reads the teachers' intermediate features: live --teacher models only, not stored logits."""
+    teachers: int = 0
+    """Exactly this many --teacher (0: as ``teacher`` says)."""
 
 
 METHODS: dict[str, Method] = {
@@ -46,5 +50,19 @@ METHODS: dict[str, Method] = {
     ),
     "sla-sd": Method("self-supervised label augmentation (rotations) self-distilled into one pass", representation.sla_sd),
     "mdcs": Method("E experts: logit-adjusted diversity + consistency self-distillation (long tail)", experts.mdcs),
+    "fitnet": Method(
+        "FitNets hint: a learnt regressor of the student's features onto the live teacher's, MSE, beside KD + CE",
+        intermediate.fitnet, "one", features=True,
+    ),
+    "mi-alpha": Method(
+        "Distiller's MI-alpha: maximise the I_alpha bound on the mutual information of student and live-teacher "
+        "features (cosine critic), beside KD + CE",
+        intermediate.mi_alpha, "one", features=True,
+    ),
+    "hybrid": Method(
+        "Hybrid Distillation: two --teacher with different inductive biases; the student imitates the first's sample "
+        "relations and regresses the second's features, beside CE",
+        intermediate.hybrid, "many", features=True, teachers=2,
+    ),
     "mst": Method("mixture of specialised teachers: a gate picks the top-k teachers per row", experts.mst, "many"),
 }
