@@ -15,6 +15,7 @@ BENCHMARKS = [
     "losses_vs_reference",
     "digits_students",
     "classifier_methods",
+    "classifier_features",
     "lm_distillation",
     "lm_students",
     "lm_reward",
