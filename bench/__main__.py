@@ -16,6 +16,7 @@ BENCHMARKS = [
     "digits_students",
     "classifier_methods",
     "classifier_features",
+    "student_search",
     "lm_distillation",
     "lm_students",
     "lm_reward",

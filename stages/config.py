@@ -475,6 +475,13 @@ class DistillConfig:
         0.5, "mi-alpha: alpha of the I_alpha bound, 0 (NWJ: unbiased, high variance) to 1 (InfoNCE: low variance)",
         only=(CLASSIFIER,), valid=UNIT,
     )  # fmt: skip
+    search_budget: int = _f(
+        0, "student-search: most parameters a candidate student may have (0 = the configured student's count)",
+        only=(CLASSIFIER,), valid=NONNEG,
+    )  # fmt: skip
+    search_population: int = _f(8, "student-search: candidates per generation of the evolutionary search", only=(CLASSIFIER,), valid=Range(2))
+    search_generations: int = _f(4, "student-search: generations after the first population", only=(CLASSIFIER,), valid=NONNEG)
+    search_method: str = _f("kd", "student-search: the method that then trains the winning architecture", only=(CLASSIFIER,))
     critic_temperature: float = _f(
         0.1, "mi-alpha, hybrid: temperature of the cosine critic / sample-relation softmax", only=(CLASSIFIER,), valid=POSITIVE
     )

@@ -20,6 +20,7 @@ stopped (same data, params and seed give the same result as an uninterrupted run
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +132,8 @@ def run(
         with logged(work, progress) as (logger, bar):
             ctx = Context(cfg, ex, train, dev, dev_, work, logger, bar, live, live_cfgs, scaler)
             trained = method.train(ctx)
-        save_classifier(work, trained.model, _model_config(trained.model, ex, cfg, class_counts))
+        saved_cfg = replace(cfg, model=trained.model_cfg) if trained.model_cfg is not None else cfg
+        save_classifier(work, trained.model, _model_config(trained.model, ex, saved_cfg, class_counts))
         for rel, model in trained.extra_models.items():
             save_classifier(work / rel, model, _model_config(model, ex, cfg, class_counts))
         summary = {

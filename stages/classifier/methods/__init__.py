@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stages.classifier.methods import experts, intermediate, logit, representation, self_distill
+from stages.classifier.methods import experts, intermediate, logit, representation, search, self_distill
 from stages.classifier.methods.common import Trained
 from stages.classifier.training import Context
 
@@ -63,6 +63,12 @@ METHODS: dict[str, Method] = {
         "Hybrid Distillation: two --teacher with different inductive biases; the student imitates the first's sample "
         "relations and regresses the second's features, beside CE",
         intermediate.hybrid, "many", features=True, teachers=2,
+    ),
+    "student-search": Method(
+        "DisWOT: score candidate architectures within search_budget parameters by how much their random-init "
+        "features' sample relations and class semantics resemble the live --teacher's, evolve them, train the winner "
+        "with search_method (kd); the ranking in search.json",
+        search.student_search, "one", features=True,
     ),
     "mst": Method("mixture of specialised teachers: a gate picks the top-k teachers per row", experts.mst, "many"),
 }

@@ -19,6 +19,8 @@ class Trained:
     """Method-specific figures for training.json (per-generation accuracies, probe accuracies, ...)."""
     extra_models: dict[str, Classifier] = field(default_factory=dict)
     """Further models to save beside the main one, by relative directory (``generations/g1``)."""
+    model_cfg: Any = None
+    """The architecture ``model`` has when it is not the configured one (``student-search``'s winner)."""
 
 
 def build(ctx: Context, *, init: int = 0, experts: int | None = None, aux_classes: int = 0) -> Classifier:
