@@ -1,9 +1,10 @@
 """Intermediate-representation distillation on digits (issue 22): ``hybrid`` against the better
-single-teacher ``kd``, and ``mi-alpha`` against the plain feature MSE of ``fitnet``, in one process.
+single-teacher ``kd``, ``mi-alpha`` against the plain feature MSE of ``fitnet``, and ``competitive``
+against ``kd``, in one process.
 
 Per seed: two teachers of different inductive biases trained with ``ce`` (a CNN and a wide MLP),
 then students of one architecture (the ``distill`` section's MLP, the same epochs): ``kd`` from
-each teacher, ``fitnet`` and ``mi-alpha`` from the CNN, and ``hybrid`` both ways round (relations
+each teacher, ``fitnet``, ``mi-alpha`` and ``competitive`` from the CNN, and ``hybrid`` both ways round (relations
 from the MLP and features from the CNN, and the reverse). Test accuracy from ``distil evaluate``;
 paired intervals over seeds.
 
@@ -37,6 +38,7 @@ STUDENTS = {  # name -> (method, teachers)
     "mi-alpha (cnn)": ("mi-alpha", ["cnn"]),
     "hybrid (relations mlp, features cnn)": ("hybrid", ["mlp", "cnn"]),
     "hybrid (relations cnn, features mlp)": ("hybrid", ["cnn", "mlp"]),
+    "competitive (cnn)": ("competitive", ["cnn"]),
 }
 
 
@@ -73,6 +75,7 @@ def main() -> int:
         f"hybrid (relations cnn, features mlp) - {best_kd}": paired(acc["hybrid (relations cnn, features mlp)"], acc[best_kd]),
         "mi-alpha (cnn) - fitnet (cnn)": paired(acc["mi-alpha (cnn)"], acc["fitnet (cnn)"]),
         "fitnet (cnn) - kd (cnn)": paired(acc["fitnet (cnn)"], acc["kd (cnn)"]),
+        "competitive (cnn) - kd (cnn)": paired(acc["competitive (cnn)"], acc["kd (cnn)"]),
     }
     lines = [f"### Intermediate-representation distillation on digits ({len(seeds)} seeds, test accuracy)", "",
              "| model | mean | std | per seed |", "|---|---|---|---|"]  # fmt: skip

@@ -482,6 +482,11 @@ class DistillConfig:
     search_population: int = _f(8, "student-search: candidates per generation of the evolutionary search", only=(CLASSIFIER,), valid=Range(2))
     search_generations: int = _f(4, "student-search: generations after the first population", only=(CLASSIFIER,), valid=NONNEG)
     search_method: str = _f("kd", "student-search: the method that then trains the winning architecture", only=(CLASSIFIER,))
+    competitive_rounds: int = _f(3, "competitive: rounds of student training and teacher feedback", only=(CLASSIFIER,), valid=COUNT)
+    hard_share: float = _f(
+        0.2, "competitive: share of train rows the student finds hardest (largest KL to the teacher), up-weighted next round",
+        only=(CLASSIFIER,), valid=SHARE,
+    )  # fmt: skip
     critic_temperature: float = _f(
         0.1, "mi-alpha, hybrid: temperature of the cosine critic / sample-relation softmax", only=(CLASSIFIER,), valid=POSITIVE
     )

@@ -135,7 +135,8 @@ def run(
         saved_cfg = replace(cfg, model=trained.model_cfg) if trained.model_cfg is not None else cfg
         save_classifier(work, trained.model, _model_config(trained.model, ex, saved_cfg, class_counts))
         for rel, model in trained.extra_models.items():
-            save_classifier(work / rel, model, _model_config(model, ex, cfg, class_counts))
+            own = trained.extra_cfgs.get(rel)
+            save_classifier(work / rel, model, _model_config(model, ex, replace(cfg, model=own) if own else cfg, class_counts))
         summary = {
             "method": cfg.method,
             "params": param_count(trained.model),
@@ -176,8 +177,9 @@ def _checked_method(cfg: DistillConfig, teachers: list[Path]) -> Method:
         raise DistilError(f"method '{cfg.method}' needs at least two teachers; pass --teacher DIR several times")
     if method.teachers and len(teachers) != method.teachers:
         raise DistilError(f"method '{cfg.method}' learns from exactly {method.teachers} teachers, got {len(teachers)}")
-    if method.features and not teachers:
-        raise DistilError(f"method '{cfg.method}' reads the teacher's features, which stored teacher data lacks: pass --teacher DIR")
+    if method.live and not teachers:
+        raise DistilError(f"method '{cfg.method}' runs the teacher itself (its features or its training), which stored teacher "
+                          "data cannot stand in for: pass --teacher DIR")  # fmt: skip
     return method
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stages.classifier.methods import experts, intermediate, logit, representation, search, self_distill
+from stages.classifier.methods import competitive, experts, intermediate, logit, representation, search, self_distill
 from stages.classifier.methods.common import Trained
 from stages.classifier.training import Context
 
@@ -23,8 +23,8 @@ class Method:
     """'none'; 'one' (stored logits or one live --teacher); 'many' (several live --teacher)."""
     label_free: bool = False
     """Trains on every train row, labelled or not (see distill.labeled_fraction)."""
-    features: bool = False
-    """Reads the teachers' intermediate features: live --teacher models only, not stored logits."""
+    live: bool = False
+    """Runs the teachers themselves (their features, or trains them): live --teacher models only, not stored logits."""
     teachers: int = 0
     """Exactly this many --teacher (0: as ``teacher`` says)."""
 
@@ -52,23 +52,28 @@ METHODS: dict[str, Method] = {
     "mdcs": Method("E experts: logit-adjusted diversity + consistency self-distillation (long tail)", experts.mdcs),
     "fitnet": Method(
         "FitNets hint: a learnt regressor of the student's features onto the live teacher's, MSE, beside KD + CE",
-        intermediate.fitnet, "one", features=True,
+        intermediate.fitnet, "one", live=True,
     ),
     "mi-alpha": Method(
         "Distiller's MI-alpha: maximise the I_alpha bound on the mutual information of student and live-teacher "
         "features (cosine critic), beside KD + CE",
-        intermediate.mi_alpha, "one", features=True,
+        intermediate.mi_alpha, "one", live=True,
     ),
     "hybrid": Method(
         "Hybrid Distillation: two --teacher with different inductive biases; the student imitates the first's sample "
         "relations and regresses the second's features, beside CE",
-        intermediate.hybrid, "many", features=True, teachers=2,
+        intermediate.hybrid, "many", live=True, teachers=2,
+    ),
+    "competitive": Method(
+        "CoMD's competitive distillation: rounds in which the student up-weights its hardest rows (largest KL to the "
+        "teacher) and a copy of the live --teacher is fine-tuned on the rows only the student gets right",
+        competitive.competitive, "one", live=True,
     ),
     "student-search": Method(
         "DisWOT: score candidate architectures within search_budget parameters by how much their random-init "
         "features' sample relations and class semantics resemble the live --teacher's, evolve them, train the winner "
         "with search_method (kd); the ranking in search.json",
-        search.student_search, "one", features=True,
+        search.student_search, "one", live=True,
     ),
     "mst": Method("mixture of specialised teachers: a gate picks the top-k teachers per row", experts.mst, "many"),
 }

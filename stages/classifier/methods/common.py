@@ -21,6 +21,8 @@ class Trained:
     """Further models to save beside the main one, by relative directory (``generations/g1``)."""
     model_cfg: Any = None
     """The architecture ``model`` has when it is not the configured one (``student-search``'s winner)."""
+    extra_cfgs: dict[str, Any] = field(default_factory=dict)
+    """The architecture of an extra model that is not the configured one (``competitive``'s teacher)."""
 
 
 def build(ctx: Context, *, init: int = 0, experts: int | None = None, aux_classes: int = 0) -> Classifier:

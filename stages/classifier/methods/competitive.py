@@ -1,0 +1,100 @@
+"""``distill --method competitive``: rounds in which student and teacher learn from each other's
+hard examples.
+
+CoMD (Li et al. 2023, "Unlock the Power: Competitive Distillation for Multi-Modal Large Language
+Models", section 3.2, the competitive distillation stage): instead of one pass of teacher ->
+student transfer, training runs in rounds with feedback both ways. Each round here:
+
+1. **the student's hard examples** (CoMD's instructions the student answers worse than the teacher):
+   the ``hard_share`` of train rows with the largest KL(teacher || student) under the current
+   student get weight 2 (the rest 1) in this round's KD + CE training of the student (warm-started
+   from the previous round; ``epochs / competitive_rounds`` epochs);
+2. **the teacher's hard examples** (where the student answers better): train rows the teacher
+   gets wrong and the student right. The teacher (a copy; the input teacher is not touched) is
+   fine-tuned on them with CE on gold plus KD from the student (the student's feedback), mixed
+   with as many rows it gets right so it does not drift, for a quarter of the student's epochs;
+   the next round's student learns from this updated teacher.
+
+CoMD's LLM judge and its generation of new instructions like the hard ones have no counterpart
+for a fixed labelled table; the exchange of hard examples between the two models is the part
+kept. Per round, training.json records both models' dev accuracy and how many hard rows each had;
+the final teacher is saved beside the student (``teacher/``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from stages.classifier.methods.common import Trained, build
+from stages.classifier.training import Context, fit
+from stages.config import ModelConfig
+from stages.losses import cross_entropy
+from stages.losses.logits import forward_kl
+
+
+def _per_row_kl(ctx: Context, teacher, student) -> torch.Tensor:
+    """KL(p_teacher || p_student) at temperature 1 per train row (un-augmented inputs)."""
+    t = torch.log_softmax(ctx.logits(teacher, ctx.train["x"]), -1)
+    s = torch.log_softmax(ctx.logits(student, ctx.train["x"]), -1)
+    return (t.exp() * (t - s)).sum(-1)
+
+
+def _dev_accuracy(ctx: Context, model) -> float:
+    return float((ctx.logits(model, ctx.dev["x"]).argmax(1) == ctx.dev["y"]).double().mean())
+
+
+def competitive(ctx: Context) -> Trained:
+    cfg = ctx.cfg
+    teacher = copy.deepcopy(ctx.teachers[0]).to(ctx.device)
+    student = build(ctx)
+    rounds = cfg.competitive_rounds
+    student_epochs, teacher_epochs = max(1, cfg.epochs // rounds), max(1, cfg.epochs // (4 * rounds))
+    n = len(ctx.train["y"])
+    history, last = [], {}
+    for r in range(1, rounds + 1):
+        weight = torch.ones(n)
+        kl = _per_row_kl(ctx, teacher, student)
+        hard = kl.topk(max(1, round(cfg.hard_share * n))).indices
+        weight[hard] = 2.0
+        frozen_teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
+
+        def student_loss(m, b, w=weight, t=frozen_teacher):
+            z = m(b["x"])
+            rows = b["w"] * w[b["idx"]].to(z.device)
+            with torch.no_grad():
+                tz = t(b["x"]).float()
+            return (1 - cfg.alpha) * cross_entropy(z, b["y"], weight=rows) + cfg.alpha * forward_kl(
+                z, tz, temperature=cfg.temperature, weight=rows)  # fmt: skip
+
+        last = fit(ctx, student, student_loss, tag=f"student{r}", epochs=student_epochs)
+        with torch.no_grad():
+            t_pred = ctx.logits(teacher, ctx.train["x"]).argmax(1)
+            s_pred = ctx.logits(student, ctx.train["x"]).argmax(1)
+        y = ctx.train["y"]
+        teacher_hard = ((t_pred != y) & (s_pred == y)).nonzero().flatten()
+        if len(teacher_hard):
+            right = (t_pred == y).nonzero().flatten()
+            keep = right[torch.randperm(len(right), generator=torch.Generator().manual_seed(cfg.seed + r))[: len(teacher_hard)]]
+            focus = torch.zeros(n)
+            focus[teacher_hard], focus[keep] = 1.0, 1.0
+            frozen_student = copy.deepcopy(student).eval().requires_grad_(False)
+
+            def teacher_loss(m, b, f=focus, s=frozen_student):
+                z = m(b["x"])
+                rows = b["w"] * f[b["idx"]].to(z.device)
+                with torch.no_grad():
+                    sz = s(b["x"]).float()
+                return 0.5 * cross_entropy(z, b["y"], weight=rows) + 0.5 * forward_kl(z, sz, temperature=cfg.temperature,
+                                                                                       weight=rows)  # fmt: skip
+
+            teacher.requires_grad_(True)
+            fit(ctx, teacher, teacher_loss, tag=f"teacher{r}", epochs=teacher_epochs, select_best=False)
+            teacher.requires_grad_(False)
+        history.append({"round": r, "student_hard_rows": len(hard), "teacher_hard_rows": int(len(teacher_hard)),
+                        "student_dev_accuracy": _dev_accuracy(ctx, student), "teacher_dev_accuracy": _dev_accuracy(ctx, teacher)})  # fmt: skip
+    summary = {**last, "rounds": history, "teacher_dev_accuracy_start": _dev_accuracy(ctx, ctx.teachers[0])}
+    c = ctx.teacher_configs[0]
+    own = ModelConfig(arch=c["arch"], width=c["width"], depth=c["depth"], dropout=c.get("dropout", 0.0))
+    return Trained(student, summary, {"teacher": teacher}, extra_cfgs={"teacher": own})
