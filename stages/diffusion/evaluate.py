@@ -358,15 +358,7 @@ def evaluate_generators(
     ``GeneratorData`` or a dict of split -> samples); ``classifier`` is a trained
     ``DigitsClassifier`` (otherwise one is trained on the labelled digits-images)."""
     data_cfg = data_cfg or DataConfig()
-    models = [Path(p) for p in models]
-    merged_dir = None
-    if cfg.merge:
-        merged_dir = tempfile.TemporaryDirectory(prefix="distil-merge-")
-        models += _merged(cfg, Path(merged_dir.name))
-    control_dir = None
-    if cfg.control:
-        control_dir = tempfile.TemporaryDirectory(prefix="distil-control-")
-        models += _controlled(models, Path(cfg.control), Path(control_dir.name))
+    models, derived = _derived([Path(p) for p in models], cfg)
     teacher = Path(teacher) if teacher else (Path(cfg.teacher) if cfg.teacher else None)
     hybrid = Path(cfg.hybrid_first_step) if cfg.hybrid_first_step else None
     steps = list(steps)
@@ -413,10 +405,9 @@ def evaluate_generators(
             save_digits_classifier(space.classifier, work / "digits_classifier.safetensors",
                                    {"test_accuracy": space.test_accuracy, "seed": cfg.seed})  # fmt: skip
         _write_summary(work, columns, table, console)
-        for kept, name in ((merged_dir, "merged"), (control_dir, "controlled")):  # the derived models, with the table
-            if kept is not None:
-                shutil.copytree(kept.name, work / name)
-                kept.cleanup()
+        for name, kept in derived.items():  # the derived models, kept with the table that scores them
+            shutil.copytree(kept.name, work / name)
+            kept.cleanup()
         write_manifest(work, kind=Kind.GENERATOR_EVALUATION, params=params, inputs=inputs,
                        extra={"task": {"name": str(data), "kind": space.kind}, "metrics": metrics})  # fmt: skip
         return output.commit()
@@ -440,6 +431,19 @@ def _runs(models: list[Path], steps: list[int], hybrid: Path | None,
         runs += [(f"{p.name}+hybrid", p, k, hybrid, None) for p in models if _kind(p) == "consistency" for k in steps if k >= 2]
     runs += [(f"{p.name}+w{w:g}", p, k, None, float(w)) for p, ws in guided.items() for w in ws for k in steps]
     return runs
+
+
+def _derived(models: list[Path], cfg: EvaluateConfig) -> tuple[list[Path], dict[str, tempfile.TemporaryDirectory]]:
+    """``models`` plus the ones ``merge`` and ``control`` derive from them, and the temporary
+    folders that hold those (by the name they are kept under in the output)."""
+    kept: dict[str, tempfile.TemporaryDirectory] = {}
+    if cfg.merge:
+        kept["merged"] = tempfile.TemporaryDirectory(prefix="distil-merge-")
+        models = models + _merged(cfg, Path(kept["merged"].name))
+    if cfg.control:
+        kept["controlled"] = tempfile.TemporaryDirectory(prefix="distil-control-")
+        models = models + _controlled(models, Path(cfg.control), Path(kept["controlled"].name))
+    return models, kept
 
 
 def _merged(cfg: EvaluateConfig, root: Path) -> list[Path]:

@@ -82,6 +82,32 @@ def ddim_between(denoise, schedule: NoiseSchedule, x: torch.Tensor, hi: int, lo:
     return x
 
 
+@torch.no_grad()
+def boundary_path(teacher, bounds: list[int], z: torch.Tensor, per_phase: int) -> list[torch.Tensor]:
+    """The teacher's DDIM trajectory from noise ``z`` at every phase boundary, from the top down
+    (``per_phase`` steps within each phase): the regression's inputs and targets."""
+    path = [z]
+    for k in range(len(bounds) - 1, 0, -1):
+        path.append(ddim_between(teacher.denoise, teacher.schedule, path[-1], bounds[k], bounds[k - 1], per_phase))
+    return path
+
+
+def fake_step(fake, opt, schedule: NoiseSchedule, x_s: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
+              z: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """One update of the fake score on x_s diffused to t with noise z, towards the subinterval
+    target in its own prediction type; returns the loss."""
+    ratio, sig_ts = (bcast(v, x_s).to(x_s.device) for v in transition(schedule, s, t))
+    a_t, s_t = (bcast(v, x_s).to(x_s.device) for v in schedule.alpha_sigma(t))
+    x_t = (ratio * x_s.double() + sig_ts * z.double()).to(x_s.dtype)
+    y = subinterval_target(schedule, x_s, x_t, s, t)
+    eps_y = (x_t.double() - a_t * y) / s_t
+    loss = torch.mean((fake(x_t, t.to(x_s.device)).sample - schedule.target(y, eps_y, t).to(x_s.dtype)) ** 2)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
 def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device, bar, live):
     """(the phase experts as one network, their DDIMScheduler, summary)."""
     teacher = load_teacher(teacher_path, data, device, "phased-dmd")
@@ -89,8 +115,7 @@ def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device
         raise DistilError(f"phased-dmd trains an unconditional generator; teacher {teacher_path} is class-conditional")
     schedule, d = teacher.schedule, cfg.diffusion
     check_student(cfg)
-    K = d.phases
-    bounds = phase_bounds(schedule.T, K)
+    K, bounds = d.phases, phase_bounds(schedule.T, d.phases)
     if K < 2:
         raise DistilError("phased-dmd needs diffusion.phases >= 2 (one phase is --method dmd)")
     generator = TimestepExperts.of(init_student(cfg, teacher, data, device), bounds[1:-1][::-1])
@@ -99,12 +124,8 @@ def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device
     fake = copy.deepcopy(teacher.model).train().requires_grad_(True)
     fake_opt = torch.optim.AdamW(fake.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     probe = Probe(teacher, cfg, device)
-    per_phase = max(1, d.eval_steps // K)
-    z_ref = SampleNoise(range(PAIR_SEED, PAIR_SEED + d.dmd_pairs), teacher.sample_shape).draw().to(device)
-    with torch.no_grad():  # the teacher's trajectory through every boundary, from the top down
-        path = [z_ref]
-        for k in range(K, 0, -1):
-            path.append(ddim_between(teacher.denoise, schedule, path[-1], bounds[k], bounds[k - 1], per_phase))
+    z = SampleNoise(range(PAIR_SEED, PAIR_SEED + d.dmd_pairs), teacher.sample_shape).draw().to(device)
+    path = boundary_path(teacher, bounds, z, max(1, d.eval_steps // K))
     _, per_epoch, epochs = plan(cfg, len(data.split("train")))
     total = epochs * per_epoch
     lo_all, hi_all = int(0.02 * schedule.T), int(0.98 * schedule.T)
@@ -133,7 +154,6 @@ def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device
         low = min(high, max(s_end + 1 + (t_in - s_end) // 20, lo_all if s_end < 0 else 0))
         t = torch.randint(low, high + 1, (b,), generator=g)
         ratio, sig_ts = (bcast(v, x).to(x.device) for v in transition(schedule, s_col, t))
-        a_t, s_t = (bcast(v, x).to(x.device) for v in schedule.alpha_sigma(t))
         x_t = (ratio * x_s.detach().double() + sig_ts * torch.randn(x.shape, generator=g).to(x.device).double()).to(x.dtype)
         with torch.no_grad():
             real, _ = schedule.x0_eps(teacher.denoise(x_t, t), x_t, t)
@@ -142,18 +162,11 @@ def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device
             weight = 1.0 / (x0_hat.detach() - real).abs().mean(dim=dims, keepdim=True).clamp_min(1e-5)
             grad = (a_s * (mu_fake - real) * weight).to(x.dtype)
         dm = 0.5 * torch.nn.functional.mse_loss(x_s, (x_s - grad).detach())
-        pick = torch.randint(0, len(z_ref), (b,), generator=g)
+        pick = torch.randint(0, len(z), (b,), generator=g)
         start, end = path[p][pick], path[p + 1][pick]
         reg = torch.nn.functional.mse_loss(ode_step(net(model), schedule, start, t_col, s_col, "ddim"), end)
         for _ in range(d.dmd_fake_steps):  # the fake score of this phase's samples, within its subinterval
-            z = torch.randn(x.shape, generator=g).to(x.device)
-            xt_f = (ratio * x_s.detach().double() + sig_ts * z.double()).to(x.dtype)
-            y = subinterval_target(schedule, x_s.detach(), xt_f, s_col, t)
-            eps_y = (xt_f.double() - a_t * y) / s_t
-            f = torch.mean((fake(xt_f, t.to(x.device)).sample - schedule.target(y, eps_y, t).to(x.dtype)) ** 2)
-            fake_opt.zero_grad(set_to_none=True)
-            f.backward()
-            fake_opt.step()
+            f = fake_step(fake, fake_opt, schedule, x_s.detach(), s_col, t, torch.randn(x.shape, generator=g).to(x.device))
         for key, v in (("dm", dm), ("reg", reg), ("fake", f)):
             seen.setdefault(f"phase{p + 1}_{key}", []).append(float(v.detach()))
         return dm + d.dmd_regression * reg
@@ -172,7 +185,6 @@ def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device
         "epochs": progress["epoch"], "train_seconds": progress["seconds"], "paired_error_initial": initial,
         "paired_error_final": history[-1]["paired_error"] if history else initial,
         f"paired_error_teacher_{K}step": probe.teacher_error(K), "paired_error_reference_steps": d.eval_steps,
-        **{f"{k}_loss_last": sum(v[-max(1, len(v) // 10):]) / max(1, len(v) // 10) for k, v in seen.items()},
-        "history": history,
+        **{f"{k}_loss_last": sum(v[-max(1, len(v) // 10):]) / max(1, len(v) // 10) for k, v in seen.items()}, "history": history,
     }  # fmt: skip
     return saved.model, ddim_scheduler(teacher.scheduler), summary
