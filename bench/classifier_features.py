@@ -42,7 +42,8 @@ STUDENTS = {  # name -> (method, teachers)
 }
 
 
-def _accuracy(model: Path, out: Path, data_cfg: DataConfig) -> float:
+def digits_accuracy(model: Path, out: Path, data_cfg: DataConfig) -> float:
+    """The model's accuracy on the digits test split, from ``distil evaluate``."""
     ev = evaluate.run(EvaluateConfig(), [model], "digits", out, data_cfg=data_cfg, console=Console(file=io.StringIO()))
     return float(json.loads((ev / "metrics.json").read_text())[model.name]["accuracy"])
 
@@ -61,14 +62,14 @@ def main() -> int:
             for name, model in TEACHERS.items():
                 cfg = replace(teacher_cfg, model=model, seed=seed)
                 cached(d / name, (cfg, data), lambda c=cfg, o=d / name: distill.run(c, "digits", o, data_cfg=data, progress=False))
-                acc.setdefault(f"teacher {name}", []).append(_accuracy(d / name, d / f"ev-{name}", data))
+                acc.setdefault(f"teacher {name}", []).append(digits_accuracy(d / name, d / f"ev-{name}", data))
             for label, (method, teachers) in STUDENTS.items():
                 out = d / label.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
                 cfg = replace(student_cfg, method=method, seed=seed)
                 paths = [d / t for t in teachers]
                 cached(out, (cfg, data, teachers),
                        lambda c=cfg, o=out, p=paths: distill.run(c, "digits", o, data_cfg=data, teachers=p, progress=False))  # fmt: skip
-                acc.setdefault(label, []).append(_accuracy(out, d / f"ev-{out.name}", data))
+                acc.setdefault(label, []).append(digits_accuracy(out, d / f"ev-{out.name}", data))
     best_kd = "kd (cnn)" if statistics.fmean(acc["kd (cnn)"]) >= statistics.fmean(acc["kd (mlp)"]) else "kd (mlp)"
     claims = {
         f"hybrid (relations mlp, features cnn) - {best_kd}": paired(acc["hybrid (relations mlp, features cnn)"], acc[best_kd]),

@@ -11,7 +11,6 @@ difference over seeds, and the search's seconds as a share of the winner's train
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import statistics
@@ -20,18 +19,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import yaml
-from rich.console import Console
 
+from bench.classifier_features import digits_accuracy
 from bench.harness import cached, emit, paired, workdir
-from stages import distill, evaluate
-from stages.config import DataConfig, DistillConfig, EvaluateConfig, load_section
+from stages import distill
+from stages.config import DataConfig, DistillConfig, load_section
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _accuracy(model: Path, out: Path, data_cfg: DataConfig) -> float:
-    ev = evaluate.run(EvaluateConfig(), [model], "digits", out, data_cfg=data_cfg, console=Console(file=io.StringIO()))
-    return float(json.loads((ev / "metrics.json").read_text())[model.name]["accuracy"])
 
 
 def main() -> int:
@@ -53,7 +47,7 @@ def main() -> int:
                 cached(d / name, (t, cfg, data), lambda c=cfg, o=d / name, p=d / "teacher": distill.run(
                     c, "digits", o, data_cfg=data, teachers=[p], progress=False))  # fmt: skip
             for name in acc:
-                acc[name].append(_accuracy(d / name, d / f"ev-{name}", data))
+                acc[name].append(digits_accuracy(d / name, d / f"ev-{name}", data))
             summary = json.loads((d / "searched" / "training.json").read_text())
             w = summary["search"]["winner"]
             winners.append(f"{w['arch']} {w['width']}x{w['depth']} ({w['params']} params)")

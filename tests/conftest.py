@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -87,6 +88,36 @@ class Cli:
 @pytest.fixture
 def cli(tmp_path: Path) -> Cli:
     return Cli(write_params(tmp_path))
+
+
+def resumes_like_uninterrupted(run, tmp_path: Path, weights: str = "denoiser/diffusion_pytorch_model.safetensors") -> None:
+    """``run(out)`` trains a generator; killed at its second checkpoint and rerun, it ends with the
+    weights of an uninterrupted run (a method's extra state, fake scores and phases included)."""
+    import stages.diffusion.training as training
+    from stages.artifacts import load_tensors
+
+    run(tmp_path / "ref")
+    with dies_on_call(training, "save_state", 2, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "again")
+    run(tmp_path / "again")
+    a, b = load_tensors(tmp_path / "again" / weights), load_tensors(tmp_path / "ref" / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+MOONS_NET = {"width": 32, "depth": 1, "checkpoint_every": 1}
+"""The tiny MLP denoiser of the moons teacher the diffusion students' tests share."""
+
+
+@pytest.fixture(scope="session")
+def moons_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A diffusion teacher on 256 moons points (200 steps of ``denoise``), built once per session."""
+    from stages import distill
+    from stages.config import DataConfig, DiffusionConfig, DistillConfig
+
+    root = tmp_path_factory.mktemp("moons-teacher")
+    cfg = DistillConfig(method="denoise", diffusion=DiffusionConfig(**MOONS_NET), steps=200, batch_size=64, lr=0.003)
+    distill.run(cfg, "moons", root / "t", data_cfg=DataConfig(sizes=[256, 32, 32]), progress=False)
+    return root / "t"
 
 
 @pytest.fixture(scope="session")

@@ -33,8 +33,9 @@ def net(model: torch.nn.Module, labels: torch.Tensor | None = None) -> Denoise:
     return lambda x, t: model(x, t.to(x.device)).sample
 
 
-def load_teacher(path: Path | None, data: GeneratorData, device, method: str) -> Generator:
-    """The diffusion teacher at ``path``, checked against the data's sample shape."""
+def load_teacher(path: Path | None, data: GeneratorData, device, method: str, unconditional: bool = False) -> Generator:
+    """The diffusion teacher at ``path``, checked against the data's sample shape (and, for a
+    method that makes an unconditional generator, refused when class-conditional)."""
     if path is None:
         raise DistilError(f"method '{method}' needs a diffusion teacher; pass --teacher DIR (from --method denoise)")
     teacher = load_generator(path, device, "teacher")
@@ -44,6 +45,8 @@ def load_teacher(path: Path | None, data: GeneratorData, device, method: str) ->
             f"{method} needs a diffusion teacher (distill --method denoise)"
         )
     check_same_shape(teacher.sample_shape, data.sample_shape, f"teacher {path}", f"data {data.name}")
+    if unconditional and teacher.classes:
+        raise DistilError(f"{method} trains an unconditional generator; teacher {path} is class-conditional")
     return teacher
 
 

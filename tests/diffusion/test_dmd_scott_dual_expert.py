@@ -10,25 +10,21 @@ import json
 
 import pytest
 import torch
-from conftest import dies_on_call
+from conftest import MOONS_NET, resumes_like_uninterrupted
 
 from stages import distill
-from stages.artifacts import load_tensors
 from stages.config import DataConfig, DiffusionConfig, DistillConfig
 from stages.diffusion.methods.dmd import matching_gradient
 from stages.diffusion.sampling import sample_generator
 from stages.errors import DistilError
 
 DATA = DataConfig(sizes=[256, 32, 32])
-NET = {"width": 32, "depth": 1, "checkpoint_every": 1}
+NET = MOONS_NET
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dmd")
-    cfg = DistillConfig(method="denoise", diffusion=DiffusionConfig(**NET), steps=200, batch_size=64, lr=0.003)
-    distill.run(cfg, "moons", root / "t", data_cfg=DATA, progress=False)
-    return root / "t"
+@pytest.fixture
+def teacher(moons_teacher):
+    return moons_teacher
 
 
 def _dmd(**extra) -> DistillConfig:
@@ -55,16 +51,8 @@ def test_a_one_step_generator_moves_toward_the_teacher_and_samples_in_one_step(t
 
 
 def test_dmd_resumes_like_an_uninterrupted_run_fake_score_included(teacher, tmp_path):
-    import stages.diffusion.training as training
-
-    cfg = _dmd()
-    distill.run(cfg, "moons", tmp_path / "ref", data_cfg=DATA, teachers=[teacher], progress=False)
-    with dies_on_call(training, "save_state", 2, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):
-        distill.run(cfg, "moons", tmp_path / "g", data_cfg=DATA, teachers=[teacher], progress=False)
-    distill.run(cfg, "moons", tmp_path / "g", data_cfg=DATA, teachers=[teacher], progress=False)
-    a = load_tensors(tmp_path / "g" / "denoiser" / "diffusion_pytorch_model.safetensors")
-    b = load_tensors(tmp_path / "ref" / "denoiser" / "diffusion_pytorch_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumes_like_uninterrupted(lambda out: distill.run(_dmd(), "moons", out, data_cfg=DATA, teachers=[teacher], progress=False),
+                               tmp_path)
 
 
 def test_dmd_refuses_a_conditional_teacher_and_a_bad_skip(tmp_path):

@@ -9,11 +9,10 @@ import json
 
 import pytest
 import torch
-from conftest import dies_on_call
+from conftest import resumes_like_uninterrupted
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from stages import distill, generate_teacher_data
-from stages.artifacts import load_tensors
 from stages.config import DataConfig, DiffusionConfig, DistillConfig, GenerateTeacherDataConfig
 from stages.diffusion.methods.flow_map import H, T, lagrangian_residual
 from stages.diffusion.sampling import flow_map_fn, sample_generator
@@ -120,16 +119,8 @@ def test_an_image_flow_map_on_a_unet_saves_loads_and_samples(tmp_path):
 
 
 def test_flow_map_resumes_like_an_uninterrupted_run(tmp_path):
-    import stages.diffusion.training as training
-
     cfg = DistillConfig(method="flow-map", diffusion=DiffusionConfig(**NET), steps=12, batch_size=128, lr=0.003)
-    distill.run(cfg, "moons", tmp_path / "ref", data_cfg=DATA, progress=False)
-    with dies_on_call(training, "save_state", 2, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):
-        distill.run(cfg, "moons", tmp_path / "m", data_cfg=DATA, progress=False)
-    distill.run(cfg, "moons", tmp_path / "m", data_cfg=DATA, progress=False)
-    a = load_tensors(tmp_path / "m" / "denoiser" / "diffusion_pytorch_model.safetensors")
-    b = load_tensors(tmp_path / "ref" / "denoiser" / "diffusion_pytorch_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumes_like_uninterrupted(lambda out: distill.run(cfg, "moons", out, data_cfg=DATA, progress=False), tmp_path)
 
 
 def test_a_flow_map_is_refused_as_a_teacher_and_as_a_trajectory_source(trained, tmp_path):

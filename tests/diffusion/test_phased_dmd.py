@@ -8,10 +8,9 @@ import json
 
 import pytest
 import torch
-from conftest import dies_on_call
+from conftest import MOONS_NET, resumes_like_uninterrupted
 
 from stages import distill
-from stages.artifacts import load_tensors
 from stages.config import DataConfig, DiffusionConfig, DistillConfig
 from stages.diffusion.methods.phased_dmd import phase_bounds, subinterval_target, transition
 from stages.diffusion.sampling import sample_generator
@@ -19,15 +18,12 @@ from stages.diffusion.schedule import NoiseSchedule
 from stages.errors import DistilError
 
 DATA = DataConfig(sizes=[256, 32, 32])
-NET = {"width": 32, "depth": 1, "checkpoint_every": 1}
+NET = MOONS_NET
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phased")
-    cfg = DistillConfig(method="denoise", diffusion=DiffusionConfig(**NET), steps=200, batch_size=64, lr=0.003)
-    distill.run(cfg, "moons", root / "t", data_cfg=DATA, progress=False)
-    return root / "t"
+@pytest.fixture
+def teacher(moons_teacher):
+    return moons_teacher
 
 
 def _phased(**extra) -> DistillConfig:
@@ -87,16 +83,8 @@ def test_two_phase_experts_each_learn_their_phase_and_move_toward_the_teacher(te
 
 
 def test_phased_dmd_resumes_across_the_phase_change_like_an_uninterrupted_run(teacher, tmp_path):
-    import stages.diffusion.training as training
-
-    cfg = _phased()
-    distill.run(cfg, "moons", tmp_path / "ref", data_cfg=DATA, teachers=[teacher], progress=False)
-    with dies_on_call(training, "save_state", 2, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):
-        distill.run(cfg, "moons", tmp_path / "g", data_cfg=DATA, teachers=[teacher], progress=False)
-    distill.run(cfg, "moons", tmp_path / "g", data_cfg=DATA, teachers=[teacher], progress=False)
-    a = load_tensors(tmp_path / "g" / "denoiser" / "diffusion_pytorch_model.safetensors")
-    b = load_tensors(tmp_path / "ref" / "denoiser" / "diffusion_pytorch_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumes_like_uninterrupted(
+        lambda out: distill.run(_phased(), "moons", out, data_cfg=DATA, teachers=[teacher], progress=False), tmp_path)
 
 
 def test_phased_dmd_refuses_one_phase_and_a_count_that_does_not_divide_the_schedule(teacher, tmp_path):

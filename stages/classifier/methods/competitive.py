@@ -45,6 +45,19 @@ def _dev_accuracy(ctx: Context, model) -> float:
     return float((ctx.logits(model, ctx.dev["x"]).argmax(1) == ctx.dev["y"]).double().mean())
 
 
+def _weighted_kd(source, rows: torch.Tensor, alpha: float, temperature: float):
+    """(1 - alpha) CE + alpha T^2 KL(source || model), each train row weighted by ``rows[idx]``."""
+
+    def loss(m, b):
+        z = m(b["x"])
+        w = b["w"] * rows[b["idx"]].to(z.device)
+        with torch.no_grad():
+            target = source(b["x"]).float()
+        return (1 - alpha) * cross_entropy(z, b["y"], weight=w) + alpha * forward_kl(z, target, temperature=temperature, weight=w)
+
+    return loss
+
+
 def competitive(ctx: Context) -> Trained:
     cfg = ctx.cfg
     teacher = copy.deepcopy(ctx.teachers[0]).to(ctx.device)
@@ -60,14 +73,7 @@ def competitive(ctx: Context) -> Trained:
         weight[hard] = 2.0
         frozen_teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
 
-        def student_loss(m, b, w=weight, t=frozen_teacher):
-            z = m(b["x"])
-            rows = b["w"] * w[b["idx"]].to(z.device)
-            with torch.no_grad():
-                tz = t(b["x"]).float()
-            return (1 - cfg.alpha) * cross_entropy(z, b["y"], weight=rows) + cfg.alpha * forward_kl(
-                z, tz, temperature=cfg.temperature, weight=rows)  # fmt: skip
-
+        student_loss = _weighted_kd(frozen_teacher, weight, cfg.alpha, cfg.temperature)
         last = fit(ctx, student, student_loss, tag=f"student{r}", epochs=student_epochs)
         with torch.no_grad():
             t_pred = ctx.logits(teacher, ctx.train["x"]).argmax(1)
@@ -79,16 +85,7 @@ def competitive(ctx: Context) -> Trained:
             keep = right[torch.randperm(len(right), generator=torch.Generator().manual_seed(cfg.seed + r))[: len(teacher_hard)]]
             focus = torch.zeros(n)
             focus[teacher_hard], focus[keep] = 1.0, 1.0
-            frozen_student = copy.deepcopy(student).eval().requires_grad_(False)
-
-            def teacher_loss(m, b, f=focus, s=frozen_student):
-                z = m(b["x"])
-                rows = b["w"] * f[b["idx"]].to(z.device)
-                with torch.no_grad():
-                    sz = s(b["x"]).float()
-                return 0.5 * cross_entropy(z, b["y"], weight=rows) + 0.5 * forward_kl(z, sz, temperature=cfg.temperature,
-                                                                                       weight=rows)  # fmt: skip
-
+            teacher_loss = _weighted_kd(copy.deepcopy(student).eval().requires_grad_(False), focus, 0.5, cfg.temperature)
             teacher.requires_grad_(True)
             fit(ctx, teacher, teacher_loss, tag=f"teacher{r}", epochs=teacher_epochs, select_best=False)
             teacher.requires_grad_(False)

@@ -49,10 +49,7 @@ def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device
     """(the teacher with the adapter merged, the teacher's scheduler, summary); the adapter in ``work/control``."""
     from peft import LoraConfig, get_peft_model
 
-    teacher = load_teacher(teacher_path, data, device, "control-lora")
-    if teacher.classes:
-        raise DistilError(f"teacher {teacher_path} is class-conditional already; control-lora adds class control to an "
-                          "unconditional teacher")  # fmt: skip
+    teacher = load_teacher(teacher_path, data, device, "control-lora", unconditional=True)
     d = cfg.diffusion
     labels = data.labels.get("train")
     if labels is None:

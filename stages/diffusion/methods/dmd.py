@@ -45,11 +45,15 @@ def matching_gradient(x: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -
     return (fake - real) * weight
 
 
+def fake_score(teacher, cfg: DistillConfig) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The trained fake score (DMD eq. 6) started from the teacher, and its own AdamW at the student's rate."""
+    fake = copy.deepcopy(teacher.model).train().requires_grad_(True)
+    return fake, torch.optim.AdamW(fake.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device, bar, live):
     """(generator to save, its LCMScheduler, summary)."""
-    teacher = load_teacher(teacher_path, data, device, "dmd")
-    if teacher.classes:
-        raise DistilError(f"dmd trains an unconditional one-step generator; teacher {teacher_path} is class-conditional")
+    teacher = load_teacher(teacher_path, data, device, "dmd", unconditional=True)
     schedule, d = teacher.schedule, cfg.diffusion
     check_student(cfg)
     if d.skip < 1 or schedule.T % d.skip:
@@ -58,8 +62,7 @@ def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device
     generator = init_student(cfg, teacher, data, device)
     target, sampler = averages(cfg, generator)
     saved = sampler or target
-    fake = copy.deepcopy(teacher.model).train().requires_grad_(True)
-    fake_opt = torch.optim.AdamW(fake.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fake, fake_opt = fake_score(teacher, cfg)
     probe = Probe(teacher, cfg, device)
     z_ref = SampleNoise(range(PAIR_SEED, PAIR_SEED + d.dmd_pairs), teacher.sample_shape).draw().to(device)
     with torch.no_grad():

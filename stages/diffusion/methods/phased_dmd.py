@@ -35,13 +35,11 @@ taken, so a resumed run continues in the right phase.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from stages.config import DistillConfig
 from stages.diffusion.data import GeneratorData
-from stages.diffusion.methods.dmd import PAIR_SEED
+from stages.diffusion.methods.dmd import PAIR_SEED, fake_score
 from stages.diffusion.models import TimestepExperts
 from stages.diffusion.sampling import SampleNoise, ode_step, ode_timesteps
 from stages.diffusion.schedule import NoiseSchedule, bcast
@@ -110,9 +108,7 @@ def fake_step(fake, opt, schedule: NoiseSchedule, x_s: torch.Tensor, s: torch.Te
 
 def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device, bar, live):
     """(the phase experts as one network, their DDIMScheduler, summary)."""
-    teacher = load_teacher(teacher_path, data, device, "phased-dmd")
-    if teacher.classes:
-        raise DistilError(f"phased-dmd trains an unconditional generator; teacher {teacher_path} is class-conditional")
+    teacher = load_teacher(teacher_path, data, device, "phased-dmd", unconditional=True)
     schedule, d = teacher.schedule, cfg.diffusion
     check_student(cfg)
     K, bounds = d.phases, phase_bounds(schedule.T, d.phases)
@@ -121,8 +117,7 @@ def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device
     generator = TimestepExperts.of(init_student(cfg, teacher, data, device), bounds[1:-1][::-1])
     target, sampler = averages(cfg, generator)
     saved = sampler or target
-    fake = copy.deepcopy(teacher.model).train().requires_grad_(True)
-    fake_opt = torch.optim.AdamW(fake.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fake, fake_opt = fake_score(teacher, cfg)
     probe = Probe(teacher, cfg, device)
     z = SampleNoise(range(PAIR_SEED, PAIR_SEED + d.dmd_pairs), teacher.sample_shape).draw().to(device)
     path = boundary_path(teacher, bounds, z, max(1, d.eval_steps // K))
