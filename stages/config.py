@@ -487,6 +487,17 @@ class DistillConfig:
         0.2, "competitive: share of train rows the student finds hardest (largest KL to the teacher), up-weighted next round",
         only=(CLASSIFIER,), valid=SHARE,
     )  # fmt: skip
+    images_per_class: int = _f(10, "dataset-distill: synthetic rows per class", only=(CLASSIFIER,), valid=COUNT)
+    dd_experts: int = _f(3, "dataset-distill: expert networks trained on the real data, whose trajectories are matched", only=(CLASSIFIER,), valid=COUNT)
+    dd_expert_epochs: int = _f(15, "dataset-distill: epochs of each expert (one saved point per epoch)", only=(CLASSIFIER,), valid=Range(2))
+    dd_expert_lr: float = _f(0.05, "dataset-distill: the experts' SGD learning rate", only=(CLASSIFIER,), valid=POSITIVE)
+    dd_clip: float = _f(2.0, "dataset-distill: per-row CE of the experts clipped at this (smooth experts; 0 = no clipping)", only=(CLASSIFIER,), valid=NONNEG)
+    dd_penalty: float = _f(0.01, "dataset-distill: weight of the experts' gradient-norm penalty (smooth experts)", only=(CLASSIFIER,), valid=NONNEG)
+    dd_iterations: int = _f(300, "dataset-distill: updates of the synthetic set (0 = random real rows, the baseline)", only=(CLASSIFIER,), valid=NONNEG)
+    dd_inner_steps: int = _f(20, "dataset-distill: N, student steps on the synthetic set per match", only=(CLASSIFIER,), valid=COUNT)
+    dd_match_epochs: int = _f(2, "dataset-distill: M, expert epochs the N steps must cover", only=(CLASSIFIER,), valid=COUNT)
+    dd_image_lr: float = _f(0.1, "dataset-distill: Adam learning rate of the synthetic rows", only=(CLASSIFIER,), valid=POSITIVE)
+    dd_student_epochs: int = _f(300, "dataset-distill: epochs of the student trained on the synthetic set", only=(CLASSIFIER,), valid=COUNT)
     critic_temperature: float = _f(
         0.1, "mi-alpha, hybrid: temperature of the cosine critic / sample-relation softmax", only=(CLASSIFIER,), valid=POSITIVE
     )

@@ -200,6 +200,7 @@ class Kind:
     """Every manifest ``kind`` a stage writes: one name each, read by ``stages.modality``."""
 
     TEACHER_DATA = "teacher_data"  # classifier logits
+    EXAMPLES = "examples"  # classifier rows of features and labels (dataset-distill's synthetic set)
     SELECTION = "selection"
     MODEL = "model"
     CASCADE_DECISIONS = "cascade_decisions"
@@ -217,7 +218,7 @@ class Kind:
 
 
 KIND_MODALITY = {
-    Kind.TEACHER_DATA: "classifier", Kind.SELECTION: "classifier", Kind.MODEL: "classifier",
+    Kind.TEACHER_DATA: "classifier", Kind.EXAMPLES: "classifier", Kind.SELECTION: "classifier", Kind.MODEL: "classifier",
     Kind.CASCADE_DECISIONS: "classifier", Kind.EVALUATION: "classifier",
     Kind.LM_TEACHER_DATA: "lm", Kind.LM_SELECTION: "lm", Kind.LM_PROMPTS: "lm", Kind.LM_MODEL: "lm",
     Kind.LM_CASCADE_DECISIONS: "lm", Kind.LM_CASCADE: "lm", Kind.ICD_BANK: "lm",

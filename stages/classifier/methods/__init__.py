@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stages.classifier.methods import competitive, experts, intermediate, logit, representation, search, self_distill
+from stages.classifier.methods import competitive, dataset, experts, intermediate, logit, representation, search, self_distill
 from stages.classifier.methods.common import Trained
 from stages.classifier.training import Context
 
@@ -68,6 +68,11 @@ METHODS: dict[str, Method] = {
         "CoMD's competitive distillation: rounds in which the student up-weights its hardest rows (largest KL to the "
         "teacher) and a copy of the live --teacher is fine-tuned on the rows only the student gets right",
         competitive.competitive, "one", live=True,
+    ),
+    "dataset-distill": Method(
+        "dataset distillation: images_per_class synthetic rows per class learnt by matching smooth experts' training "
+        "trajectories (MTT), written as a table under synthetic/ (dd_iterations=0: random real rows); the student trained on it",
+        dataset.dataset_distill,
     ),
     "student-search": Method(
         "DisWOT: score candidate architectures within search_budget parameters by how much their random-init "
