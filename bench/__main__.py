@@ -17,6 +17,7 @@ BENCHMARKS = [
     "classifier_methods",
     "classifier_features",
     "student_search",
+    "dataset_distill",
     "lm_distillation",
     "lm_students",
     "lm_reward",
