@@ -15,6 +15,7 @@ its paired error to the teacher's ODE fell during training.
 
     python -m bench diffusion                                  # 3 seeds, both datasets
     BENCH_SEEDS=1 BENCH_DATASETS=moons BENCH_METHODS=consistency-distill python -m bench diffusion
+    BENCH_SEEDS=1 BENCH_DATASETS=digits-images BENCH_RESULTS=diffusion_second_wave python -m bench diffusion
 
 Each dataset's ``methods`` and per-method ``overrides`` come from the settings file (the
 U-Net students on digits cost minutes each on CPU, so digits runs ``consistency-distill``).
@@ -34,7 +35,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from bench.harness import cached, emit, workdir
+from bench.harness import cached, emit, paired, workdir
 from stages import distill, evaluate, generate_teacher_data
 from stages.config import DataConfig, DistillConfig, EvaluateConfig, GenerateTeacherDataConfig, load_section
 from stages.diffusion.methods import DIFFUSION_METHODS
@@ -103,7 +104,8 @@ def _cell(xs: list[float]) -> str:
 def _write_results(results: Path, lines: list[str], summary: dict) -> None:
     """``diffusion.{md,json}``; datasets this run did not touch keep their earlier sections
     (``BENCH_DATASETS=digits-images`` reruns digits without dropping moons)."""
-    path, md = results / "diffusion.json", results / "diffusion.md"
+    stem = os.environ.get("BENCH_RESULTS", "diffusion")  # another stem keeps a partial run (fewer methods or seeds) apart
+    path, md = results / f"{stem}.json", results / f"{stem}.md"
     earlier = json.loads(path.read_text()) if path.exists() else {}
     kept = [ds for ds in earlier.get("table", {}) if ds not in summary["table"]]
     if kept and md.exists():
@@ -114,6 +116,30 @@ def _write_results(results: Path, lines: list[str], summary: dict) -> None:
         summary["datasets"] = kept + list(summary["datasets"])
     md.write_text("\n".join(lines) + "\n")
     path.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+SECOND_WAVE = (  # (claim, A row, B row): A against B on the quality column, lower is better
+    ("dmd at 1 step against the 50-step teacher (ratio; goal <= 1.5)", "dmd/steps_1", "teacher/steps_50"),
+    ("phased-dmd at 2 steps against dmd at 1", "phased-dmd/steps_2", "dmd/steps_1"),
+    ("dual-expert against multistep at 2 steps", "dual-expert/steps_2", "multistep/steps_2"),
+    ("scott against consistency-distill at 1 step", "scott/steps_1", "consistency-distill/steps_1"),
+    ("scott against consistency-distill at 2 steps", "scott/steps_2", "consistency-distill/steps_2"),
+    ("flow-map against consistency-train at 1 step", "flow-map/steps_1", "consistency-train/steps_1"),
+    ("flow-map against consistency-train at 2 steps", "flow-map/steps_2", "consistency-train/steps_2"),
+)
+
+
+def second_wave_claims(rows: dict[str, dict[str, list[float]]], q: str) -> dict[str, dict]:
+    """Each second-wave comparison whose two rows were measured: the means, their ratio, the
+    paired difference over seeds (A - B; negative: A is better) and whether A is better."""
+    out = {}
+    for claim, a, b in SECOND_WAVE:
+        if a in rows and b in rows and q in rows[a] and q in rows[b]:
+            xa, xb = rows[a][q], rows[b][q]
+            ma, mb = statistics.fmean(xa), statistics.fmean(xb)
+            out[claim] = {"a": a, "b": b, "mean_a": ma, "mean_b": mb, "ratio": ma / mb, "a_better": ma < mb,
+                          "paired": paired(xa, xb)}  # fmt: skip
+    return out
 
 
 def main() -> int:
@@ -158,6 +184,12 @@ def main() -> int:
                 "speedup_cd1_vs_teacher50": statistics.fmean(t50["seconds_per_1k"]) / statistics.fmean(cd["seconds_per_1k"]),
                 "paired_error_fell": all(pe is not None and pe[1] < pe[0] for pe in paired[dataset]["consistency-distill"]),
             }  # fmt: skip
+        wave = second_wave_claims(rows, q)
+        if wave:
+            claims.setdefault(dataset, {})["second_wave"] = wave
+            lines += ["| claim | A | B | ratio A / B | A better |", "|---|---|---|---|---|"]
+            lines += [f"| {c} | {v['mean_a']:.4g} | {v['mean_b']:.4g} | {v['ratio']:.3g} | {v['a_better']} |" for c, v in wave.items()]
+            lines.append("")
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
     summary = {"seeds": len(seeds), "datasets": datasets, "methods": methods, "claims": claims,

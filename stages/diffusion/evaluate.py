@@ -371,7 +371,7 @@ def evaluate_generators(
     if cfg.control:
         if not isinstance(space, _Images):
             raise DistilError("evaluate.control scores samples by class with the digits classifier: evaluate on digits-images")
-        from stages.diffusion.methods.control_lora import read_control
+        from stages.diffusion.control import read_control
 
         space.control_class = int(read_control(cfg.control)["class"])
     runs = _runs(models, steps, hybrid, _guided(models, cfg.guidance, space))
@@ -458,7 +458,7 @@ def _merged(cfg: EvaluateConfig, root: Path) -> list[Path]:
 
 def _controlled(models: list[Path], control: Path, root: Path) -> list[Path]:
     """``control``: every model with the control-lora adapter merged in unchanged, named ``NAME+control``."""
-    from stages.diffusion.methods.control_lora import apply_control
+    from stages.diffusion.control import apply_control
 
     return [apply_control(p, control, root / f"{p.name}+control") for p in models]
 

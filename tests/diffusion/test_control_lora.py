@@ -14,8 +14,8 @@ import torch
 from stages import distill
 from stages.artifacts import load_tensors
 from stages.config import DataConfig, DiffusionConfig, DistillConfig, EvaluateConfig
+from stages.diffusion.control import apply_control
 from stages.diffusion.evaluate import evaluate_generators
-from stages.diffusion.methods.control_lora import apply_control
 from stages.diffusion.metrics.digits_features import train_digits_classifier
 from stages.errors import DistilError
 from stages.tasks.digits_images import digits_images

@@ -12,37 +12,29 @@ teacher with its own denoising loss (``denoise``'s, Ho et al. 2020) on the train
 The output is the teacher with the adapter merged (a generator folder like any other, so
 ``evaluate`` scores it) and the adapter itself in PEFT's format under ``control/`` (with
 ``CONTROL``: its class and base), which ``evaluate --set control=DIR`` applies unchanged to every
-model it scores (``apply_control``): the share of samples of the class, with and without it,
-measures how much control survives distillation.
+model it scores (``stages.diffusion.control.apply_control``): the share of samples of the class,
+with and without it, measures how much control survives distillation.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 
 import torch
 
 from stages.artifacts import write_json
 from stages.config import DistillConfig
+from stages.diffusion.control import ADAPTER, CONTROL, public_config
 from stages.diffusion.data import GeneratorData
 from stages.diffusion.methods.denoise import denoise_loss
 from stages.diffusion.students import load_teacher
 from stages.diffusion.training import EMA, fit
 from stages.errors import DistilError
 
-ADAPTER, CONTROL = "control", "control.json"
-"""The adapter's folder (PEFT's adapter_config.json + adapter_model.safetensors) and its description."""
-
 
 def adapted_layers(model: torch.nn.Module) -> list[str]:
     """The names of every linear and convolution layer of a denoiser (the LoRA's target modules)."""
     return [name for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-
-
-def public_config(model: torch.nn.Module) -> dict:
-    return {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
 
 
 def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device, bar, live):
@@ -72,30 +64,3 @@ def train(cfg: DistillConfig, data: GeneratorData, teacher_path, work, *, device
                "class_rows": len(rows), "adapter_params": trained, "adapted_layers": len(lora.target_modules),
                "epochs": progress["epoch"], "train_seconds": progress["seconds"], "history": progress["history"]}  # fmt: skip
     return ema.model.merge_and_unload(), teacher.scheduler, summary
-
-
-def read_control(path: str | Path) -> dict:
-    """A control-lora folder's ``CONTROL`` (its class, base), or one clear error."""
-    path = Path(path)
-    if not (path / CONTROL).is_file() or not (path / ADAPTER / "adapter_config.json").is_file():
-        raise DistilError(f"evaluate.control {path} is not a control-lora folder (no {CONTROL} and {ADAPTER}/); train one with "
-                          "distill --method control-lora --teacher TEACHER")  # fmt: skip
-    return json.loads((path / CONTROL).read_text())
-
-
-def apply_control(model_dir: str | Path, control: str | Path, dest: Path) -> Path:
-    """The generator at ``model_dir`` with ``control``'s adapter merged into it, unchanged (no
-    training), saved at ``dest``. Its network must be the adapter's base architecture: a student
-    that started from the teacher's weights (consistency-distill, multistep, scott, dmd, ...)."""
-    from peft import PeftModel
-
-    from stages.diffusion.generator import load_generator, save_generator
-
-    info = read_control(control)
-    gen = load_generator(model_dir, "cpu", "controlled model")
-    if type(gen.model).__name__ != info["network"] or public_config(gen.model) != info["base_config"]:
-        raise DistilError(f"the adapter of {control} was trained on a {info['network']} of another shape than {model_dir}'s "
-                          f"{type(gen.model).__name__}: control transfers between a teacher and students of its architecture")  # fmt: skip
-    merged = PeftModel.from_pretrained(gen.model, Path(control) / ADAPTER).merge_and_unload()
-    save_generator(dest, merged, gen.scheduler)
-    return dest
