@@ -5,6 +5,8 @@
   that validate on read;
 - ``provenance``: content hashes, run fingerprints, the code version, manifests (content
   apart from ``timing``).
+
+``adapters`` (imported by name, as it pulls in peft when used) reads PEFT adapter folders.
 """
 
 from stages.artifacts.provenance import (

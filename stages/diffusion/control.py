@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from stages.artifacts.adapters import merge_adapter
 from stages.errors import DistilError
 
 ADAPTER, CONTROL = "control", "control.json"
@@ -32,8 +33,6 @@ def apply_control(model_dir: str | Path, control: str | Path, dest: Path) -> Pat
     """The generator at ``model_dir`` with ``control``'s adapter merged into it, unchanged (no
     training), saved at ``dest``. Its network must be the adapter's base architecture: a student
     that started from the teacher's weights (consistency-distill, multistep, scott, dmd, ...)."""
-    from peft import PeftModel
-
     from stages.diffusion.generator import load_generator, save_generator
 
     info = read_control(control)
@@ -41,6 +40,6 @@ def apply_control(model_dir: str | Path, control: str | Path, dest: Path) -> Pat
     if type(gen.model).__name__ != info["network"] or public_config(gen.model) != info["base_config"]:
         raise DistilError(f"the adapter of {control} was trained on a {info['network']} of another shape than {model_dir}'s "
                           f"{type(gen.model).__name__}: control transfers between a teacher and students of its architecture")  # fmt: skip
-    merged = PeftModel.from_pretrained(gen.model, Path(control) / ADAPTER).merge_and_unload()
+    merged = merge_adapter(gen.model, Path(control) / ADAPTER, str(model_dir))
     save_generator(dest, merged, gen.scheduler)
     return dest

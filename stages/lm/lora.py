@@ -20,17 +20,14 @@ directory, a shipped name (``smollm2-135m``) or a hub name.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import warnings
 from pathlib import Path
 
 import torch
 
+from stages.artifacts.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_adapter, quiet_peft  # noqa: F401  (re-exported names)
 from stages.errors import DistilError
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MERGED = "merged"
 """Subfolder of a LoRA student holding the merged full weights (``lora.merge: true``)."""
 
@@ -51,7 +48,7 @@ def wrap(model, cfg, base: str | Path):
     config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                              task_type="CAUSAL_LM")  # fmt: skip
     try:
-        with _quiet():
+        with quiet_peft():
             wrapped = peft.get_peft_model(model, config)
     except ValueError as exc:  # no default targets for this family, or a module type LoRA cannot adapt
         first = str(exc).strip().splitlines()[0][:160]
@@ -130,28 +127,7 @@ def load(path: Path, device, dtype: torch.dtype | None, load_lm, load_tokenizer,
     except DistilError as exc:
         raise DistilError(f"{path} is a LoRA adapter on {base}, which does not load: {exc}") from None
     tokenizer = _tokenizer(path, base, load_tokenizer)
-    return _merged(model, path, base).to(device).eval(), tokenizer
-
-
-def _merged(model, path: Path, base: str):
-    """``model`` with the adapter of ``path`` merged in. The weights are read here, from the
-    safetensors file only (``PeftModel.from_pretrained`` would fall back to a *.bin pickle)."""
-    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
-
-    from stages.artifacts import load_tensors
-
-    config = PeftConfig.from_pretrained(str(path))  # adapter_config.json
-    with _quiet(), torch.random.fork_rng():  # the adapter's random init, overwritten below, leaves the caller's RNG alone
-        wrapped = get_peft_model(model, config)
-    try:
-        result = set_peft_model_state_dict(wrapped, load_tensors(path / ADAPTER_WEIGHTS))
-    except RuntimeError as exc:  # shapes that do not fit the base
-        first = str(exc).strip().splitlines()[-1][:160]
-        raise DistilError(f"the LoRA adapter {path} does not fit its base model {base} ({first}); train it on that base") from None
-    if result.unexpected_keys:
-        raise DistilError(f"the LoRA adapter {path} has weights its base model {base} has no layer for "
-                          f"({result.unexpected_keys[0]}, ...); train it on that base")  # fmt: skip
-    return wrapped.merge_and_unload()
+    return merge_adapter(model, path, base).to(device).eval(), tokenizer
 
 
 def base_of(path: Path) -> str:
@@ -172,14 +148,3 @@ def _tokenizer(path: Path, base: str, load_tokenizer):
         return load_tokenizer(path)
     except DistilError:
         return load_tokenizer(base)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Warnings the user can do nothing about: peft asks transformers 5 for the deprecated
-    ``is_gradient_checkpointing``, and notes that a loaded adapter's base is named by its
-    path in memory (an in-memory config that is merged away at once)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=".*base_model_name_or_path` was renamed.*", category=UserWarning)
-        yield
