@@ -104,6 +104,14 @@ def resumes_like_uninterrupted(run, tmp_path: Path, weights: str = "denoiser/dif
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def digits_cli(root: Path, width: int = 64) -> Cli:
+    """A CLI on 300 digits rows per split (the tiny params otherwise) whose ``distill`` student is a
+    ``width``-unit MLP: enough rows for a method's effect to show, few enough for a test."""
+    return Cli(write_params(root, data={"limit": 300}, distill={"model": {"arch": "mlp", "width": width, "depth": 1}}))
+
+
+MOONS_DATA_SIZES = [256, 32, 32]
+"""The moons splits of the diffusion students' tests (the shared moons teacher's data)."""
 MOONS_NET = {"width": 32, "depth": 1, "checkpoint_every": 1}
 """The tiny MLP denoiser of the moons teacher the diffusion students' tests share."""
 
@@ -116,7 +124,7 @@ def moons_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("moons-teacher")
     cfg = DistillConfig(method="denoise", diffusion=DiffusionConfig(**MOONS_NET), steps=200, batch_size=64, lr=0.003)
-    distill.run(cfg, "moons", root / "t", data_cfg=DataConfig(sizes=[256, 32, 32]), progress=False)
+    distill.run(cfg, "moons", root / "t", data_cfg=DataConfig(sizes=MOONS_DATA_SIZES), progress=False)
     return root / "t"
 
 

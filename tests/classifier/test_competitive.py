@@ -14,10 +14,10 @@ from stages.classifier.models import load_classifier
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from conftest import Cli, write_params
+    from conftest import digits_cli
 
     root = tmp_path_factory.mktemp("competitive")
-    cli = Cli(write_params(root, data={"limit": 300}, distill={"model": {"arch": "mlp", "width": 64, "depth": 1}}))
+    cli = digits_cli(root)
     # a weak teacher (one epoch of a small MLP): there are rows the student gets right and it does not
     cli.ok("distill", "--method", "ce", "--data", "digits", "--out", root / "weak", "--set", "model.width=8", "--set",
            "epochs=1", "--set", "lr=0.003", "-q")  # fmt: skip

@@ -38,10 +38,10 @@ def test_the_clipped_loss_caps_hard_rows_and_keeps_their_direction():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from conftest import Cli, write_params
+    from conftest import digits_cli
 
     root = tmp_path_factory.mktemp("dd")
-    cli = Cli(write_params(root, data={"limit": 300}, distill={"model": {"arch": "mlp", "width": 64, "depth": 1}}))
+    cli = digits_cli(root)
     cli.ok("distill", "--method", "dataset-distill", "--data", "digits", "--out", root / "dd", *SMALL)
     cli.ok("distill", "--method", "dataset-distill", "--data", "digits", "--out", root / "random", *SMALL,
            "--set", "dd_iterations=0")  # fmt: skip

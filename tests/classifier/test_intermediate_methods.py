@@ -61,10 +61,10 @@ def test_hint_and_relation_losses_vanish_at_the_teacher():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A CLI on 300 digits rows per split, with an MLP and a CNN teacher trained on them."""
-    from conftest import Cli, write_params
+    from conftest import digits_cli
 
     root = tmp_path_factory.mktemp("inter")
-    cli = Cli(write_params(root, data={"limit": 300}, distill={"model": {"arch": "mlp", "width": 32, "depth": 1}}))
+    cli = digits_cli(root, width=32)
     cli.ok("distill", "--method", "ce", "--data", "digits", "--out", root / "mlp", "--set", "model.width=128", "--set",
            "epochs=10", "-q")  # fmt: skip
     cli.ok("distill", "--method", "ce", "--data", "digits", "--out", root / "cnn", "--set", "model.arch=cnn", "--set",

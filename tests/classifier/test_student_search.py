@@ -18,10 +18,10 @@ FAST = ["--set", "epochs=3", "-q"]
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from conftest import Cli, write_params
+    from conftest import digits_cli
 
     root = tmp_path_factory.mktemp("search")
-    cli = Cli(write_params(root, data={"limit": 300}, distill={"model": {"arch": "mlp", "width": 64, "depth": 1}}))
+    cli = digits_cli(root)
     cli.ok("distill", "--method", "ce", "--data", "digits", "--out", root / "cnn", "--set", "model.arch=cnn", "--set",
            "model.width=16", "--set", "epochs=8", "-q")  # fmt: skip
     return {"cli": cli, "teacher": root / "cnn", "root": root}

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import MOONS_NET, resumes_like_uninterrupted
+from conftest import MOONS_DATA_SIZES, MOONS_NET, resumes_like_uninterrupted
 
 from stages import distill
 from stages.config import DataConfig, DiffusionConfig, DistillConfig
@@ -18,13 +18,8 @@ from stages.diffusion.methods.dmd import matching_gradient
 from stages.diffusion.sampling import sample_generator
 from stages.errors import DistilError
 
-DATA = DataConfig(sizes=[256, 32, 32])
+DATA = DataConfig(sizes=MOONS_DATA_SIZES)
 NET = MOONS_NET
-
-
-@pytest.fixture
-def teacher(moons_teacher):
-    return moons_teacher
 
 
 def _dmd(**extra) -> DistillConfig:
@@ -40,8 +35,8 @@ def test_the_matching_gradient_is_the_normalised_score_difference():
     assert torch.allclose(got, torch.tensor([[2.0 / 0.5, 0.0], [0.0, 2.0 / 1.0]]))  # (fake - real) / mean|x - real|
 
 
-def test_a_one_step_generator_moves_toward_the_teacher_and_samples_in_one_step(teacher, tmp_path):
-    distill.run(_dmd(), "moons", tmp_path / "g", data_cfg=DATA, teachers=[teacher], progress=False)
+def test_a_one_step_generator_moves_toward_the_teacher_and_samples_in_one_step(moons_teacher, tmp_path):
+    distill.run(_dmd(), "moons", tmp_path / "g", data_cfg=DATA, teachers=[moons_teacher], progress=False)
     summary = json.loads((tmp_path / "g" / "training.json").read_text())
     assert summary["paired_error_final"] < summary["paired_error_initial"]
     assert summary["paired_error_final"] < summary["paired_error_teacher_1step"]
@@ -50,8 +45,8 @@ def test_a_one_step_generator_moves_toward_the_teacher_and_samples_in_one_step(t
     assert x.shape == (16, 2) and torch.isfinite(x).all()
 
 
-def test_dmd_resumes_like_an_uninterrupted_run_fake_score_included(teacher, tmp_path):
-    resumes_like_uninterrupted(lambda out: distill.run(_dmd(), "moons", out, data_cfg=DATA, teachers=[teacher], progress=False),
+def test_dmd_resumes_like_an_uninterrupted_run_fake_score_included(moons_teacher, tmp_path):
+    resumes_like_uninterrupted(lambda out: distill.run(_dmd(), "moons", out, data_cfg=DATA, teachers=[moons_teacher], progress=False),
                                tmp_path)
 
 
@@ -100,10 +95,10 @@ def test_the_sde_step_is_ddim_at_eta_0_and_the_ddpm_posterior_at_eta_1():
     assert torch.allclose(sde_step(denoise, schedule, x, t, s, 1.0, z), mean + var.sqrt() * z, atol=1e-10)
 
 
-def test_scott_distils_a_one_step_student_through_stochastic_teacher_steps(teacher, tmp_path):
+def test_scott_distils_a_one_step_student_through_stochastic_teacher_steps(moons_teacher, tmp_path):
     cfg = DistillConfig(method="scott", diffusion=DiffusionConfig(**NET, skip=20, eval_samples=64, eval_steps=10,
                                                                   noise_strength=0.5), steps=24, batch_size=64, lr=0.0005)  # fmt: skip
-    distill.run(cfg, "moons", tmp_path / "s", data_cfg=DATA, teachers=[teacher], progress=False)
+    distill.run(cfg, "moons", tmp_path / "s", data_cfg=DATA, teachers=[moons_teacher], progress=False)
     summary = json.loads((tmp_path / "s" / "training.json").read_text())
     assert summary["method"] == "scott" and summary["noise_strength"] == 0.5 and summary["solver"] == "sde"
     assert summary["paired_error_final"] < summary["paired_error_initial"]
@@ -140,12 +135,12 @@ def test_timestep_experts_route_each_row_to_its_expert(arch, tmp_path):
         TimestepExperts.of(base, [10, 30])
 
 
-def test_dual_expert_trains_two_experts_that_sample_along_the_segments(teacher, tmp_path):
+def test_dual_expert_trains_two_experts_that_sample_along_the_segments(moons_teacher, tmp_path):
     from stages.diffusion.generator import load_generator
 
     cfg = DistillConfig(method="dual-expert", diffusion=DiffusionConfig(**NET, segments=2, skip=10, eval_samples=64,
                                                                         eval_steps=10), steps=24, batch_size=64, lr=0.0005)  # fmt: skip
-    distill.run(cfg, "moons", tmp_path / "s", data_cfg=DATA, teachers=[teacher], progress=False)
+    distill.run(cfg, "moons", tmp_path / "s", data_cfg=DATA, teachers=[moons_teacher], progress=False)
     summary = json.loads((tmp_path / "s" / "training.json").read_text())
     assert summary["expert_split"] == summary["boundaries"][1] and summary["paired_error_final"] < summary["paired_error_initial"]
     model = load_generator(tmp_path / "s").model
@@ -154,4 +149,4 @@ def test_dual_expert_trains_two_experts_that_sample_along_the_segments(teacher, 
     assert torch.isfinite(sample_generator(tmp_path / "s", 8, 2, 0)).all()
     with pytest.raises(DistilError, match="segments >= 2"):
         distill.run(DistillConfig(method="dual-expert", diffusion=DiffusionConfig(**NET, segments=1)), "moons", tmp_path / "x",
-                    data_cfg=DATA, teachers=[teacher], progress=False)  # fmt: skip
+                    data_cfg=DATA, teachers=[moons_teacher], progress=False)  # fmt: skip

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import MOONS_NET, resumes_like_uninterrupted
+from conftest import MOONS_DATA_SIZES, MOONS_NET, resumes_like_uninterrupted
 
 from stages import distill
 from stages.config import DataConfig, DiffusionConfig, DistillConfig
@@ -17,13 +17,8 @@ from stages.diffusion.sampling import sample_generator
 from stages.diffusion.schedule import NoiseSchedule
 from stages.errors import DistilError
 
-DATA = DataConfig(sizes=[256, 32, 32])
+DATA = DataConfig(sizes=MOONS_DATA_SIZES)
 NET = MOONS_NET
-
-
-@pytest.fixture
-def teacher(moons_teacher):
-    return moons_teacher
 
 
 def _phased(**extra) -> DistillConfig:
@@ -64,17 +59,17 @@ def test_phase_bounds_cut_the_schedule_evenly_and_refuse_a_count_that_does_not_d
         phase_bounds(1000, 3)
 
 
-def test_two_phase_experts_each_learn_their_phase_and_move_toward_the_teacher(teacher, tmp_path):
+def test_two_phase_experts_each_learn_their_phase_and_move_toward_the_teacher(moons_teacher, tmp_path):
     from stages.diffusion.generator import load_generator
 
-    distill.run(_phased(), "moons", tmp_path / "g", data_cfg=DATA, teachers=[teacher], progress=False)
+    distill.run(_phased(), "moons", tmp_path / "g", data_cfg=DATA, teachers=[moons_teacher], progress=False)
     summary = json.loads((tmp_path / "g" / "training.json").read_text())
     assert summary["boundaries"] == [-1, 499, 999] and summary["sampling_steps"] == 2
     assert summary["paired_error_final"] < summary["paired_error_initial"]
     assert summary["paired_error_final"] < summary["paired_error_teacher_2step"]
     assert [h["phase"] for h in summary["history"]] == [1, 1, 1, 2, 2, 2]  # 4 steps an epoch, phase 2 from step 12
     assert {"phase1_dm_loss_last", "phase2_dm_loss_last", "phase1_fake_loss_last", "phase2_reg_loss_last"} <= set(summary)
-    model, base = load_generator(tmp_path / "g").model, load_generator(teacher).model.state_dict()
+    model, base = load_generator(tmp_path / "g").model, load_generator(moons_teacher).model.state_dict()
     assert len(model.experts) == 2 and model.config.splits == [499]
     for e in model.experts:  # each trained during its own phase
         assert any(not torch.equal(v, base[k]) for k, v in e.state_dict().items())
@@ -82,15 +77,15 @@ def test_two_phase_experts_each_learn_their_phase_and_move_toward_the_teacher(te
     assert x.shape == (16, 2) and torch.isfinite(x).all()
 
 
-def test_phased_dmd_resumes_across_the_phase_change_like_an_uninterrupted_run(teacher, tmp_path):
+def test_phased_dmd_resumes_across_the_phase_change_like_an_uninterrupted_run(moons_teacher, tmp_path):
     resumes_like_uninterrupted(
-        lambda out: distill.run(_phased(), "moons", out, data_cfg=DATA, teachers=[teacher], progress=False), tmp_path)
+        lambda out: distill.run(_phased(), "moons", out, data_cfg=DATA, teachers=[moons_teacher], progress=False), tmp_path)
 
 
-def test_phased_dmd_refuses_one_phase_and_a_count_that_does_not_divide_the_schedule(teacher, tmp_path):
+def test_phased_dmd_refuses_one_phase_and_a_count_that_does_not_divide_the_schedule(moons_teacher, tmp_path):
     for phases, message in ((1, "phases >= 2"), (3, "divide the teacher's 1000 timesteps")):
         cfg = _phased()
         cfg.diffusion.phases = phases
         with pytest.raises(DistilError, match=message):
-            distill.run(cfg, "moons", tmp_path / f"x{phases}", data_cfg=DATA, teachers=[teacher], progress=False)
+            distill.run(cfg, "moons", tmp_path / f"x{phases}", data_cfg=DATA, teachers=[moons_teacher], progress=False)
         assert not (tmp_path / f"x{phases}").exists()
