@@ -18,6 +18,7 @@ BENCHMARKS = [
     "classifier_features",
     "student_search",
     "dataset_distill",
+    "meta_dmoe",
     "lm_distillation",
     "lm_students",
     "lm_reward",

@@ -120,6 +120,10 @@ class DataConfig:
         valid=Range(1, also=(0,)),
     )
     image_size: int = _f(8, "digits-images: image side, 8 (native) or 16 (bilinear upsampling)")
+    domains: list[str] = _f(
+        [], "digits: one copy of the task per domain transformation (none, rot90, rot180, rot270, flip, transpose, invert, "
+        "shift, noise); a row's domain is id // 1,000,000; [] = the plain digits"
+    )
     target: str = _f(
         "answer",
         "reasoning tasks, gold rows: what a student trained on them writes: answer, cot (the running sums, step by step) or "
@@ -498,6 +502,14 @@ class DistillConfig:
     dd_match_epochs: int = _f(2, "dataset-distill: M, expert epochs the N steps must cover", only=(CLASSIFIER,), valid=COUNT)
     dd_image_lr: float = _f(0.1, "dataset-distill: Adam learning rate of the synthetic rows", only=(CLASSIFIER,), valid=POSITIVE)
     dd_student_epochs: int = _f(300, "dataset-distill: epochs of the student trained on the synthetic set", only=(CLASSIFIER,), valid=COUNT)
+    meta_target: str = _f(
+        "", "meta-dmoe: the unseen domain (a data.domains name) whose unlabelled train rows adapt the student after "
+        "meta-training ('' = save the meta-trained student unadapted)", only=(CLASSIFIER,),
+    )  # fmt: skip
+    meta_epochs: int = _f(20, "meta-dmoe: epochs of meta-training after `epochs` of plain CE on the source domains", only=(CLASSIFIER,), valid=COUNT)
+    adapt_steps: int = _f(1, "meta-dmoe: gradient steps of the student's features towards the aggregated experts', in meta-training and at test time", only=(CLASSIFIER,), valid=COUNT)
+    adapt_lr: float = _f(0.1, "meta-dmoe: step size of those adaptation steps", only=(CLASSIFIER,), valid=POSITIVE)
+    adapt_support: int = _f(64, "meta-dmoe: unlabelled rows of the unseen domain the student adapts on", only=(CLASSIFIER,), valid=COUNT)
     critic_temperature: float = _f(
         0.1, "mi-alpha, hybrid: temperature of the cosine critic / sample-relation softmax", only=(CLASSIFIER,), valid=POSITIVE
     )

@@ -52,6 +52,7 @@ def _tensors(ex: Examples, split: str, need_logits: bool) -> dict[str, torch.Ten
     out = {
         "x": torch.from_numpy(list_column_to_numpy(part.column("features"), f"{split} features")),
         "y": torch.from_numpy(part.column("label").to_numpy().astype(np.int64)),
+        "id": torch.from_numpy(part.column("id").to_numpy().astype(np.int64)),
     }
     if need_logits:
         logits = list_column_to_numpy(part.column("logits"), f"{split} teacher logits")
@@ -130,7 +131,7 @@ def run(
     output = Output(out, fingerprint("distill", params, inputs))
     with output as work:
         with logged(work, progress) as (logger, bar):
-            ctx = Context(cfg, ex, train, dev, dev_, work, logger, bar, live, live_cfgs, scaler)
+            ctx = Context(cfg, ex, train, dev, dev_, work, logger, bar, live, live_cfgs, scaler, data_cfg)
             trained = method.train(ctx)
         saved_cfg = replace(cfg, model=trained.model_cfg) if trained.model_cfg is not None else cfg
         save_classifier(work, trained.model, _model_config(trained.model, ex, saved_cfg, class_counts))

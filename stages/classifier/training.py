@@ -54,6 +54,8 @@ class Context:
     scaler: Standardize | None = None
     """The z-score of the train split's features that every model a method builds starts
     with (``None``: the network sees raw features)."""
+    data: Any = None
+    """The run's ``DataConfig`` (how the examples were read and split)."""
 
     def augment(self, x: torch.Tensor, strength: str, g: torch.Generator) -> torch.Tensor:
         return augment_scaled(x, self.ex.input_shape, strength, g, self.scaler)

@@ -20,6 +20,7 @@ from stages.artifacts import EXAMPLES, MANIFEST, Kind, read_table
 from stages.config import DataConfig
 from stages.errors import DistilError
 from stages.tasks.digits import load_digits
+from stages.tasks.domains import domain_of
 from stages.tasks.splits import long_tail_keep
 from stages.tasks.tabular import load_user_table
 from stages.tasks.toy2d import TOY2D
@@ -39,16 +40,12 @@ class Examples:
     input_shape: list[int]
     name: str
     class_names: list[str] = field(default_factory=list)
+    domains: list[str] = field(default_factory=list)
+    """The domain of each position of ``id // DOMAIN_STRIDE`` (``stages.tasks.domains``); [] = one plain domain."""
 
     def meta(self) -> dict[str, Any]:
-        return {
-            "task": {
-                "name": self.name,
-                "num_classes": self.num_classes,
-                "input_shape": self.input_shape,
-                "class_names": self.class_names,
-            }
-        }
+        task = {"name": self.name, "num_classes": self.num_classes, "input_shape": self.input_shape, "class_names": self.class_names}
+        return {"task": {**task, "domains": self.domains} if self.domains else task}
 
     def split(self, name: str) -> pa.Table:
         mask = pc.equal(self.table.column("split"), name)
@@ -57,6 +54,8 @@ class Examples:
 
 def load_examples(source: str | Path, data: DataConfig) -> Examples:
     name = str(source)
+    if data.domains and name != "digits":
+        raise DistilError(f"data.domains transforms the built-in digits, not '{source}'; drop data.domains or use --data digits")
     if name in BUILTIN:
         table, meta = BUILTIN[name](data)
     else:
@@ -72,7 +71,7 @@ def load_examples(source: str | Path, data: DataConfig) -> Examples:
             meta = manifest["task"]
         else:
             table, meta = load_user_table(path, data)
-    table = _limit(table, data.limit)
+    table = _limit(table, data.limit, by_domain=bool(data.domains))
     if data.long_tail > 0:
         table = _long_tail(table, data, meta["num_classes"])
     labels = table.column("label").to_numpy()
@@ -81,8 +80,9 @@ def load_examples(source: str | Path, data: DataConfig) -> Examples:
     if labels.max() >= meta["num_classes"]:
         raise DistilError(f"label {labels.max()} is outside the task's {meta['num_classes']} classes; check the label column")
     return Examples(
-        table=table, **{k: meta[k] for k in ("num_classes", "input_shape", "name")}, class_names=list(meta.get("class_names", []))
-    )
+        table=table, **{k: meta[k] for k in ("num_classes", "input_shape", "name")}, class_names=list(meta.get("class_names", [])),
+        domains=list(meta.get("domains", [])),
+    )  # fmt: skip
 
 
 def _long_tail(table: pa.Table, data: DataConfig, num_classes: int) -> pa.Table:
@@ -95,10 +95,12 @@ def _long_tail(table: pa.Table, data: DataConfig, num_classes: int) -> pa.Table:
     return table.filter(pa.array(keep))
 
 
-def _limit(table: pa.Table, limit: int) -> pa.Table:
+def _limit(table: pa.Table, limit: int, by_domain: bool = False) -> pa.Table:
     if limit <= 0:
         return table
     splits = table.column("split").to_numpy(zero_copy_only=False).astype(str)
+    if by_domain:  # per split and domain (``data.domains``): every domain keeps rows
+        splits = np.char.add(np.char.add(splits, "|"), domain_of(table.column("id").to_numpy()).astype(str))
     if "task" in table.schema.names:  # prompt tables: per task and split (a task mixture's sizes are per task)
         splits = np.char.add(np.char.add(splits, "|"), table.column("task").to_numpy(zero_copy_only=False).astype(str))
     keep = np.zeros(len(splits), dtype=bool)

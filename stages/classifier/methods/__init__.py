@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stages.classifier.methods import competitive, dataset, experts, intermediate, logit, representation, search, self_distill
+from stages.classifier.methods import competitive, dataset, experts, intermediate, logit, meta_dmoe, representation, search, self_distill
 from stages.classifier.methods.common import Trained
 from stages.classifier.training import Context
 
@@ -79,6 +79,11 @@ METHODS: dict[str, Method] = {
         "features' sample relations and class semantics resemble the live --teacher's, evolve them, train the winner "
         "with search_method (kd); the ranking in search.json",
         search.student_search, "one", live=True,
+    ),
+    "meta-dmoe": Method(
+        "Meta-DMoE: one expert --teacher per source domain (data.domains), an aggregator of their features, the student "
+        "meta-trained to adapt to them from unlabelled rows; with meta_target, adapted to that unseen domain (unadapted/ beside)",
+        meta_dmoe.meta_dmoe, "many", live=True,
     ),
     "mst": Method("mixture of specialised teachers: a gate picks the top-k teachers per row", experts.mst, "many"),
 }

@@ -1,0 +1,81 @@
+"""Meta-DMoE on digits domains (issue 22): does test-time adaptation help on an unseen domain?
+
+Per seed: one expert per source domain (the ``teacher`` section's network, ``ce`` on that domain
+alone), ``meta-dmoe`` (the ``distill`` section's student, ``meta_target`` the unseen domain) and,
+for reference, plain ``ce`` of the same student on every source domain (ERM). Each is tested
+with ``distil evaluate`` on the unseen domain's test split: the adapted student, the same
+student before adaptation (``unadapted/``) and ERM.
+
+    python -m bench meta_dmoe            # 3 seeds
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+
+from bench.classifier_features import digits_accuracy
+from bench.harness import cached, emit, paired, workdir
+from stages import distill
+from stages.config import DataConfig, DistillConfig, load_section
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ["none", "rot90", "flip", "invert"]
+TARGET = "transpose"
+"""Unseen: the transpose is a flip of a 90-degree rotation, so two experts know parts of it."""
+
+
+def main() -> int:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    seeds = range(int(os.environ.get("BENCH_SEEDS", "3")))
+    data = load_section(DataConfig, params, "data")
+    sources, target = replace(data, domains=SOURCES), replace(data, domains=[TARGET])
+    expert_cfg = replace(load_section(DistillConfig, params, "teacher"), method="ce")
+    student = load_section(DistillConfig, params, "distill")
+    acc: dict[str, list[float]] = {"meta-dmoe adapted": [], "meta-dmoe unadapted": [], "ERM (ce on the sources)": []}
+    expert_acc: dict[str, list[float]] = {d: [] for d in SOURCES}
+    dev: list[tuple[float, float]] = []
+    t0 = time.perf_counter()
+    with workdir() as root:
+        for seed in seeds:
+            d = root / f"s{seed}"
+            experts = []
+            for dom in SOURCES:
+                cfg, own = replace(expert_cfg, seed=seed), replace(data, domains=[dom])
+                out = d / f"expert-{dom}"
+                cached(out, (cfg, own), lambda c=cfg, o=out, dc=own: distill.run(c, "digits", o, data_cfg=dc, progress=False))
+                expert_acc[dom].append(digits_accuracy(out, d / f"ev-expert-{dom}", target))
+                experts.append(out)
+            meta = replace(student, method="meta-dmoe", seed=seed, meta_target=TARGET)
+            m = d / "meta"
+            cached(m, (meta, sources), lambda c=meta: distill.run(c, "digits", m, data_cfg=sources, teachers=experts, progress=False))
+            erm = replace(student, method="ce", seed=seed)
+            cached(d / "erm", (erm, sources), lambda c=erm: distill.run(c, "digits", d / "erm", data_cfg=sources, progress=False))
+            acc["meta-dmoe adapted"].append(digits_accuracy(m, d / "ev-adapted", target))
+            acc["meta-dmoe unadapted"].append(digits_accuracy(m / "unadapted", d / "ev-unadapted", target))
+            acc["ERM (ce on the sources)"].append(digits_accuracy(d / "erm", d / "ev-erm", target))
+            s = json.loads((m / "training.json").read_text())
+            dev.append((s["target_dev_accuracy_unadapted"], s["target_dev_accuracy_adapted"]))
+    adapted, unadapted, erm_acc = acc.values()
+    out = {"seeds": len(seeds), "sources": SOURCES, "target": TARGET, "test_accuracy_on_target": acc,
+           "experts_on_target": expert_acc, "target_dev_unadapted_adapted": dev,
+           "adapted_minus_unadapted": paired(adapted, unadapted), "adapted_minus_erm": paired(adapted, erm_acc),
+           "seconds": time.perf_counter() - t0}  # fmt: skip
+    lines = [f"### Meta-DMoE on digits: sources {', '.join(SOURCES)}; unseen domain {TARGET} ({len(seeds)} seeds, its test split)",
+             "", "| model | mean | std | per seed |", "|---|---|---|---|"]  # fmt: skip
+    rows = {**acc, **{f"expert on {k}": v for k, v in expert_acc.items()}}
+    for name, xs in rows.items():
+        sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        lines.append(f"| {name} | {statistics.fmean(xs):.4f} | {sd:.4f} | {', '.join(f'{x:.3f}' for x in xs)} |")
+    results = ROOT / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    (results / "meta_dmoe.md").write_text("\n".join(lines) + "\n")
+    (results / "meta_dmoe.json").write_text(json.dumps(out, indent=2) + "\n")
+    emit("meta_dmoe", **out)
+    return 0
