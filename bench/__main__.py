@@ -19,6 +19,7 @@ BENCHMARKS = [
     "student_search",
     "dataset_distill",
     "meta_dmoe",
+    "multi_gate",
     "lm_distillation",
     "lm_students",
     "lm_reward",

@@ -42,10 +42,15 @@ STUDENTS = {  # name -> (method, teachers)
 }
 
 
+def digits_metrics(model: Path, out: Path, data_cfg: DataConfig) -> dict:
+    """``distil evaluate``'s metrics of the model on the digits test split."""
+    ev = evaluate.run(EvaluateConfig(), [model], "digits", out, data_cfg=data_cfg, console=Console(file=io.StringIO()))
+    return json.loads((ev / "metrics.json").read_text())[model.name]
+
+
 def digits_accuracy(model: Path, out: Path, data_cfg: DataConfig) -> float:
     """The model's accuracy on the digits test split, from ``distil evaluate``."""
-    ev = evaluate.run(EvaluateConfig(), [model], "digits", out, data_cfg=data_cfg, console=Console(file=io.StringIO()))
-    return float(json.loads((ev / "metrics.json").read_text())[model.name]["accuracy"])
+    return float(digits_metrics(model, out, data_cfg)["accuracy"])
 
 
 def main() -> int:

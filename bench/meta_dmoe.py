@@ -54,9 +54,9 @@ def main() -> int:
                 experts.append(out)
             meta = replace(student, method="meta-dmoe", seed=seed, meta_target=TARGET)
             m = d / "meta"
-            cached(m, (meta, sources), lambda c=meta: distill.run(c, "digits", m, data_cfg=sources, teachers=experts, progress=False))
+            cached(m, (meta, sources), lambda c=meta, o=m, e=experts: distill.run(c, "digits", o, data_cfg=sources, teachers=e, progress=False))
             erm = replace(student, method="ce", seed=seed)
-            cached(d / "erm", (erm, sources), lambda c=erm: distill.run(c, "digits", d / "erm", data_cfg=sources, progress=False))
+            cached(d / "erm", (erm, sources), lambda c=erm, o=d / "erm": distill.run(c, "digits", o, data_cfg=sources, progress=False))
             acc["meta-dmoe adapted"].append(digits_accuracy(m, d / "ev-adapted", target))
             acc["meta-dmoe unadapted"].append(digits_accuracy(m / "unadapted", d / "ev-unadapted", target))
             acc["ERM (ce on the sources)"].append(digits_accuracy(d / "erm", d / "ev-erm", target))

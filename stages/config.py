@@ -510,6 +510,28 @@ class DistillConfig:
     adapt_steps: int = _f(1, "meta-dmoe: gradient steps of the student's features towards the aggregated experts', in meta-training and at test time", only=(CLASSIFIER,), valid=COUNT)
     adapt_lr: float = _f(0.1, "meta-dmoe: step size of those adaptation steps", only=(CLASSIFIER,), valid=POSITIVE)
     adapt_support: int = _f(64, "meta-dmoe: unlabelled rows of the unseen domain the student adapts on", only=(CLASSIFIER,), valid=COUNT)
+    mt_kind: str = _f(
+        "home", "multi-gate: the student, home (shared + per-task experts, per-task gates), gmope (prompt experts), "
+        "flexmore (rank-heterogeneous LoRA experts) or shared-bottom (the dense baseline)", only=(CLASSIFIER,),
+        choices=("home", "gmope", "flexmore", "shared-bottom"),
+    )  # fmt: skip
+    mt_tasks: list[str] = _f(
+        ["label", "parity", "high", "round"], "multi-gate: the tasks, label (the data's classes) first; on digits also parity, "
+        "high, round, prime (maps of the digit)", only=(CLASSIFIER,),
+    )  # fmt: skip
+    mt_experts: int = _f(4, "multi-gate: shared experts (home) or experts (gmope); model.width units each", only=(CLASSIFIER,), valid=COUNT)
+    mt_task_experts: int = _f(1, "multi-gate home: experts of each task's own", only=(CLASSIFIER,), valid=NONNEG)
+    mt_ranks: list[int] = _f([1, 4, 16], "multi-gate flexmore: the rank of each expert's adapter", only=(CLASSIFIER,))
+    mt_top_k: int = _f(0, "multi-gate: experts each row's gate keeps (sparse routing; 0 = a soft mix of all)", only=(CLASSIFIER,), valid=NONNEG)
+    mt_balance: float = _f(
+        10.0, "multi-gate with mt_sequential: weight of the term that steers a new task's gate off the experts earlier tasks use",
+        only=(CLASSIFIER,), valid=NONNEG,
+    )  # fmt: skip
+    mt_orthogonality: float = _f(0.1, "multi-gate gmope: weight of the prompts' soft orthogonality penalty", only=(CLASSIFIER,), valid=NONNEG)
+    mt_sequential: bool = _f(
+        False, "multi-gate: the tasks arrive in sequence (epochs each, earlier tasks' data gone); records forgetting",
+        only=(CLASSIFIER,),
+    )  # fmt: skip
     critic_temperature: float = _f(
         0.1, "mi-alpha, hybrid: temperature of the cosine critic / sample-relation softmax", only=(CLASSIFIER,), valid=POSITIVE
     )

@@ -88,6 +88,7 @@ def _model_config(model: Classifier, ex: Examples, cfg: DistillConfig, class_cou
         "experts": model.experts, "aux_classes": model.aux_head.out_features if model.aux_head is not None else 0,
         "input_shape": ex.input_shape, "num_classes": ex.num_classes, "class_names": ex.class_names,
         "task": ex.name, "method": cfg.method, "class_counts": class_counts, "standardize": model.scaler is not None,
+        **({"multitask": model.spec} if hasattr(model, "spec") else {}),
     }  # fmt: skip
 
 

@@ -38,6 +38,7 @@ from stages.artifacts import (
     write_manifest,
 )
 from stages.classifier.models import check_compatible, identity, load_classifier, param_count
+from stages.classifier.multitask import TaskReport
 from stages.config import DataConfig, EvaluateConfig, to_dict
 from stages.devices import resolve_device
 from stages.errors import DistilError
@@ -66,12 +67,15 @@ def _model_metrics(model, config: dict, table, cfg: EvaluateConfig) -> tuple[dic
     has_teacher = "logits" in table.schema.names
     experts = config.get("experts", 1)
     seconds_per_row = _time_per_row(model, table, cfg.batch_size, device)
+    tasks = TaskReport(model) if config.get("multitask") else None
     for batch in table.to_batches(max_chunksize=cfg.batch_size):
         x = torch.from_numpy(list_column_to_numpy(batch.column("features"), "features")).to(device)
         with torch.no_grad():
             z = model(x).float().cpu().numpy()
         probs.append(softmax(z))
         labels.append(batch.column("label").to_numpy())
+        if tasks is not None:
+            tasks.add(x, torch.from_numpy(labels[-1].astype(np.int64)))
         if experts > 1:
             with torch.no_grad():
                 expert_preds.append(model.expert_logits(x).argmax(-1).cpu().numpy())
@@ -91,6 +95,8 @@ def _model_metrics(model, config: dict, table, cfg: EvaluateConfig) -> tuple[dic
         metrics.update(shot_accuracy(p.argmax(1), y, np.asarray(config["class_counts"]), cfg.many_shot, cfg.few_shot))
     if expert_preds:
         metrics.update(expert_metrics(np.concatenate(expert_preds), y))
+    if tasks is not None:
+        metrics.update(tasks.metrics())
     if has_teacher:
         metrics["agreement_with_teacher"] = float(np.concatenate(agree).mean())
     return metrics, p, y

@@ -170,6 +170,10 @@ def build_classifier(
 
 
 def build_from_config(config: dict[str, Any]) -> Classifier:
+    if config.get("multitask"):  # multi-gate's students (stages.classifier.multitask)
+        from stages.classifier.multitask import build_multitask
+
+        return build_multitask(config["multitask"], config["input_shape"], config["num_classes"], config.get("standardize", False))
     return build_classifier(
         config["arch"], config["width"], config["depth"], config.get("dropout", 0.0), config["input_shape"],
         config["num_classes"], config.get("experts", 1), config.get("aux_classes", 0), config.get("standardize", False),

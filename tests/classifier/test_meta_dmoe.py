@@ -108,8 +108,9 @@ def test_meta_dmoe_bad_input(experts, tmp_path):
 
 
 def test_a_killed_meta_dmoe_run_resumes_to_the_uninterrupted_weights(experts, tmp_path):
-    import stages.classifier.training as training
     from conftest import dies_on_call
+
+    import stages.classifier.training as training
     from stages.artifacts import load_tensors
 
     cli, teachers = experts

@@ -30,7 +30,7 @@ def test_single_model_methods_train_and_load(cli, tiny_run, tmp_path, method):
 
 def test_every_listed_method_is_covered():
     covered = {"ce", "kd", "reverse-kl", "jsd", "skew-kl", "tvd", "pld", "ssld", "pskd", "mdcs",
-               "self-distill", "anchored", "random-teacher", "sla-sd", "mst", "fitnet", "mi-alpha", "hybrid", "student-search", "competitive", "dataset-distill", "meta-dmoe"}  # fmt: skip
+               "self-distill", "anchored", "random-teacher", "sla-sd", "mst", "fitnet", "mi-alpha", "hybrid", "student-search", "competitive", "dataset-distill", "meta-dmoe", "multi-gate"}  # fmt: skip
     assert set(METHODS) == covered
 
 

@@ -10,7 +10,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stages.classifier.methods import competitive, dataset, experts, intermediate, logit, meta_dmoe, representation, search, self_distill
+from stages.classifier.methods import (
+    competitive,
+    dataset,
+    experts,
+    intermediate,
+    logit,
+    meta_dmoe,
+    multi_gate,
+    representation,
+    search,
+    self_distill,
+)
 from stages.classifier.methods.common import Trained
 from stages.classifier.training import Context
 
@@ -84,6 +95,12 @@ METHODS: dict[str, Method] = {
         "Meta-DMoE: one expert --teacher per source domain (data.domains), an aggregator of their features, the student "
         "meta-trained to adapt to them from unlabelled rows; with meta_target, adapted to that unseen domain (unadapted/ beside)",
         meta_dmoe.meta_dmoe, "many", live=True,
+    ),
+    "multi-gate": Method(
+        "a multi-task student (mt_tasks: the label and maps of it) with per-task gates over experts: home, gmope, "
+        "flexmore or the shared-bottom baseline (mt_kind); KD of every task from one teacher; mt_sequential: tasks in "
+        "sequence, forgetting recorded",
+        multi_gate.multi_gate, "one",
     ),
     "mst": Method("mixture of specialised teachers: a gate picks the top-k teachers per row", experts.mst, "many"),
 }
