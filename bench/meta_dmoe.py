@@ -27,6 +27,8 @@ from stages.config import DataConfig, DistillConfig, load_section
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["none", "rot90", "flip", "invert"]
+ADAPT = {"1 step at 0.1 (defaults)": {}, "3 steps at 0.5": {"adapt_steps": 3, "adapt_lr": 0.5}}
+"""The test-time adaptation settings each seed's meta-dmoe is trained and adapted with."""
 TARGET = "transpose"
 """Unseen: the transpose is a flip of a 90-degree rotation, so two experts know parts of it."""
 
@@ -38,9 +40,9 @@ def main() -> int:
     sources, target = replace(data, domains=SOURCES), replace(data, domains=[TARGET])
     expert_cfg = replace(load_section(DistillConfig, params, "teacher"), method="ce")
     student = load_section(DistillConfig, params, "distill")
-    acc: dict[str, list[float]] = {"meta-dmoe adapted": [], "meta-dmoe unadapted": [], "ERM (ce on the sources)": []}
+    acc: dict[str, list[float]] = {"ERM (ce on the sources)": []}
     expert_acc: dict[str, list[float]] = {d: [] for d in SOURCES}
-    dev: list[tuple[float, float]] = []
+    dev: dict[str, list[tuple[float, float]]] = {a: [] for a in ADAPT}
     t0 = time.perf_counter()
     with workdir() as root:
         for seed in seeds:
@@ -52,21 +54,22 @@ def main() -> int:
                 cached(out, (cfg, own), lambda c=cfg, o=out, dc=own: distill.run(c, "digits", o, data_cfg=dc, progress=False))
                 expert_acc[dom].append(digits_accuracy(out, d / f"ev-expert-{dom}", target))
                 experts.append(out)
-            meta = replace(student, method="meta-dmoe", seed=seed, meta_target=TARGET)
-            m = d / "meta"
-            cached(m, (meta, sources), lambda c=meta, o=m, e=experts: distill.run(c, "digits", o, data_cfg=sources, teachers=e, progress=False))
+            for i, (name, over) in enumerate(ADAPT.items()):
+                meta = replace(student, method="meta-dmoe", seed=seed, meta_target=TARGET, **over)
+                m = d / ("meta" if i == 0 else f"meta{i}")
+                cached(m, (meta, sources), lambda c=meta, o=m, e=experts: distill.run(c, "digits", o, data_cfg=sources, teachers=e, progress=False))
+                acc.setdefault(f"meta-dmoe adapted, {name}", []).append(digits_accuracy(m, d / f"ev-adapted{i}", target))
+                acc.setdefault(f"meta-dmoe unadapted, {name}", []).append(digits_accuracy(m / "unadapted", d / f"ev-unadapted{i}", target))
+                s = json.loads((m / "training.json").read_text())
+                dev[name].append((s["target_dev_accuracy_unadapted"], s["target_dev_accuracy_adapted"]))
             erm = replace(student, method="ce", seed=seed)
             cached(d / "erm", (erm, sources), lambda c=erm, o=d / "erm": distill.run(c, "digits", o, data_cfg=sources, progress=False))
-            acc["meta-dmoe adapted"].append(digits_accuracy(m, d / "ev-adapted", target))
-            acc["meta-dmoe unadapted"].append(digits_accuracy(m / "unadapted", d / "ev-unadapted", target))
             acc["ERM (ce on the sources)"].append(digits_accuracy(d / "erm", d / "ev-erm", target))
-            s = json.loads((m / "training.json").read_text())
-            dev.append((s["target_dev_accuracy_unadapted"], s["target_dev_accuracy_adapted"]))
-    adapted, unadapted, erm_acc = acc.values()
-    out = {"seeds": len(seeds), "sources": SOURCES, "target": TARGET, "test_accuracy_on_target": acc,
+    gains = {name: paired(acc[f"meta-dmoe adapted, {name}"], acc[f"meta-dmoe unadapted, {name}"]) for name in ADAPT}
+    vs_erm = {name: paired(acc[f"meta-dmoe adapted, {name}"], acc["ERM (ce on the sources)"]) for name in ADAPT}
+    out = {"seeds": len(seeds), "sources": SOURCES, "target": TARGET, "adapt": ADAPT, "test_accuracy_on_target": acc,
            "experts_on_target": expert_acc, "target_dev_unadapted_adapted": dev,
-           "adapted_minus_unadapted": paired(adapted, unadapted), "adapted_minus_erm": paired(adapted, erm_acc),
-           "seconds": time.perf_counter() - t0}  # fmt: skip
+           "adapted_minus_unadapted": gains, "adapted_minus_erm": vs_erm, "seconds": time.perf_counter() - t0}  # fmt: skip
     lines = [f"### Meta-DMoE on digits: sources {', '.join(SOURCES)}; unseen domain {TARGET} ({len(seeds)} seeds, its test split)",
              "", "| model | mean | std | per seed |", "|---|---|---|---|"]  # fmt: skip
     rows = {**acc, **{f"expert on {k}": v for k, v in expert_acc.items()}}
