@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages.classifier.models import Standardize
+from stages.classifier.scaling import Standardize
 from stages.errors import DistilError
 
 KINDS = ("shared-bottom", "home", "gmope", "flexmore")
