@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from bench.harness import cached, emit, paired, workdir
+from bench.harness import cached, paired, workdir, write_results
 from stages import distill, evaluate
 from stages.config import DataConfig, DistillConfig, EvaluateConfig, ModelConfig, load_section
 
@@ -92,10 +92,6 @@ def main() -> int:
     for name, c in claims.items():
         ci = "" if c["interval"] is None else f"[{c['interval'][0]:+.4f}, {c['interval'][1]:+.4f}]"
         lines.append(f"| {name} | {c['mean_diff']:+.4f} | {ci} | {c['excludes_zero']} |")
-    results = ROOT / "bench" / "results"
-    results.mkdir(exist_ok=True)
-    (results / "classifier_features.md").write_text("\n".join(lines) + "\n")
     summary = {"seeds": len(seeds), "accuracy": acc, "claims": claims, "seconds": time.perf_counter() - t0}
-    (results / "classifier_features.json").write_text(json.dumps(summary, indent=2) + "\n")
-    emit("classifier_features", **summary)
+    write_results("classifier_features", summary, lines)
     return 0

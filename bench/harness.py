@@ -74,6 +74,16 @@ def emit(name: str, **fields: object) -> None:
 
 
 @contextlib.contextmanager
+def write_results(name: str, out: dict, lines: list[str] | None = None) -> None:
+    """``bench/results/<name>.json`` (and ``.md`` from ``lines``), then the one JSON line on stdout."""
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(exist_ok=True)
+    if lines is not None:
+        (results / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (results / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    emit(name, **out)
+
+
 def workdir() -> Iterator[Path]:
     """Where a benchmark keeps its models: ``BENCH_WORKDIR`` when set (kept, so ``cached``
     steps are reused by a rerun), else a temporary directory removed at the end."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from bench.classifier_features import digits_accuracy
-from bench.harness import cached, emit, paired, workdir
+from bench.harness import cached, paired, workdir, write_results
 from stages import distill
 from stages.config import DataConfig, DistillConfig, load_section
 
@@ -76,9 +76,5 @@ def main() -> int:
     for name, xs in rows.items():
         sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
         lines.append(f"| {name} | {statistics.fmean(xs):.4f} | {sd:.4f} | {', '.join(f'{x:.3f}' for x in xs)} |")
-    results = ROOT / "bench" / "results"
-    results.mkdir(exist_ok=True)
-    (results / "meta_dmoe.md").write_text("\n".join(lines) + "\n")
-    (results / "meta_dmoe.json").write_text(json.dumps(out, indent=2) + "\n")
-    emit("meta_dmoe", **out)
+    write_results("meta_dmoe", out, lines)
     return 0

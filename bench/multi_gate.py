@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from bench.classifier_features import digits_metrics
-from bench.harness import cached, emit, paired, workdir
+from bench.harness import cached, paired, workdir, write_results
 from stages import distill
 from stages.classifier.models import param_count
 from stages.classifier.multitask import GatedMultiTask
@@ -105,9 +105,5 @@ def main() -> int:
     lines += ["", "| tasks in sequence | params | mean forgetting (dev) | final mean task accuracy |", "|---|---|---|---|"]
     for name, v in seq.items():
         lines.append(f"| {name} | {sizes['seq ' + name]:,} | {statistics.fmean(v['forgetting']):.4f} | {statistics.fmean(v['final']):.4f} |")
-    results = ROOT / "bench" / "results"
-    results.mkdir(exist_ok=True)
-    (results / "multi_gate.md").write_text("\n".join(lines) + "\n")
-    (results / "multi_gate.json").write_text(json.dumps(out, indent=2) + "\n")
-    emit("multi_gate", **out)
+    write_results("multi_gate", out, lines)
     return 0

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from bench.classifier_features import digits_accuracy
-from bench.harness import cached, emit, paired, workdir
+from bench.harness import cached, paired, workdir, write_results
 from stages import distill
 from stages.config import DataConfig, DistillConfig, load_section
 
@@ -57,8 +57,5 @@ def main() -> int:
     out = {"seeds": len(seeds), "budget": budget, "accuracy": acc, "winners": winners,
            "searched_minus_hand_picked": claim, "search_cost_share": {"mean": statistics.fmean(shares), "max": max(shares)},
            "seconds": time.perf_counter() - t0}  # fmt: skip
-    results = ROOT / "bench" / "results"
-    results.mkdir(exist_ok=True)
-    (results / "student_search.json").write_text(json.dumps(out, indent=2) + "\n")
-    emit("student_search", **out)
+    write_results("student_search", out)
     return 0
