@@ -16,6 +16,7 @@ its paired error to the teacher's ODE fell during training.
     python -m bench diffusion                                  # 3 seeds, both datasets
     BENCH_SEEDS=1 BENCH_DATASETS=moons BENCH_METHODS=consistency-distill python -m bench diffusion
     BENCH_SEEDS=1 BENCH_DATASETS=digits-images BENCH_RESULTS=diffusion_second_wave python -m bench diffusion
+    BENCH_SEED_LIST=1 BENCH_DATASETS=digits-images BENCH_RESULTS=diffusion_second_wave_seed1 python -m bench diffusion
 
 Each dataset's ``methods`` and per-method ``overrides`` come from the settings file (the
 U-Net students on digits cost minutes each on CPU, so digits runs ``consistency-distill``).
@@ -48,6 +49,13 @@ TEACHER_STEPS, STUDENT_STEPS = [1, 4, 50], [1, 2, 4]
 
 def _env_list(name: str, default: tuple[str, ...]) -> list[str]:
     return [x for x in os.environ.get(name, ",".join(default)).split(",") if x]
+
+
+def _seeds() -> list[int]:
+    """``BENCH_SEED_LIST=1,2`` runs those seeds (one seed a process, merged later by
+    ``merge_seed_results``); else seeds 0 .. ``BENCH_SEEDS`` - 1."""
+    listed = _env_list("BENCH_SEED_LIST", ())
+    return [int(x) for x in listed] if listed else list(range(int(os.environ.get("BENCH_SEEDS", "3"))))
 
 
 def _quality(dataset: str) -> str:
@@ -144,7 +152,7 @@ def second_wave_claims(rows: dict[str, dict[str, list[float]]], q: str) -> dict[
 
 def main() -> int:
     settings = yaml.safe_load(Path(os.environ.get("BENCH_PARAMS", ROOT / "bench" / "diffusion.yaml")).read_text())
-    seeds = range(int(os.environ.get("BENCH_SEEDS", "3")))
+    seeds = _seeds()
     datasets = _env_list("BENCH_DATASETS", tuple(settings))
     methods = [m for m in _env_list("BENCH_METHODS", METHODS) if m in METHODS]
     t0 = time.perf_counter()
@@ -192,7 +200,7 @@ def main() -> int:
             lines.append("")
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
-    summary = {"seeds": len(seeds), "datasets": datasets, "methods": methods, "claims": claims,
+    summary = {"seeds": len(seeds), "seed_list": seeds, "datasets": datasets, "methods": methods, "claims": claims,
                "paired_error_first_last": paired, "seconds": time.perf_counter() - t0}  # fmt: skip
     _write_results(results, lines, {**summary, "table": table})
     emit("diffusion", **summary)
