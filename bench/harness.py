@@ -84,6 +84,7 @@ def write_results(name: str, out: dict, lines: list[str] | None = None) -> None:
     emit(name, **out)
 
 
+@contextlib.contextmanager
 def workdir() -> Iterator[Path]:
     """Where a benchmark keeps its models: ``BENCH_WORKDIR`` when set (kept, so ``cached``
     steps are reused by a rerun), else a temporary directory removed at the end."""
