@@ -14,6 +14,7 @@ import contextlib
 import numpy as np
 import torch
 
+from stages.lm.decode import sample_tokens
 from stages.lm.moe.routing import RouterRecorder
 
 
@@ -109,8 +110,10 @@ def _attach_routing(rows: list[dict], recorder, attention_mask: torch.Tensor, sa
 @torch.no_grad()
 def sample_continuations(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, max_len: int,
                          device, temperature: float = 1.0) -> list[list[int]]:  # fmt: skip
-    """One completion per prompt of token ids, sampled at ``temperature`` and cut after eos:
-    at most ``max_new_tokens`` and no further than ``max_len`` in all (at least one token).
+    """One completion per prompt of token ids, sampled at ``temperature`` from the model's full
+    distribution (no top-k / top-p cut: a student's own samples, as on-policy distillation needs)
+    by ``stages.lm.decode.sample_tokens``, and cut after eos: at most ``max_new_tokens`` and no
+    further than ``max_len`` in all (at least one token).
     The model is put in eval mode for the call and handed back in the mode it came in."""
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
@@ -120,10 +123,11 @@ def sample_continuations(model, tokenizer, prompts: list[list[int]], *, max_new_
     ).long()
     was = model.training
     model.eval()
-    gen = model.generate(input_ids=left, attention_mask=attn, do_sample=True, temperature=temperature,
-                         max_new_tokens=max(1, min(max_new_tokens, max_len - width)), pad_token_id=pad,
-                         eos_token_id=tokenizer.eos_token_id)[:, width:]  # fmt: skip
-    model.train(was)
+    try:
+        gen = sample_tokens(model, left, attn, max_new_tokens=max(1, min(max_new_tokens, max_len - width)), pad_token_id=pad,
+                            eos_token_id=tokenizer.eos_token_id, temperature=temperature)  # fmt: skip
+    finally:
+        model.train(was)
     return [g[: _length(g, tokenizer.eos_token_id)] for g in gen.tolist()]
 
 

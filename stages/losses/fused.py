@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from stages.errors import DistilError
-from stages.losses.logits import _log1mexp, _wide
+from stages.losses.logits import _log1mexp, _wide, jsd
 
 PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"})
 """Model types whose logits are exactly ``lm_head(hidden)``. Others may scale or soft-cap the logits
@@ -180,22 +180,25 @@ def fused_dense(hidden, head: Head, keep, teacher, divergence, *, hyper: dict, w
     t_rows, t_head = (teacher[0], teacher[1]) if isinstance(teacher, tuple) else (teacher, None)
     rows = (w[keep], t_rows)
     fn = partial(_dense_sums, teacher_head=t_head, divergence=divergence, hyper=hyper)
+    closed = partial(_dense_jsd, teacher_head=t_head, **hyper) if divergence is jsd else None
     coefficients = lambda div_w, dtype: torch.stack([1 / div_w.to(dtype).clamp_min(1e-12), div_w.to(dtype) * 0])  # noqa: E731
-    return _sweep(hidden[keep], head, rows, fn, coefficients, lambda: rows[0].sum(), chunk, log_probs=False)
+    return _sweep(hidden[keep], head, rows, fn, coefficients, lambda: rows[0].sum(), chunk, log_probs=False, closed=closed)
 
 
-def _sweep(h, head: Head, rows: tuple, fn, coefficients, known, chunk: int, *, log_probs: bool) -> torch.Tensor:
+def _sweep(h, head: Head, rows: tuple, fn, coefficients, known, chunk: int, *, log_probs: bool, closed=None) -> torch.Tensor:
     """``coefficients(div_w) . sum over chunks of fn(x, *rows of the chunk)``, x the chunk's
     log-softmax in float32 (``log_probs``) or its logits, with the gradients of ``h``, ``head.weight``
     and ``head.bias`` computed chunk by chunk on the way (``_Chunked``). ``known()`` is the
     divergence's total weight (the sums' index 2 for the sparse ``fn``, 1 for the dense one), or
-    None when it depends on the logits: then a first sweep without gradients finds it."""
+    None when it depends on the logits: then a first sweep without gradients finds it. ``closed(x, *rows,
+    coef=...)``, when given, returns a chunk's sums and their gradient with respect to x in closed form
+    (``_dense_jsd``), in place of autograd through ``fn``."""
     if chunk < 1:
         raise DistilError(f"lm.loss_chunk must be a positive number of token positions for the fused loss, got {chunk}")
     if h.shape[0] == 0:
         return h.sum()  # nothing to learn from: zero, still part of the graph
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, head.weight, head.bias))
-    return _Chunked.apply(h, head.weight, head.bias, (head, rows, fn, coefficients, known, chunk, grad, log_probs))
+    return _Chunked.apply(h, head.weight, head.bias, (head, rows, fn, coefficients, known, chunk, grad, log_probs, closed))
 
 
 class _Chunked(torch.autograd.Function):
@@ -208,12 +211,12 @@ class _Chunked(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, spec):
-        head, rows, fn, coefficients, known, chunk, grad, log_probs = spec
+        head, rows, fn, coefficients, known, chunk, grad, log_probs, closed = spec
         div_w = known()
         if div_w is None:
             div_w = _chunks(h, head, rows, fn, chunk, None, log_probs)[0][2]
         coef = coefficients(div_w, torch.promote_types(torch.promote_types(h.dtype, weight.dtype), torch.float32))
-        totals, ctx.grads = _chunks(h, head, rows, fn, chunk, coef if grad else None, log_probs)
+        totals, ctx.grads = _chunks(h, head, rows, fn, chunk, coef if grad else None, log_probs, closed)
         return (coef.to(totals.dtype) * totals).sum()
 
     @staticmethod
@@ -225,7 +228,7 @@ class _Chunked(torch.autograd.Function):
         return (*(None if x is None else x.mul_(g.to(x.dtype)) for x in grads), None)
 
 
-def _chunks(h, head: Head, rows: tuple, fn, chunk: int, coef, log_probs: bool) -> tuple[torch.Tensor, tuple]:
+def _chunks(h, head: Head, rows: tuple, fn, chunk: int, coef, log_probs: bool, closed=None) -> tuple[torch.Tensor, tuple]:
     """(the sum over chunks of ``fn``'s vector of sums, the gradients of ``coef . sums`` with
     respect to (h, head.weight, head.bias): None each without ``coef`` or when not needed)."""
     weight, bias, total = head.weight, head.bias, None
@@ -236,7 +239,7 @@ def _chunks(h, head: Head, rows: tuple, fn, chunk: int, coef, log_probs: bool) -
     db = torch.zeros(bias.shape, dtype=wide, device=bias.device) if want[2] else None
     for s in range(0, h.shape[0], chunk):
         hc, part = h[s : s + chunk].detach(), tuple(None if r is None else r[s : s + chunk] for r in rows)
-        sums, dz = _chunk(hc, head, part, fn, coef, log_probs)
+        sums, dz = _chunk(hc, head, part, fn, coef, log_probs, closed)
         total = sums if total is None else total + sums
         if dh is not None:
             dh[s : s + chunk] = head.matmul(dz, weight).to(dh.dtype)
@@ -249,11 +252,13 @@ def _chunks(h, head: Head, rows: tuple, fn, chunk: int, coef, log_probs: bool) -
     return total, grads
 
 
-def _chunk(hc, head: Head, part: tuple, fn, coef, log_probs: bool):
+def _chunk(hc, head: Head, part: tuple, fn, coef, log_probs: bool, closed=None):
     """(``fn``'s sums for one chunk, the gradient of ``coef . sums`` with respect to its logits or None)."""
     with torch.no_grad():
         x = head.logits(hc)
         dtype = x.dtype
+        if closed is not None:
+            return closed(x, *part, coef=coef)
         if log_probs:  # the logits go at once: a chunk holds its log-probs and, later, their gradient
             x = F.log_softmax(_wide(x), dim=-1)
         if coef is None:
@@ -296,3 +301,50 @@ def _dense_sums(z, w, t_rows, *, teacher_head: Head | None, divergence, hyper: d
     div_w = w.sum()
     div = divergence(z, t.to(z.device), mask=torch.ones_like(w, dtype=torch.bool), weight=w, **hyper)
     return torch.stack([(div * div_w.clamp_min(1e-12)).to(w.dtype), div_w])
+
+
+def _xdiff(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """sum p (log p - log q) over the last dim with 0 log 0 = 0 (a teacher's -inf logits)."""
+    per = p * (log_p - log_q)
+    return (per if torch.isfinite(log_p).all() else per.masked_fill(p == 0, 0.0)).sum(-1)
+
+
+@torch.no_grad()
+def _dense_jsd(z, w, t_rows, *, teacher_head: Head | None, beta: float, temperature: float = 1.0, coef=None):
+    """``_dense_sums`` of ``jsd`` and, with ``coef``, the gradient of ``coef . sums`` with respect to the
+    chunk's logits ``z`` [n, V], both in closed form: a handful of passes over [n, V] where autograd
+    through the mixture's logsumexp and two KLs takes several times as many. With s, t the tempered
+    log-softmaxes, lm = log(beta p_t + (1 - beta) p_s) and a = d per / d p_s (GKD, Agarwal et al. 2024,
+    eq. 1; its limits beta = 0, 1 are forward and reverse KL, as ``jsd``):
+
+        0 < beta < 1: per = beta sum p_t (t - lm) + (1 - beta) sum p_s (s - lm),  a = (1 - beta)(s - lm)
+        beta <= 0:    per = sum p_t (t - s),  d per / d (z / T) = p_s - p_t
+        beta >= 1:    per = sum p_s (s - t),  a = s - t
+
+    and through the softmax d per / d (z / T) = p_s (a - sum p_s a); the sums are [T^2 sum w per, sum w],
+    so d/dz = coef_0 T w d per / d (z / T). Equal to autograd through ``jsd`` (tests, float64)."""
+    wide = _wide(z)
+    t = t_rows if teacher_head is None else teacher_head.logits(t_rows)
+    s = F.log_softmax(wide / temperature, dim=-1)
+    t = F.log_softmax(_wide(t).to(s.dtype) / temperature, dim=-1)
+    p_s, p_t = s.exp(), t.exp()
+    w = w.to(s.dtype)
+    if beta <= 0:
+        per = _xdiff(p_t, t, s)
+        g = p_s - p_t
+    else:
+        if beta >= 1:
+            a = s - t
+            per = (p_s * a).sum(-1)
+        else:
+            # log of the mixture from the probabilities (a third of logaddexp's time); clamped so that
+            # a probability float underflows to 0 leaves lm finite (its terms then vanish with p)
+            lm = (p_t * beta).add_(p_s, alpha=1 - beta).clamp_min_(torch.finfo(s.dtype).tiny).log_()
+            a = s - lm
+            per = beta * _xdiff(p_t, t, lm) + (1 - beta) * (p_s * a).sum(-1)
+            a = a.mul_(1 - beta)
+        g = p_s.mul_(a - (p_s * a).sum(-1, keepdim=True))
+    sums = torch.stack([temperature**2 * (per * w).sum(), w.sum()])
+    if coef is None:
+        return sums, None
+    return sums, g.mul_((coef[0].to(s.dtype) * temperature) * w[:, None]).to(z.dtype)

@@ -25,6 +25,8 @@ CASES = [
     ("reverse-kl", {"temperature": 1.5}),
     ("jsd", {"beta": 0.3, "temperature": 1.0}),
     ("jsd", {"beta": 1.0, "temperature": 2.0}),
+    ("jsd", {"beta": 0.0, "temperature": 1.5}),
+    ("jsd", {"beta": 0.5, "temperature": 2.0}),
     ("skew-kl", {"skew": 0.1, "reverse": False, "temperature": 2.0}),
     ("skew-kl", {"skew": 0.2, "reverse": True, "temperature": 1.0}),
     ("tvd", {"temperature": 1.0}),
@@ -131,6 +133,18 @@ def test_the_dense_divergence_equals_the_unfused_one_from_teacher_logits_or_hidd
     for teacher in (t_logits[keep], (t_h[keep], Head(t_w))):
         fused = fused_dense(h[:, :-1], Head(w, b), keep, teacher, DIVERGENCES[name], hyper=hyper, weight=row_w, chunk=chunk)
         assert gap(fused, ref) < 1e-10 and close(grads(fused, [h, w, b]), ref_grads, atol=1e-10)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_the_closed_form_dense_jsd_gives_no_weight_to_tokens_the_teacher_rules_out(beta):
+    h, w, b, labels, _, rw = batch(seed=6)
+    keep, row_w = labels[:, 1:] != IGNORE, rw[:, None].expand(B, T - 1)
+    t_logits = torch.randn(B, T - 1, V, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    t_logits[..., :4] = float("-inf")  # a masked vocabulary: p_t = 0 there
+    ref = DIVERGENCES["jsd"](F.linear(h, w, b)[:, :-1], t_logits, mask=keep, weight=row_w, beta=beta)
+    fused = fused_dense(h[:, :-1], Head(w, b), keep, t_logits[keep], DIVERGENCES["jsd"], hyper={"beta": beta}, weight=row_w, chunk=4)
+    assert torch.isfinite(fused) and gap(fused, ref) < 1e-10
+    assert close(grads(fused, [h, w, b]), grads(ref, [h, w, b]), atol=1e-10)
 
 
 def test_no_kept_token_gives_a_zero_that_still_backpropagates():
