@@ -19,6 +19,7 @@ BENCHMARKS = [
     "student_search",
     "dataset_distill",
     "meta_dmoe",
+    "control_transfer",
     "multi_gate",
     "lm_distillation",
     "lm_students",

@@ -43,6 +43,16 @@ bucket KL = KL from the teacher's k + 1 buckets to the stored ones as the losses
   vocabulary fits.
 - tail: float32, BYTE_STREAM_SPLIT, 3.8 B per token (float16: 2.1 B, but it loses tails below 6e-8).
 - zstd levels 1 to 19 differ by under 2 %: the default level is kept.
+- a square-root grid (sqrt(p) rounded to a step, best first as decrements: its bucket KL is at most
+  about k x step^2 / 6 whatever the teacher) was measured and not adopted: 148 B at k = 64 with bucket
+  KL 2.5e-6 at step 2^-11 (2^-12: 149 B, 6.2e-7; 2^-10: 137 B, 9.8e-6), against this format's 165 B
+  and 3.4e-7: 10 % fewer bytes for 7x the KL, what this grid gives at 1/128 (152 B, 1.3e-6); not
+  worth a third format to read forever.
+- the floor at k = 64 is the ids: sorted and gap-coded they take 72 B (their gap entropy is 71.7 B),
+  best first 106 B; the values cost at least 30 B best first at this precision and 65 B in id order.
+  A set coder with a per-dataset unigram model of the ids would reach 52 B at its entropy bound, but
+  only with the values in id order: about 117 B in all. 100 B at float16's KL needs a context model
+  of the ids (the teacher's own predictions), which no Parquet encoding gives.
 
 ``bench/topk_storage.py`` measures the result on fresh teacher data against the full distribution
 (``bench/results/topk_storage.json``: 165 B of top-k columns per token at k = 64 against float16's

@@ -286,6 +286,24 @@ def test_under_bf16_autocast_the_fused_loss_follows_the_unfused_one():
         assert g_fused[k].dtype == g.dtype and (g_fused[k] - g).abs().max() <= 0.03 * g.abs().max(), k
 
 
+def test_the_closed_form_dense_jsd_in_bf16_follows_float32():
+    """bf16 student logits (a bf16 model on GPU): the closed form computes in float32 and hands back bf16 gradients."""
+    g = torch.Generator().manual_seed(3)
+    h32, w32 = torch.randn(2, 6, 8, generator=g), torch.randn(40, 8, generator=g) * 0.5
+    keep, teacher = torch.ones(2, 6, dtype=torch.bool), torch.randn(12, 40, generator=g)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        h, w = h32.to(dtype, copy=True).requires_grad_(), w32.to(dtype, copy=True).requires_grad_()
+        loss = fused_dense(h, Head(w), keep, teacher, DIVERGENCES["jsd"], hyper={"beta": 0.5}, chunk=5)
+        loss.backward()
+        out[dtype] = (loss.detach(), h.grad, w.grad)
+    (l32, dh32, dw32), (l16, dh16, dw16) = out[torch.float32], out[torch.bfloat16]
+    assert l16.dtype == torch.float32 and dh16.dtype == dw16.dtype == torch.bfloat16
+    assert abs(float(l16 - l32)) < 0.02 * float(l32)
+    for a, b in ((dh16, dh32), (dw16, dw32)):
+        assert (a.float() - b).abs().max() <= 0.05 * b.abs().max()
+
+
 def method_cfg(chunk: int, **kw) -> DistillConfig:
     return DistillConfig(alpha=0.5, temperature=2.0, tsd_margin=-0.05, tsd_entropy=0.2, lm=LMConfig(loss_chunk=chunk), **kw)
 
