@@ -2,7 +2,8 @@
 models and settings, interleaved and repeated in one process (issue 19: goal <= 0.8x).
 
 Both sides take the same step: sample a completion for each of ``BATCH`` prompts from the
-student (temperature 1, ``max_new`` new tokens, KV cache), score it with the in-process
+student (temperature 1, the full distribution, ``max_new`` new tokens, KV cache: TRL through
+``generate``, distil through its own loop, ``stages.lm.decode``), score it with the in-process
 teacher, and minimise the generalised JSD (beta 0.5) on the completion tokens only, then one
 AdamW update. distil's side is ``on_policy_loss`` with ``lmbda = 1`` (every batch on the
 student's own samples, which is what TRL's trainer always does) through the fused, chunked
@@ -18,6 +19,7 @@ over TRL's, reported as the median with its spread (min, max) over rounds.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import warnings
@@ -60,17 +62,36 @@ def distil_step(student, teacher, tok, prompts: list[str], max_new: int) -> tupl
 
     def step():
         student.train()
-        loss = loss_fn(student, batch)
+        with _counting(seen):
+            loss = loss_fn(student, batch)
         loss.backward()
         opt.step()
         opt.zero_grad()
-        seen["tokens"] = _last_tokens(student)
 
     return step, lambda: seen["tokens"]
 
 
+@contextlib.contextmanager
+def _counting(seen: dict):
+    """Record in ``seen["tokens"]`` the new tokens (pad excluded) distil's sampling loop produces meanwhile."""
+    from stages.lm import generation
+
+    inner = generation.sample_tokens
+
+    def counted(model, input_ids, attention_mask, **kw):
+        out = inner(model, input_ids, attention_mask, **kw)
+        seen["tokens"] = int((out != kw["pad_token_id"]).sum())
+        return out
+
+    generation.sample_tokens = counted
+    try:
+        yield
+    finally:
+        generation.sample_tokens = inner
+
+
 def _last_tokens(model) -> int:
-    """Tokens the model's latest ``generate`` produced (recorded by the wrapper ``_count_generate`` installs)."""
+    """Tokens the model's latest ``generate`` produced (TRL's side; recorded by the wrapper ``_count_generate`` installs)."""
     return getattr(model, "_bench_generated", 0)
 
 
@@ -124,8 +145,7 @@ def compare(max_new: int, rounds: int) -> dict:
     """distil's on-policy step over TRL's, at ``max_new`` new tokens per completion."""
     student, teacher, tok, prompts = models()
     ours, theirs = copy.deepcopy(student), copy.deepcopy(student)
-    for m in (ours, theirs):
-        _count_generate(m)
+    _count_generate(theirs)
     steps = {"distil": distil_step(ours, teacher, tok, prompts, max_new), "trl": trl_step(theirs, teacher, tok, prompts, max_new)}
     timed = ratios(interleaved({n: s[0] for n, s in steps.items()}, rounds), "trl")
     return {"max_new_tokens": max_new, "batch": BATCH, "rounds": rounds, "distil_over_trl": timed["distil"]["ratio"],
