@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 
 import numpy as np
@@ -47,10 +48,17 @@ class FakeOpenAI:
         strings = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False)
         count = Counter(strings)
         self.pool = [i for i, s in enumerate(strings) if count[s] == 1 and s.isascii() and s.strip()]
+        self.active, self.last_seen = 0, 0.0
         self.reset()
         self.app = self._faulty(self._api())
 
     def reset(self) -> None:
+        """Wait for the server to go quiet, then forget what it saw. A test that gives up on its
+        requests (a cancelled batch) leaves some in the socket; counted after the reset, they
+        would land in the next test's ``posts``."""
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and (self.active or time.monotonic() - self.last_seen < 0.2):
+            time.sleep(0.02)
         self.state = {
             "models": [{"id": "tiny", "object": "model", "owned_by": "test", "max_model_len": 128}],
             "key": None, "faults": [], "always": None, "posts": 0, "bodies": [], "auth": [], "inflight": 0,
@@ -168,6 +176,14 @@ class FakeOpenAI:
         async def asgi(scope, receive, send):
             if scope["type"] != "http":
                 return await app(scope, receive, send)
+            self.active += 1
+            try:
+                return await faults(scope, receive, send)
+            finally:
+                self.active -= 1
+                self.last_seen = time.monotonic()
+
+        async def faults(scope, receive, send):
             s = self.state
             auth = dict(scope["headers"]).get(b"authorization", b"").decode()
             s["auth"].append(auth)
