@@ -28,6 +28,7 @@ BENCHMARKS = [
     "lm_agent",
     "lm_qcrd",
     "diffusion_cfg",
+    "multi_student",
     "lm_cascade",
     "lm_cascade_defer",
     "lm_moe",

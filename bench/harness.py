@@ -73,7 +73,6 @@ def emit(name: str, **fields: object) -> None:
     print(json.dumps({"bench": name, **fields}), file=sys.stdout, flush=True)
 
 
-@contextlib.contextmanager
 def write_results(name: str, out: dict, lines: list[str] | None = None) -> None:
     """``bench/results/<name>.json`` (and ``.md`` from ``lines``), then the one JSON line on stdout."""
     results = Path(__file__).resolve().parent / "results"

@@ -15,7 +15,7 @@ import torch
 from stages.config import DistillConfig
 from stages.diffusion.data import GeneratorData
 from stages.diffusion.generator import Generator, check_same_shape, load_generator
-from stages.diffusion.models import build_denoiser, sample_shape_of
+from stages.diffusion.models import build_denoiser, classes_of, sample_shape_of
 from stages.diffusion.sampling import SOLVERS, Denoise, SampleNoise, ode_sample
 from stages.diffusion.training import EMA
 from stages.errors import DistilError, one_of
@@ -27,9 +27,13 @@ EVAL_SEED = 1_000_000_007
 
 def net(model: torch.nn.Module, labels: torch.Tensor | None = None) -> Denoise:
     """The network as ``denoise(x, t)``: its raw output at per-row timesteps t [B] (of the rows'
-    classes ``labels`` for a class-conditional network)."""
+    classes ``labels`` for a class-conditional network; without them, of its null class, which
+    diffusers' class-conditional U-Net needs spelt out)."""
     if labels is not None:
         return lambda x, t: model(x, t.to(x.device), class_labels=labels.to(x.device)).sample
+    null = classes_of(model)
+    if null:
+        return lambda x, t: model(x, t.to(x.device), class_labels=torch.full((len(x),), null, device=x.device)).sample
     return lambda x, t: model(x, t.to(x.device)).sample
 
 

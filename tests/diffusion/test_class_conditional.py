@@ -280,6 +280,26 @@ def test_consistency_distill_of_a_conditional_teacher_is_conditional(teacher, tm
     assert a.shape == (10, 1, 8, 8) and not torch.allclose(a, b)  # classes 0..9 against the null class, same noise
 
 
+def test_students_of_a_conditional_unet_teacher_probe_its_null_class(tmp_path):
+    """diffusers' class-conditional U-Net refuses a call without class labels: the students'
+    paired-error probe (no labels) must name the null class."""
+    from conftest import Cli, write_params
+
+    from stages.diffusion.students import net
+
+    t = _folder(tmp_path, "t", 10)
+    model = load_generator(t).model
+    x, steps = torch.randn(3, 1, 8, 8), torch.full((3,), 5)
+    with torch.no_grad():
+        assert torch.equal(net(model)(x, steps), model(x, steps, class_labels=torch.full((3,), 10)).sample)
+    cli = Cli(write_params(tmp_path, data={"limit": 64}))
+    for method in ("consistency-distill", "multi-student"):
+        cli.ok("distill", "--method", method, "-t", t, "--data", "digits-images", "--out", tmp_path / method, "--set", "steps=2",
+               "--set", "diffusion.skip=5", "--set", "diffusion.eval_samples=4", "--set", "diffusion.eval_steps=4", *UNET, "-q")  # fmt: skip
+        summary = json.loads((tmp_path / method / "training.json").read_text())
+        assert load_generator(tmp_path / method).classes == 10 and summary["train_seconds"] > 0
+
+
 def test_multi_student_trains_a_student_per_group_and_routes_by_class(teacher, tmp_path):
     root, cli = teacher
     cli.ok("distill", "--method", "multi-student", "-t", root / "t", "--data", "digits-images", "--out", tmp_path / "ms",
