@@ -17,6 +17,8 @@ its paired error to the teacher's ODE fell during training.
     BENCH_SEEDS=1 BENCH_DATASETS=moons BENCH_METHODS=consistency-distill python -m bench diffusion
     BENCH_SEEDS=1 BENCH_DATASETS=digits-images BENCH_RESULTS=diffusion_second_wave python -m bench diffusion
     BENCH_SEED_LIST=1 BENCH_DATASETS=digits-images BENCH_RESULTS=diffusion_second_wave_seed1 python -m bench diffusion
+    BENCH_MERGE=diffusion_second_wave,diffusion_second_wave_seed1,diffusion_second_wave_seed2 \
+        BENCH_RESULTS=diffusion_second_wave_3seeds python -m bench diffusion     # one table of the three runs
 
 Each dataset's ``methods`` and per-method ``overrides`` come from the settings file (the
 U-Net students on digits cost minutes each on CPU, so digits runs ``consistency-distill``).
@@ -150,26 +152,43 @@ def second_wave_claims(rows: dict[str, dict[str, list[float]]], q: str) -> dict[
     return out
 
 
-def main() -> int:
-    settings = yaml.safe_load(Path(os.environ.get("BENCH_PARAMS", ROOT / "bench" / "diffusion.yaml")).read_text())
-    seeds = _seeds()
-    datasets = _env_list("BENCH_DATASETS", tuple(settings))
-    methods = [m for m in _env_list("BENCH_METHODS", METHODS) if m in METHODS]
-    t0 = time.perf_counter()
-    table: dict[str, dict[str, dict[str, list[float]]]] = {}
-    paired: dict[str, dict[str, list]] = {}
-    with workdir() as tmp:
-        for dataset in datasets:
-            for seed in seeds:
-                got = _one(settings[dataset], dataset, seed, tmp / f"{dataset}-{seed}", methods)
-                for key, m in got["metrics"].items():
-                    if key == "floor":
-                        key = "floor/steps_0"
-                    for col in (_quality(dataset), "seconds_per_1k", "paired_error"):
-                        if m.get(col) is not None:
-                            table.setdefault(dataset, {}).setdefault(key, {}).setdefault(col, []).append(float(m[col]))
-                for method, pe in got["paired_error_first_last"].items():
-                    paired.setdefault(dataset, {}).setdefault(method, []).append(pe)
+def _interval(p: dict) -> str:
+    """A paired difference as "+mean [low, high]" (no interval for one seed)."""
+    return f"{p['mean_diff']:+.3g}" + (f" [{p['interval'][0]:+.3g}, {p['interval'][1]:+.3g}]" if p["interval"] else "")
+
+
+def merge_seed_results(stems: list[str], out: str, results: Path = ROOT / "bench" / "results") -> dict:
+    """One table over the seeds of several earlier runs (``bench/results/<stem>.json``, one
+    seed or more each, e.g. ``BENCH_SEED_LIST=1 BENCH_RESULTS=..._seed1``): per dataset and
+    row, the per-seed values appended in order; the claims recomputed with their paired
+    intervals; written as ``<out>.{md,json}``. Rows measured in only some runs keep the seeds
+    they have."""
+    table: dict = {}
+    paired_pe: dict = {}
+    seeds: list[int] = []
+    for stem in stems:
+        got = json.loads((results / f"{stem}.json").read_text())
+        rows = got["table"] if "dataset" not in got else {got["dataset"]: got["table"]}  # the first run kept one dataset flat
+        seeds += got.get("seed_list") or list(range(got["seeds"]))
+        for dataset, by_row in rows.items():
+            for row, cols in by_row.items():
+                for col, values in cols.items():
+                    table.setdefault(dataset, {}).setdefault(row, {}).setdefault(col, []).extend(values)
+        for dataset, by_method in (got.get("paired_error_first_last") or {}).items():
+            for method, pes in by_method.items():
+                paired_pe.setdefault(dataset, {}).setdefault(method, []).extend(pes)
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"the runs {stems} share seeds {seeds}: each seed must come from one run")
+    lines, claims = _report(table, paired_pe, seeds)
+    summary = {"seeds": len(seeds), "seed_list": seeds, "merged_from": stems, "datasets": list(table), "claims": claims,
+               "paired_error_first_last": paired_pe, "table": table}  # fmt: skip
+    (results / f"{out}.md").write_text("\n".join(lines) + "\n")
+    (results / f"{out}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _report(table: dict, paired: dict, seeds: list[int]) -> tuple[list[str], dict]:
+    """The markdown tables and the claims of per-dataset rows ``table`` over ``seeds``."""
     lines, claims = [], {}
     for dataset, rows in table.items():
         q = _quality(dataset)
@@ -190,14 +209,44 @@ def main() -> int:
                 "cd1_within_1.5x_of_teacher50": mean["cd"] <= 1.5 * mean["t50"],
                 "cd1_below_half_of_teacher1": mean["cd"] < 0.5 * mean["t1"],
                 "speedup_cd1_vs_teacher50": statistics.fmean(t50["seconds_per_1k"]) / statistics.fmean(cd["seconds_per_1k"]),
-                "paired_error_fell": all(pe is not None and pe[1] < pe[0] for pe in paired[dataset]["consistency-distill"]),
+                "paired_error_fell": all(pe is not None and pe[1] < pe[0] for pe in paired.get(dataset, {}).get("consistency-distill", [None])),
             }  # fmt: skip
         wave = second_wave_claims(rows, q)
         if wave:
             claims.setdefault(dataset, {})["second_wave"] = wave
-            lines += ["| claim | A | B | ratio A / B | A better |", "|---|---|---|---|---|"]
-            lines += [f"| {c} | {v['mean_a']:.4g} | {v['mean_b']:.4g} | {v['ratio']:.3g} | {v['a_better']} |" for c, v in wave.items()]
+            lines += ["| claim | A | B | ratio A / B | A better | A - B [95% CI over seeds] |", "|---|---|---|---|---|---|"]
+            lines += [f"| {c} | {v['mean_a']:.4g} | {v['mean_b']:.4g} | {v['ratio']:.3g} | {v['a_better']} | {_interval(v['paired'])} |"
+                      for c, v in wave.items()]  # fmt: skip
             lines.append("")
+    return lines, claims
+
+
+def main() -> int:
+    merge = _env_list("BENCH_MERGE", ())
+    if merge:  # BENCH_MERGE=a,b,c BENCH_RESULTS=out: only merge earlier runs' tables
+        summary = merge_seed_results(merge, os.environ.get("BENCH_RESULTS", "diffusion"))
+        emit("diffusion", **{k: v for k, v in summary.items() if k != "table"})
+        return 0
+    settings = yaml.safe_load(Path(os.environ.get("BENCH_PARAMS", ROOT / "bench" / "diffusion.yaml")).read_text())
+    seeds = _seeds()
+    datasets = _env_list("BENCH_DATASETS", tuple(settings))
+    methods = [m for m in _env_list("BENCH_METHODS", METHODS) if m in METHODS]
+    t0 = time.perf_counter()
+    table: dict[str, dict[str, dict[str, list[float]]]] = {}
+    paired: dict[str, dict[str, list]] = {}
+    with workdir() as tmp:
+        for dataset in datasets:
+            for seed in seeds:
+                got = _one(settings[dataset], dataset, seed, tmp / f"{dataset}-{seed}", methods)
+                for key, m in got["metrics"].items():
+                    if key == "floor":
+                        key = "floor/steps_0"
+                    for col in (_quality(dataset), "seconds_per_1k", "paired_error"):
+                        if m.get(col) is not None:
+                            table.setdefault(dataset, {}).setdefault(key, {}).setdefault(col, []).append(float(m[col]))
+                for method, pe in got["paired_error_first_last"].items():
+                    paired.setdefault(dataset, {}).setdefault(method, []).append(pe)
+    lines, claims = _report(table, paired, seeds)
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
     summary = {"seeds": len(seeds), "seed_list": seeds, "datasets": datasets, "methods": methods, "claims": claims,

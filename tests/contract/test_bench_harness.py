@@ -28,3 +28,25 @@ def test_cached_reruns_only_when_the_settings_change(tmp_path):
     for settings in ("a", "a", "b", "b"):
         cached(tmp_path / "out", settings, step)
     assert len(calls) == 2 and (tmp_path / "out").is_dir()
+
+
+def test_merging_per_seed_diffusion_runs_appends_seeds_and_pairs_the_claims(tmp_path):
+    import json
+
+    import pytest
+
+    from bench.diffusion import merge_seed_results
+
+    def rows(dmd, teacher):
+        return {"dmd/steps_1": {"fd": [dmd]}, "teacher/steps_50": {"fd": [teacher]}}
+
+    (tmp_path / "s0.json").write_text(json.dumps({"seeds": 1, "dataset": "digits-images", "table": rows(1.5, 1.0)}))
+    for seed, (a, b) in ((1, (3.0, 1.0)), (2, (2.5, 1.5))):
+        (tmp_path / f"s{seed}.json").write_text(json.dumps({"seeds": 1, "seed_list": [seed], "table": {"digits-images": rows(a, b)}}))
+    got = merge_seed_results(["s0", "s1", "s2"], "all", tmp_path)
+    assert got["seed_list"] == [0, 1, 2] and got["table"]["digits-images"]["dmd/steps_1"]["fd"] == [1.5, 3.0, 2.5]
+    claim = got["claims"]["digits-images"]["second_wave"]["dmd at 1 step against the 50-step teacher (ratio; goal <= 1.5)"]
+    assert claim["ratio"] == pytest.approx(7 / 3.5) and claim["paired"]["mean_diff"] == pytest.approx(7 / 6) and claim["paired"]["interval"]
+    assert "| dmd | 1 | 2.333 ± 0.76 |" in (tmp_path / "all.md").read_text()
+    with pytest.raises(SystemExit, match="share seeds"):
+        merge_seed_results(["s1", "s1"], "dup", tmp_path)
