@@ -53,6 +53,11 @@ bucket KL = KL from the teacher's k + 1 buckets to the stored ones as the losses
   A set coder with a per-dataset unigram model of the ids would reach 52 B at its entropy bound, but
   only with the values in id order: about 117 B in all. 100 B at float16's KL needs a context model
   of the ids (the teacher's own predictions), which no Parquet encoding gives.
+- cheap contexts do not help: of a token's top-64, 13 ids on average (median 10) are in the top-64
+  of the token before it and 25 in the union of the 4 before it, too few to code the ids as
+  references; an ideal coder of the ids best first with a unigram model per rank band of the
+  dataset's own counts would need 86-89 B (95-98 B with the model fitted on half the data and
+  applied to the other), before the 30-43 B of the values.
 
 ``bench/topk_storage.py`` measures the result on fresh teacher data against the full distribution
 (``bench/results/topk_storage.json``: 165 B of top-k columns per token at k = 64 against float16's
