@@ -9,8 +9,9 @@ student settings:
 - ``one student, 2x steps``: the same with twice the steps, the training compute of the pair;
 - ``multi-student``: ``diffusion.students: 2`` (classes 0-4 and 5-9), ``STUDENT_STEPS`` each.
 
-Each answers one network call per step (the multi-student routes each row to its class's
-student), so sampling costs the same. ``distil evaluate`` samples each class-conditionally
+The teacher is the one ``bench/diffusion_cfg.py`` trains (the same settings and folder: with one
+``BENCH_WORKDIR`` the two benches share it). Each student answers one network call per step (the
+multi-student routes each row to its class's student), so sampling costs the same. ``distil evaluate`` samples each class-conditionally
 (guidance weight 0: the class asked for, no CFG) at 1 and 2 steps: class accuracy (the stage's
 digits classifier), Frechet distance to the train images overall and per class, diversity.
 The claims pair the seeds: multi-student minus the one student, for FD and class accuracy.
@@ -61,7 +62,7 @@ def _seed(spec: dict, data: DataConfig, seed: int, d: Path) -> dict:
         cached(d / name, (teacher, cfg, data), lambda c=cfg, o=d / name: distill.run(c, DATA, o, data_cfg=data,
                                                                                       teachers=[d / "teacher"], progress=False))  # fmt: skip
     ev = EvaluateConfig(n_samples=1000, time_samples=0, guidance=[0.0], step_counts=STEPS, seed=seed)
-    out = evaluate_generators([d / n for n in configs], DATA, STEPS, ev, d / "ev", data_cfg=data, console=Console(file=io.StringIO()))
+    out = evaluate_generators([d / n for n in configs], DATA, STEPS, ev, d / "ev-multi", data_cfg=data, console=Console(file=io.StringIO()))
     metrics = json.loads((out / "metrics.json").read_text())
     return {f"{label}/{k}": {m: metrics[f"{name}+w0/steps_{k}"][m] for m in METRICS}
             for label, name in MODELS.items() for k in STEPS}  # fmt: skip
