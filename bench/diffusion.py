@@ -38,7 +38,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from bench.harness import cached, emit, paired, workdir
+from bench.harness import cached, emit, paired, paired_cell, seed_list, workdir
 from stages import distill, evaluate, generate_teacher_data
 from stages.config import DataConfig, DistillConfig, EvaluateConfig, GenerateTeacherDataConfig, load_section
 from stages.diffusion.methods import DIFFUSION_METHODS
@@ -51,13 +51,6 @@ TEACHER_STEPS, STUDENT_STEPS = [1, 4, 50], [1, 2, 4]
 
 def _env_list(name: str, default: tuple[str, ...]) -> list[str]:
     return [x for x in os.environ.get(name, ",".join(default)).split(",") if x]
-
-
-def _seeds() -> list[int]:
-    """``BENCH_SEED_LIST=1,2`` runs those seeds (one seed a process, merged later by
-    ``merge_seed_results``); else seeds 0 .. ``BENCH_SEEDS`` - 1."""
-    listed = _env_list("BENCH_SEED_LIST", ())
-    return [int(x) for x in listed] if listed else list(range(int(os.environ.get("BENCH_SEEDS", "3"))))
 
 
 def _quality(dataset: str) -> str:
@@ -152,11 +145,6 @@ def second_wave_claims(rows: dict[str, dict[str, list[float]]], q: str) -> dict[
     return out
 
 
-def _interval(p: dict) -> str:
-    """A paired difference as "+mean [low, high]" (no interval for one seed)."""
-    return f"{p['mean_diff']:+.3g}" + (f" [{p['interval'][0]:+.3g}, {p['interval'][1]:+.3g}]" if p["interval"] else "")
-
-
 def merge_seed_results(stems: list[str], out: str, results: Path = ROOT / "bench" / "results") -> dict:
     """One table over the seeds of several earlier runs (``bench/results/<stem>.json``, one
     seed or more each, e.g. ``BENCH_SEED_LIST=1 BENCH_RESULTS=..._seed1``): per dataset and
@@ -215,7 +203,7 @@ def _report(table: dict, paired: dict, seeds: list[int]) -> tuple[list[str], dic
         if wave:
             claims.setdefault(dataset, {})["second_wave"] = wave
             lines += ["| claim | A | B | ratio A / B | A better | A - B [95% CI over seeds] |", "|---|---|---|---|---|---|"]
-            lines += [f"| {c} | {v['mean_a']:.4g} | {v['mean_b']:.4g} | {v['ratio']:.3g} | {v['a_better']} | {_interval(v['paired'])} |"
+            lines += [f"| {c} | {v['mean_a']:.4g} | {v['mean_b']:.4g} | {v['ratio']:.3g} | {v['a_better']} | {paired_cell(v['paired'])} |"
                       for c, v in wave.items()]  # fmt: skip
             lines.append("")
     return lines, claims
@@ -228,7 +216,7 @@ def main() -> int:
         emit("diffusion", **{k: v for k, v in summary.items() if k != "table"})
         return 0
     settings = yaml.safe_load(Path(os.environ.get("BENCH_PARAMS", ROOT / "bench" / "diffusion.yaml")).read_text())
-    seeds = _seeds()
+    seeds = seed_list()
     datasets = _env_list("BENCH_DATASETS", tuple(settings))
     methods = [m for m in _env_list("BENCH_METHODS", METHODS) if m in METHODS]
     t0 = time.perf_counter()

@@ -8,8 +8,12 @@ classifier says whether each is of the class asked for), Frechet distance to the
 per class, and diversity; plus seconds per 1k samples (CFG: two network calls per step, the
 student one).
 
+A second student, ``student-div``, adds the diversity term (``diffusion.diversity`` =
+``DIVERSITY``); the claims pair the seeds (its diversity, FD and class accuracy minus the plain
+student's, and the student's class accuracy minus CFG's).
+
     python -m bench diffusion_cfg            # 3 seeds
-    BENCH_SEEDS=1 python -m bench diffusion_cfg
+    BENCH_SEED_LIST=1 BENCH_WORKDIR=/tmp/cfg python -m bench diffusion_cfg   # one seed, kept for a later 3-seed run
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from bench.harness import cached, emit, paired, workdir
+from bench.harness import cached, paired, paired_cell, seed_list, workdir, write_results
 from stages import distill
 from stages.config import DataConfig, DistillConfig, EvaluateConfig, load_section
 from stages.diffusion.evaluate import evaluate_generators
@@ -33,54 +37,60 @@ from stages.diffusion.evaluate import evaluate_generators
 ROOT = Path(__file__).resolve().parents[1]
 DATA, WEIGHTS, STEPS = "digits-images", [0.0, 1.0, 2.0, 4.0], 20
 STUDENT_STEPS = int(os.environ.get("BENCH_STUDENT_STEPS", "1500"))
+DIVERSITY = float(os.environ.get("BENCH_DIVERSITY", "0.02"))  # the diversity-tuned student's diffusion.diversity
 METRICS = ("class_accuracy", "fd", "fd_per_class", "diversity", "seconds_per_1k")
+
+
+def _seed(spec: dict, data: DataConfig, seed: int, s: Path) -> dict:
+    """Train (or reuse) one seed's teacher and students and evaluate them (cached too): metrics.json's rows."""
+    teacher = load_section(DistillConfig, spec, "teacher")
+    teacher = replace(teacher, seed=seed, diffusion=replace(teacher.diffusion, classes=10, label_dropout=0.1))
+    cached(s / "teacher", (teacher, data), lambda: distill.run(teacher, DATA, s / "teacher", data_cfg=data, progress=False))
+    student = replace(teacher, method="cfg-distill", steps=STUDENT_STEPS, lr=teacher.lr / 2,
+                      diffusion=replace(teacher.diffusion, classes=0, guidance_weights=WEIGHTS))  # fmt: skip
+    students = {"student": student, "student-div": replace(student, diffusion=replace(student.diffusion, diversity=DIVERSITY))}
+    for name, c in students.items():
+        cached(s / name, (teacher, c, data), lambda c=c, o=s / name: distill.run(c, DATA, o, data_cfg=data, teachers=[s / "teacher"],
+                                                                                  progress=False))  # fmt: skip
+    cfg = EvaluateConfig(n_samples=1000, time_samples=256, guidance=WEIGHTS, step_counts=[STEPS], seed=seed)
+    models = [s / "teacher", *(s / n for n in students)]
+    cached(s / "ev", (teacher, students, data, cfg),
+           lambda: evaluate_generators(models, DATA, [STEPS], cfg, s / "ev", data_cfg=data, console=Console(file=io.StringIO())))  # fmt: skip
+    return json.loads((s / "ev" / "metrics.json").read_text())
 
 
 def main() -> int:
     spec = yaml.safe_load((ROOT / "bench" / "diffusion.yaml").read_text())[DATA]
-    seeds = range(int(os.environ.get("BENCH_SEEDS", "3")))
-    data = load_section(DataConfig, spec, "data")
-    t0 = time.perf_counter()
+    seeds, data, t0 = seed_list(), load_section(DataConfig, spec, "data"), time.perf_counter()
     table: dict[str, dict[str, list[float]]] = {}
     with workdir() as d:
         for seed in seeds:
-            s = d / f"s{seed}"
-            teacher = load_section(DistillConfig, spec, "teacher")
-            teacher = replace(teacher, seed=seed, diffusion=replace(teacher.diffusion, classes=10, label_dropout=0.1))
-            cached(s / "teacher", (teacher, data), lambda c=teacher, o=s / "teacher": distill.run(c, DATA, o, data_cfg=data, progress=False))
-            student = replace(teacher, method="cfg-distill", steps=STUDENT_STEPS, lr=teacher.lr / 2,
-                              diffusion=replace(teacher.diffusion, classes=0, guidance_weights=WEIGHTS))  # fmt: skip
-            cached(s / "student", (teacher, student, data),
-                   lambda c=student, o=s / "student", t=s / "teacher": distill.run(c, DATA, o, data_cfg=data, teachers=[t],
-                                                                                    progress=False))  # fmt: skip
-            cfg = EvaluateConfig(n_samples=1000, time_samples=256, guidance=WEIGHTS, step_counts=[STEPS], seed=seed)
-            ev = evaluate_generators([s / "teacher", s / "student"], DATA, [STEPS], cfg, s / "ev", data_cfg=data,
-                                     console=Console(file=io.StringIO()))  # fmt: skip
-            metrics = json.loads((ev / "metrics.json").read_text())
-            for key, row in metrics.items():
+            for key, row in _seed(spec, data, seed, d / f"s{seed}").items():
                 if "+w" in key:
-                    name = key.split("/")[0]
                     for m in METRICS:
-                        table.setdefault(name, {}).setdefault(m, []).append(row.get(m))
+                        table.setdefault(key.split("/")[0], {}).setdefault(m, []).append(row.get(m))
     mean = {n: {m: statistics.fmean(v) for m, v in cols.items() if None not in v} for n, cols in table.items()}
     claims = {}
     for w in WEIGHTS:
-        t, st = table[f"teacher+w{w:g}"], table[f"student+w{w:g}"]
+        t, st, div = (table[f"{n}+w{w:g}"] for n in ("teacher", "student", "student-div"))
         claims[f"w{w:g}"] = {
             "class_accuracy_student_minus_teacher": paired(st["class_accuracy"], t["class_accuracy"]),
             "fd_student_over_teacher": statistics.fmean(a / b for a, b in zip(st["fd"], t["fd"], strict=True)),
             "speedup": statistics.fmean(b / a for a, b in zip(st["seconds_per_1k"], t["seconds_per_1k"], strict=True)),
+            "diversity_term": {m: paired(div[m], st[m]) for m in ("diversity", "fd", "class_accuracy")},
         }
-    lines = [f"| model @ {STEPS} DDIM steps (mean over {len(seeds)} seeds) | w | class accuracy | FD | FD per class | diversity | s / 1k |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for n, v in mean.items():
+    lines = [f"| model @ {STEPS} DDIM steps (mean over {len(seeds)} seeds: {seeds}) | w | class accuracy | FD | FD per class | "
+             "diversity | s / 1k |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for n, v in sorted(mean.items()):
         model, w = n.split("+w")
         lines.append(f"| {model} | {w} | {v['class_accuracy']:.3f} | {v['fd']:.2f} | {v.get('fd_per_class', float('nan')):.2f} | "
                      f"{v.get('diversity', float('nan')):.3f} | {v['seconds_per_1k']:.2f} |")  # fmt: skip
-    results = ROOT / "bench" / "results"
-    (results / "diffusion_cfg.md").write_text("\n".join(lines) + "\n")
-    summary = {"seeds": len(seeds), "data": DATA, "weights": WEIGHTS, "steps": STEPS, "per_seed": table, "mean": mean,
-               "claims": claims, "seconds": time.perf_counter() - t0}  # fmt: skip
-    (results / "diffusion_cfg.json").write_text(json.dumps(summary, indent=2) + "\n")
-    emit("diffusion_cfg", **summary)
+    lines += ["", f"| w | student - teacher: class accuracy [95% CI] | student-div ({DIVERSITY:g}) - student: diversity | FD | "
+              "class accuracy |", "|---|---|---|---|---|"]  # fmt: skip
+    for w, c in claims.items():
+        cells = [c["class_accuracy_student_minus_teacher"], *(c["diversity_term"][m] for m in ("diversity", "fd", "class_accuracy"))]
+        lines.append(f"| {w[1:]} | " + " | ".join(paired_cell(x) for x in cells) + " |")
+    summary = {"seeds": seeds, "data": DATA, "weights": WEIGHTS, "steps": STEPS, "diversity": DIVERSITY, "per_seed": table,
+               "mean": mean, "claims": claims, "seconds": time.perf_counter() - t0}  # fmt: skip
+    write_results("diffusion_cfg" if len(seeds) > 1 else f"diffusion_cfg_seed{seeds[0]}", summary, lines)
     return 0

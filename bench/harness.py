@@ -16,6 +16,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
+def seed_list() -> list[int]:
+    """The seeds a multi-seed benchmark runs: ``BENCH_SEED_LIST=1,2`` runs those (one seed a
+    process, in a kept ``workdir``, aggregated by a later run); else 0 .. ``BENCH_SEEDS`` - 1."""
+    listed = [x for x in os.environ.get("BENCH_SEED_LIST", "").split(",") if x]
+    return [int(x) for x in listed] if listed else list(range(int(os.environ.get("BENCH_SEEDS", "3"))))
+
+
 def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
     """Median wall-clock seconds of ``fn()`` over ``repeat`` calls, after ``warmup`` untimed calls."""
     for _ in range(warmup):
@@ -66,6 +73,11 @@ def paired(a: list[float], b: list[float], level: float = 0.95) -> dict[str, obj
     half = stats.t.ppf(0.5 + level / 2, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
     lo, hi = mean - half, mean + half
     return {"mean_diff": mean, "interval": [lo, hi], "excludes_zero": bool(lo > 0 or hi < 0), "seeds": len(diffs)}
+
+
+def paired_cell(p: dict, spec: str = "+.3f") -> str:
+    """A ``paired`` result as "+mean [low, high]" for a table cell (one seed: the mean alone)."""
+    return f"{p['mean_diff']:{spec}}" + (f" [{p['interval'][0]:{spec}}, {p['interval'][1]:{spec}}]" if p["interval"] else "")
 
 
 def emit(name: str, **fields: object) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from bench.harness import cached, paired, workdir, write_results
+from bench.harness import cached, paired, paired_cell, seed_list, workdir, write_results
 from stages import distill
 from stages.config import DataConfig, DistillConfig, EvaluateConfig, load_section
 from stages.diffusion.evaluate import evaluate_generators
@@ -43,11 +43,6 @@ DATA, STEPS = "digits-images", [1, 2]
 STUDENT_STEPS = int(os.environ.get("BENCH_STUDENT_STEPS", "1000"))
 METRICS = ("fd", "class_accuracy", "fd_per_class", "diversity")
 MODELS = {"one student": "one", "one student, 2x steps": "one-2x", "multi-student": "multi"}
-
-
-def _seeds() -> list[int]:
-    listed = os.environ.get("BENCH_SEED_LIST")
-    return [int(s) for s in listed.split(",")] if listed else list(range(int(os.environ.get("BENCH_SEEDS", "3"))))
 
 
 def _seed(spec: dict, data: DataConfig, seed: int, d: Path) -> dict:
@@ -71,7 +66,7 @@ def _seed(spec: dict, data: DataConfig, seed: int, d: Path) -> dict:
 def main() -> int:
     spec = yaml.safe_load((ROOT / "bench" / "diffusion.yaml").read_text())[DATA]
     data = load_section(DataConfig, spec, "data")
-    seeds, t0 = _seeds(), time.perf_counter()
+    seeds, t0 = seed_list(), time.perf_counter()
     with workdir() as root:
         per_seed = [_seed(spec, data, seed, root / f"s{seed}") for seed in seeds]
     rows = {row: {m: [s[row][m] for s in per_seed] for m in METRICS} for row in per_seed[0]}
@@ -89,8 +84,7 @@ def main() -> int:
         lines.append(f"| {label} | {k} | {mean['fd']:.2f} | {mean['class_accuracy']:.3f} | {mean['fd_per_class']:.2f} | {mean['diversity']:.3f} |")
     lines += ["", "| claim: multi-student minus | FD [95% CI] (lower is better) | class accuracy [95% CI] |", "|---|---|---|"]
     for name, c in claims.items():
-        cells = [f"{c[m]['mean_diff']:+.3f}" + (f" [{c[m]['interval'][0]:+.3f}, {c[m]['interval'][1]:+.3f}]" if c[m]["interval"] else "")
-                 for m in ("fd", "class_accuracy")]  # fmt: skip
+        cells = [paired_cell(c[m]) for m in ("fd", "class_accuracy")]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     out = {"seeds": seeds, "data": DATA, "student_steps": STUDENT_STEPS, "per_seed": rows, "claims": claims,
            "seconds": time.perf_counter() - t0}  # fmt: skip
