@@ -57,8 +57,10 @@ def _seed(spec: dict, data: DataConfig, seed: int, d: Path) -> dict:
         cached(d / name, (teacher, cfg, data), lambda c=cfg, o=d / name: distill.run(c, DATA, o, data_cfg=data,
                                                                                       teachers=[d / "teacher"], progress=False))  # fmt: skip
     ev = EvaluateConfig(n_samples=1000, time_samples=0, guidance=[0.0], step_counts=STEPS, seed=seed)
-    out = evaluate_generators([d / n for n in configs], DATA, STEPS, ev, d / "ev-multi", data_cfg=data, console=Console(file=io.StringIO()))
-    metrics = json.loads((out / "metrics.json").read_text())
+    cached(d / "ev-multi", (teacher, configs, data, ev),
+           lambda: evaluate_generators([d / n for n in configs], DATA, STEPS, ev, d / "ev-multi", data_cfg=data,
+                                       console=Console(file=io.StringIO())))  # fmt: skip
+    metrics = json.loads((d / "ev-multi" / "metrics.json").read_text())
     return {f"{label}/{k}": {m: metrics[f"{name}+w0/steps_{k}"][m] for m in METRICS}
             for label, name in MODELS.items() for k in STEPS}  # fmt: skip
 
