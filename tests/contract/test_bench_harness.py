@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from bench.harness import cached, workdir
+from bench.harness import cached, paired, paired_cell, seed_list, workdir
 
 
 def test_workdir_is_a_removed_temp_dir_unless_kept(tmp_path, monkeypatch):
@@ -16,6 +16,20 @@ def test_workdir_is_a_removed_temp_dir_unless_kept(tmp_path, monkeypatch):
     with workdir() as tmp:
         (tmp / "x").write_text("1")
     assert (kept / "x").read_text() == "1"
+
+
+def test_seed_list_takes_an_explicit_list_before_a_count(monkeypatch):
+    monkeypatch.delenv("BENCH_SEED_LIST", raising=False)
+    monkeypatch.setenv("BENCH_SEEDS", "2")
+    assert seed_list() == [0, 1]
+    monkeypatch.setenv("BENCH_SEED_LIST", "2,5")
+    assert seed_list() == [2, 5]
+
+
+def test_a_paired_cell_shows_the_interval_only_with_several_seeds():
+    assert paired_cell(paired([2.0], [1.0])) == "+1.000"
+    # differences 1, 2, 1.5: mean 1.5, sd 0.5, t(0.975, 2 df) = 4.303 -> half-width 1.242
+    assert paired_cell(paired([2.0, 3.0, 2.5], [1.0, 1.0, 1.0])) == "+1.500 [+0.258, +2.742]"
 
 
 def test_cached_reruns_only_when_the_settings_change(tmp_path):
