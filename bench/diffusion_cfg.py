@@ -14,6 +14,7 @@ student's, and the student's class accuracy minus CFG's).
 
     python -m bench diffusion_cfg            # 3 seeds
     BENCH_SEED_LIST=1 BENCH_WORKDIR=/tmp/cfg python -m bench diffusion_cfg   # one seed, kept for a later 3-seed run
+    BENCH_MERGE=diffusion_cfg_seed0,diffusion_cfg_seed1,diffusion_cfg_seed2 python -m bench diffusion_cfg   # one table
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from bench.harness import cached, paired, paired_cell, seed_list, workdir, write_results
+from bench.harness import cached, merged_seeds, paired, paired_cell, seed_list, workdir, write_results
 from stages import distill
 from stages.config import DataConfig, DistillConfig, EvaluateConfig, load_section
 from stages.diffusion.evaluate import evaluate_generators
@@ -59,16 +60,8 @@ def _seed(spec: dict, data: DataConfig, seed: int, s: Path) -> dict:
     return json.loads((s / "ev" / "metrics.json").read_text())
 
 
-def main() -> int:
-    spec = yaml.safe_load((ROOT / "bench" / "diffusion.yaml").read_text())[DATA]
-    seeds, data, t0 = seed_list(), load_section(DataConfig, spec, "data"), time.perf_counter()
-    table: dict[str, dict[str, list[float]]] = {}
-    with workdir() as d:
-        for seed in seeds:
-            for key, row in _seed(spec, data, seed, d / f"s{seed}").items():
-                if "+w" in key:
-                    for m in METRICS:
-                        table.setdefault(key.split("/")[0], {}).setdefault(m, []).append(row.get(m))
+def report(seeds: list[int], table: dict[str, dict[str, list]]) -> tuple[dict, list[str]]:
+    """The per-weight claims (paired over the seeds) and the markdown of one or more seeds' rows."""
     mean = {n: {m: statistics.fmean(v) for m, v in cols.items() if None not in v} for n, cols in table.items()}
     claims = {}
     for w in WEIGHTS:
@@ -90,7 +83,25 @@ def main() -> int:
     for w, c in claims.items():
         cells = [c["class_accuracy_student_minus_teacher"], *(c["diversity_term"][m] for m in ("diversity", "fd", "class_accuracy"))]
         lines.append(f"| {w[1:]} | " + " | ".join(paired_cell(x) for x in cells) + " |")
-    summary = {"seeds": seeds, "data": DATA, "weights": WEIGHTS, "steps": STEPS, "diversity": DIVERSITY, "per_seed": table,
-               "mean": mean, "claims": claims, "seconds": time.perf_counter() - t0}  # fmt: skip
-    write_results("diffusion_cfg" if len(seeds) > 1 else f"diffusion_cfg_seed{seeds[0]}", summary, lines)
+    return {"seeds": seeds, "data": DATA, "weights": WEIGHTS, "steps": STEPS, "diversity": DIVERSITY, "per_seed": table,
+            "mean": mean, "claims": claims}, lines  # fmt: skip
+
+
+def main() -> int:
+    merge = [x for x in os.environ.get("BENCH_MERGE", "").split(",") if x]
+    if merge:  # BENCH_MERGE=diffusion_cfg_seed0,diffusion_cfg_seed1,...: one table of those runs
+        out, lines = report(*merged_seeds(merge))
+        write_results("diffusion_cfg", {**out, "merged_from": merge}, lines)
+        return 0
+    spec = yaml.safe_load((ROOT / "bench" / "diffusion.yaml").read_text())[DATA]
+    seeds, data, t0 = seed_list(), load_section(DataConfig, spec, "data"), time.perf_counter()
+    table: dict[str, dict[str, list[float]]] = {}
+    with workdir() as d:
+        for seed in seeds:
+            for key, row in _seed(spec, data, seed, d / f"s{seed}").items():
+                if "+w" in key:
+                    for m in METRICS:
+                        table.setdefault(key.split("/")[0], {}).setdefault(m, []).append(row.get(m))
+    out, lines = report(seeds, table)
+    write_results("diffusion_cfg" if len(seeds) > 1 else f"diffusion_cfg_seed{seeds[0]}", {**out, "seconds": time.perf_counter() - t0}, lines)
     return 0

@@ -85,9 +85,31 @@ def emit(name: str, **fields: object) -> None:
     print(json.dumps({"bench": name, **fields}), file=sys.stdout, flush=True)
 
 
-def write_results(name: str, out: dict, lines: list[str] | None = None) -> None:
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def merged_seeds(stems: list[str], results: Path = RESULTS) -> tuple[list[int], dict[str, dict[str, list]]]:
+    """The seeds and per-seed rows of earlier runs of one benchmark, each run one seed or more
+    (``bench/results/<stem>.json`` with ``seeds`` and ``per_seed``: row -> metric -> one value a
+    seed, e.g. from ``BENCH_SEED_LIST=1``), appended in the order given; a seed in two runs is an error."""
+    seeds: list[int] = []
+    rows: dict[str, dict[str, list]] = {}
+    for stem in stems:
+        path = results / f"{stem}.json"
+        if not path.exists():
+            raise SystemExit(f"no {path}: run that seed first (BENCH_SEED_LIST=N writes <bench>_seedN)")
+        got = json.loads(path.read_text())
+        seeds += got["seeds"]
+        for row, cols in got["per_seed"].items():
+            for m, values in cols.items():
+                rows.setdefault(row, {}).setdefault(m, []).extend(values)
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"the runs {stems} share seeds {seeds}: each seed must come from one run")
+    return seeds, rows
+
+
+def write_results(name: str, out: dict, lines: list[str] | None = None, results: Path = RESULTS) -> None:
     """``bench/results/<name>.json`` (and ``.md`` from ``lines``), then the one JSON line on stdout."""
-    results = Path(__file__).resolve().parent / "results"
     results.mkdir(exist_ok=True)
     if lines is not None:
         (results / f"{name}.md").write_text("\n".join(lines) + "\n")

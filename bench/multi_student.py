@@ -18,6 +18,7 @@ The claims pair the seeds: multi-student minus the one student, for FD and class
 
     python -m bench multi_student                                  # 3 seeds
     BENCH_SEED_LIST=1 BENCH_WORKDIR=/tmp/ms python -m bench multi_student   # one seed, kept
+    BENCH_MERGE=multi_student_seed0,multi_student_seed1,multi_student_seed2 python -m bench multi_student  # one table
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from bench.harness import cached, paired, paired_cell, seed_list, workdir, write_results
+from bench.harness import cached, merged_seeds, paired, paired_cell, seed_list, workdir, write_results
 from stages import distill
 from stages.config import DataConfig, DistillConfig, EvaluateConfig, load_section
 from stages.diffusion.evaluate import evaluate_generators
@@ -65,18 +66,13 @@ def _seed(spec: dict, data: DataConfig, seed: int, d: Path) -> dict:
             for label, name in MODELS.items() for k in STEPS}  # fmt: skip
 
 
-def main() -> int:
-    spec = yaml.safe_load((ROOT / "bench" / "diffusion.yaml").read_text())[DATA]
-    data = load_section(DataConfig, spec, "data")
-    seeds, t0 = seed_list(), time.perf_counter()
-    with workdir() as root:
-        per_seed = [_seed(spec, data, seed, root / f"s{seed}") for seed in seeds]
-    rows = {row: {m: [s[row][m] for s in per_seed] for m in METRICS} for row in per_seed[0]}
+def report(seeds: list[int], rows: dict[str, dict[str, list]]) -> tuple[dict, list[str]]:
+    """The claims (multi-student minus each one-student row, paired over the seeds) and the markdown."""
     claims = {}
     for k in STEPS:
-        multi, one = rows[f"multi-student/{k}"], rows[f"one student/{k}"]
-        claims[f"{k} step"] = {m: paired(multi[m], one[m]) for m in ("fd", "class_accuracy")}
-        claims[f"{k} step, against 2x steps"] = {m: paired(multi[m], rows[f"one student, 2x steps/{k}"][m]) for m in ("fd", "class_accuracy")}
+        multi = rows[f"multi-student/{k}"]
+        for name, row in ((f"{k} step", f"one student/{k}"), (f"{k} step, against 2x steps", f"one student, 2x steps/{k}")):
+            claims[name] = {m: paired(multi[m], rows[row][m]) for m in ("fd", "class_accuracy")}
     lines = [f"### multi-student against one student of the same size, digits ({len(seeds)} seeds: {seeds}; "
              f"{STUDENT_STEPS} steps a student; class-conditional samples)", "",
              "| model | steps | FD | class accuracy | FD per class | diversity |", "|---|---|---|---|---|---|"]  # fmt: skip
@@ -88,9 +84,22 @@ def main() -> int:
     for name, c in claims.items():
         cells = [paired_cell(c[m]) for m in ("fd", "class_accuracy")]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
-    out = {"seeds": seeds, "data": DATA, "student_steps": STUDENT_STEPS, "per_seed": rows, "claims": claims,
-           "seconds": time.perf_counter() - t0}  # fmt: skip
-    write_results("multi_student" if len(seeds) > 1 else f"multi_student_seed{seeds[0]}", out, lines)
+    return {"seeds": seeds, "data": DATA, "student_steps": STUDENT_STEPS, "per_seed": rows, "claims": claims}, lines
+
+
+def main() -> int:
+    merge = [x for x in os.environ.get("BENCH_MERGE", "").split(",") if x]
+    if merge:  # BENCH_MERGE=multi_student_seed0,multi_student_seed1,...: one table of those runs
+        out, lines = report(*merged_seeds(merge))
+        write_results("multi_student", {**out, "merged_from": merge}, lines)
+        return 0
+    spec = yaml.safe_load((ROOT / "bench" / "diffusion.yaml").read_text())[DATA]
+    data = load_section(DataConfig, spec, "data")
+    seeds, t0 = seed_list(), time.perf_counter()
+    with workdir() as root:
+        per_seed = [_seed(spec, data, seed, root / f"s{seed}") for seed in seeds]
+    out, lines = report(seeds, {row: {m: [s[row][m] for s in per_seed] for m in METRICS} for row in per_seed[0]})
+    write_results("multi_student" if len(seeds) > 1 else f"multi_student_seed{seeds[0]}", {**out, "seconds": time.perf_counter() - t0}, lines)
     return 0
 
 

@@ -64,3 +64,30 @@ def test_merging_per_seed_diffusion_runs_appends_seeds_and_pairs_the_claims(tmp_
     assert "| dmd | 1 | 2.333 ± 0.76 |" in (tmp_path / "all.md").read_text()
     with pytest.raises(SystemExit, match="share seeds"):
         merge_seed_results(["s1", "s1"], "dup", tmp_path)
+
+
+def test_merged_seeds_appends_each_runs_rows_and_the_multi_student_claims_pair_them(tmp_path):
+    import json
+
+    import pytest
+
+    from bench.harness import merged_seeds
+    from bench.multi_student import METRICS, report
+
+    def run(seed, multi_fd, one_fd):
+        rows = {f"{label}/{k}": {m: [one_fd if label != "multi-student" else multi_fd] for m in METRICS}
+                for label in ("one student", "one student, 2x steps", "multi-student") for k in (1, 2)}  # fmt: skip
+        (tmp_path / f"ms{seed}.json").write_text(json.dumps({"seeds": [seed], "per_seed": rows}))
+
+    for seed, (multi, one) in enumerate(((1.0, 2.0), (0.9, 2.0), (1.1, 2.0))):
+        run(seed, multi, one)
+    seeds, rows = merged_seeds(["ms0", "ms1", "ms2"], tmp_path)
+    assert seeds == [0, 1, 2] and rows["multi-student/1"]["fd"] == [1.0, 0.9, 1.1]
+    out, lines = report(seeds, rows)
+    fd = out["claims"]["1 step"]["fd"]
+    assert fd["mean_diff"] == pytest.approx(-1.0) and fd["excludes_zero"] and fd["seeds"] == 3  # differences -1, -1.1, -0.9
+    assert any(line.startswith("| multi-student | 1 | 1.00 |") for line in lines)
+    with pytest.raises(SystemExit, match="share seeds"):
+        merged_seeds(["ms0", "ms0"], tmp_path)
+    with pytest.raises(SystemExit, match="run that seed first"):
+        merged_seeds(["ms9"], tmp_path)
