@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from bench.harness import cached, merged_seeds, paired, paired_cell, seed_list, workdir, write_results
+from bench.harness import cached, merged_run, paired, paired_cell, seed_list, seed_results_name, workdir, write_results
 from stages import distill
 from stages.config import DataConfig, DistillConfig, EvaluateConfig, load_section
 from stages.diffusion.evaluate import evaluate_generators
@@ -88,10 +88,7 @@ def report(seeds: list[int], table: dict[str, dict[str, list]]) -> tuple[dict, l
 
 
 def main() -> int:
-    merge = [x for x in os.environ.get("BENCH_MERGE", "").split(",") if x]
-    if merge:  # BENCH_MERGE=diffusion_cfg_seed0,diffusion_cfg_seed1,...: one table of those runs
-        out, lines = report(*merged_seeds(merge))
-        write_results("diffusion_cfg", {**out, "merged_from": merge}, lines)
+    if merged_run("diffusion_cfg", report):  # BENCH_MERGE=diffusion_cfg_seed0,diffusion_cfg_seed1,...: one table of those runs
         return 0
     spec = yaml.safe_load((ROOT / "bench" / "diffusion.yaml").read_text())[DATA]
     seeds, data, t0 = seed_list(), load_section(DataConfig, spec, "data"), time.perf_counter()
@@ -103,5 +100,5 @@ def main() -> int:
                     for m in METRICS:
                         table.setdefault(key.split("/")[0], {}).setdefault(m, []).append(row.get(m))
     out, lines = report(seeds, table)
-    write_results("diffusion_cfg" if len(seeds) > 1 else f"diffusion_cfg_seed{seeds[0]}", {**out, "seconds": time.perf_counter() - t0}, lines)
+    write_results(seed_results_name("diffusion_cfg", seeds), {**out, "seconds": time.perf_counter() - t0}, lines)
     return 0

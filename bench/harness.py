@@ -108,6 +108,21 @@ def merged_seeds(stems: list[str], results: Path = RESULTS) -> tuple[list[int], 
     return seeds, rows
 
 
+def merged_run(name: str, report: Callable[[list[int], dict], tuple[dict, list[str]]]) -> bool:
+    """With ``BENCH_MERGE=<name>_seed0,<name>_seed1,...``: ``report`` (seeds, rows -> summary,
+    markdown lines) of those runs' ``merged_seeds``, written as ``<name>``; False without it."""
+    merge = [x for x in os.environ.get("BENCH_MERGE", "").split(",") if x]
+    if merge:
+        out, lines = report(*merged_seeds(merge))
+        write_results(name, {**out, "merged_from": merge}, lines)
+    return bool(merge)
+
+
+def seed_results_name(name: str, seeds: list[int]) -> str:
+    """``name`` for a run of several seeds, ``<name>_seed<N>`` for one (what ``merged_run`` reads)."""
+    return name if len(seeds) > 1 else f"{name}_seed{seeds[0]}"
+
+
 def write_results(name: str, out: dict, lines: list[str] | None = None, results: Path = RESULTS) -> None:
     """``bench/results/<name>.json`` (and ``.md`` from ``lines``), then the one JSON line on stdout."""
     results.mkdir(exist_ok=True)

@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from bench.harness import cached, merged_seeds, paired, paired_cell, seed_list, workdir, write_results
+from bench.harness import cached, merged_run, paired, paired_cell, seed_list, seed_results_name, workdir, write_results
 from stages import distill
 from stages.config import DataConfig, DistillConfig, EvaluateConfig, load_section
 from stages.diffusion.evaluate import evaluate_generators
@@ -88,10 +88,7 @@ def report(seeds: list[int], rows: dict[str, dict[str, list]]) -> tuple[dict, li
 
 
 def main() -> int:
-    merge = [x for x in os.environ.get("BENCH_MERGE", "").split(",") if x]
-    if merge:  # BENCH_MERGE=multi_student_seed0,multi_student_seed1,...: one table of those runs
-        out, lines = report(*merged_seeds(merge))
-        write_results("multi_student", {**out, "merged_from": merge}, lines)
+    if merged_run("multi_student", report):  # BENCH_MERGE=multi_student_seed0,multi_student_seed1,...: one table of those runs
         return 0
     spec = yaml.safe_load((ROOT / "bench" / "diffusion.yaml").read_text())[DATA]
     data = load_section(DataConfig, spec, "data")
@@ -99,7 +96,7 @@ def main() -> int:
     with workdir() as root:
         per_seed = [_seed(spec, data, seed, root / f"s{seed}") for seed in seeds]
     out, lines = report(seeds, {row: {m: [s[row][m] for s in per_seed] for m in METRICS} for row in per_seed[0]})
-    write_results("multi_student" if len(seeds) > 1 else f"multi_student_seed{seeds[0]}", {**out, "seconds": time.perf_counter() - t0}, lines)
+    write_results(seed_results_name("multi_student", seeds), {**out, "seconds": time.perf_counter() - t0}, lines)
     return 0
 
 
