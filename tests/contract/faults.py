@@ -80,6 +80,14 @@ def _child(argv: list[str], log: str) -> None:
     runpy.run_module("distilcli", run_name="__main__", alter_sys=True)
 
 
+def ctrl_c_reaches_child() -> None:
+    """``preexec_fn`` for a child a test sends SIGINT: the default disposition, as at a terminal.
+
+    A suite started in the background (``cmd &``, nohup, some CI runners) inherits SIGINT ignored,
+    and Python then never raises KeyboardInterrupt in the child."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Child:
     """One `distil` process: ``pid``, ``alive()``, ``signal(sig)``, ``wait() -> exit code``
     (negative: the signal that ended it), ``output()``."""
@@ -90,7 +98,8 @@ class Child:
         if exec_:
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DVCLIVE_OPEN": "false", **THREADS}
             with open(self.log, "wb") as out:
-                self._proc = subprocess.Popen([sys.executable, "-m", "distilcli", *argv], env=env, stdout=out, stderr=out)
+                self._proc = subprocess.Popen([sys.executable, "-m", "distilcli", *argv], env=env, stdout=out, stderr=out,
+                                              preexec_fn=ctrl_c_reaches_child)  # fmt: skip
             self.pid = self._proc.pid
         else:
             self._proc = _forkserver().Process(target=_child, args=(list(argv), str(self.log)), daemon=True)

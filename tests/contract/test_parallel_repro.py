@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from faults import ctrl_c_reaches_child
 
 from tests.conftest import REPO_ROOT, repo_shell
 
@@ -112,7 +113,7 @@ def test_ctrl_c_stops_the_running_stages_and_a_rerun_finishes(pipeline):
     slow = {"a": _stage("a.json", 30), "b": _stage("b.json", 30), "c": _stage("c.json", 0, "a.json", "b.json")}
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": slow}))
     proc = subprocess.Popen([sys.executable, str(RUNNER), "--jobs", "2"], cwd=repo, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=ctrl_c_reaches_child)  # fmt: skip
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (repo / ".dvc" / "tmp" / "rwlock").exists():
         time.sleep(0.2)
