@@ -19,6 +19,9 @@ its paired error to the teacher's ODE fell during training.
     BENCH_SEED_LIST=1 BENCH_DATASETS=digits-images BENCH_RESULTS=diffusion_second_wave_seed1 python -m bench diffusion
     BENCH_MERGE=diffusion_second_wave,diffusion_second_wave_seed1,diffusion_second_wave_seed2 \
         BENCH_RESULTS=diffusion_second_wave_3seeds python -m bench diffusion     # one table of the three runs
+    BENCH_SEED_LIST=0 BENCH_DATASETS=digits-images BENCH_METHODS=phased-dmd BENCH_RESULTS=diffusion_phased_dmd_seed0 \
+        python -m bench diffusion                    # one method again, on the same seed's (cached or rebuilt) teacher
+    BENCH_MERGE=... BENCH_REPLACE=diffusion_phased_dmd_seed0,... python -m bench diffusion   # its rows replace the old ones
 
 Each dataset's ``methods`` and per-method ``overrides`` come from the settings file (the
 U-Net students on digits cost minutes each on CPU, so digits runs ``consistency-distill``).
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import statistics
@@ -145,31 +149,83 @@ def second_wave_claims(rows: dict[str, dict[str, list[float]]], q: str) -> dict[
     return out
 
 
-def merge_seed_results(stems: list[str], out: str, results: Path = ROOT / "bench" / "results") -> dict:
+def _seed_rows(got: dict) -> dict[int, dict]:
+    """One run's rows split by seed: seed -> dataset -> row -> column -> value (and
+    ``"_paired"``: dataset -> method -> its first and last paired error)."""
+    tables = got["table"] if "dataset" not in got else {got["dataset"]: got["table"]}  # the first run kept one dataset flat
+    seeds = got.get("seed_list") or list(range(got["seeds"]))
+    out: dict[int, dict] = {seed: {"_paired": {}} for seed in seeds}
+    for dataset, by_row in tables.items():
+        for row, cols in by_row.items():
+            for col, values in cols.items():
+                for seed, value in zip(seeds, values, strict=True):
+                    out[seed].setdefault(dataset, {}).setdefault(row, {})[col] = value
+    for dataset, by_method in (got.get("paired_error_first_last") or {}).items():
+        for method, pes in by_method.items():
+            for seed, pe in zip(seeds, pes, strict=True):
+                out[seed]["_paired"].setdefault(dataset, {})[method] = pe
+    return out
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    """One teacher's figure measured twice: equal up to float rounding (a run with another
+    thread count sums in another order: seed 1's teacher FD 1.658825 against 1.658827)."""
+    return a is None or b is None or math.isclose(a, b, rel_tol=1e-3)
+
+
+def merge_seed_results(stems: list[str], out: str, results: Path = ROOT / "bench" / "results",
+                       replace_from: list[str] = ()) -> dict:  # fmt: skip
     """One table over the seeds of several earlier runs (``bench/results/<stem>.json``, one
     seed or more each, e.g. ``BENCH_SEED_LIST=1 BENCH_RESULTS=..._seed1``): per dataset and
     row, the per-seed values appended in order; the claims recomputed with their paired
     intervals; written as ``<out>.{md,json}``. Rows measured in only some runs keep the seeds
-    they have."""
+    they have. ``replace_from`` (``BENCH_REPLACE``): runs of some methods again on some of
+    those seeds (``BENCH_METHODS=...``), whose rows of those methods replace the earlier ones of
+    the same seed; their teacher rows must equal the earlier ones (the same teacher), or the
+    replacement would pair students of two different teachers."""
+    per_seed: dict[int, dict] = {}
+    for stem in stems:
+        for seed, rows in _seed_rows(json.loads((results / f"{stem}.json").read_text())).items():
+            if seed in per_seed:
+                raise SystemExit(f"the runs {stems} share seed {seed}: each seed must come from one run")
+            per_seed[seed] = rows
+    for stem in replace_from:
+        got = json.loads((results / f"{stem}.json").read_text())
+        methods = got.get("methods") or []
+        for seed, rows in _seed_rows(got).items():
+            if seed not in per_seed:
+                raise SystemExit(f"{stem}: seed {seed} is in none of {stems}")
+            for dataset, by_row in rows.items():
+                if dataset == "_paired":
+                    continue
+                earlier = per_seed[seed].get(dataset, {})
+                for row, cols in by_row.items():
+                    model = row.rsplit("/steps_", 1)[0]
+                    if model in methods:
+                        earlier[row] = cols
+                    elif row in earlier and not _same(cols.get(_quality(dataset)), earlier[row].get(_quality(dataset))):
+                        raise SystemExit(f"{stem}: seed {seed}'s {row} differs from the earlier run's "
+                                         f"({cols.get(_quality(dataset))} against {earlier[row].get(_quality(dataset))}): not the same teacher")  # fmt: skip
+            for dataset, by_method in rows["_paired"].items():
+                per_seed[seed]["_paired"].setdefault(dataset, {}).update({m: pe for m, pe in by_method.items() if m in methods})
+    seeds = list(per_seed)
     table: dict = {}
     paired_pe: dict = {}
-    seeds: list[int] = []
-    for stem in stems:
-        got = json.loads((results / f"{stem}.json").read_text())
-        rows = got["table"] if "dataset" not in got else {got["dataset"]: got["table"]}  # the first run kept one dataset flat
-        seeds += got.get("seed_list") or list(range(got["seeds"]))
-        for dataset, by_row in rows.items():
+    for seed in seeds:
+        for dataset, by_row in per_seed[seed].items():
+            if dataset == "_paired":
+                continue
             for row, cols in by_row.items():
-                for col, values in cols.items():
-                    table.setdefault(dataset, {}).setdefault(row, {}).setdefault(col, []).extend(values)
-        for dataset, by_method in (got.get("paired_error_first_last") or {}).items():
-            for method, pes in by_method.items():
-                paired_pe.setdefault(dataset, {}).setdefault(method, []).extend(pes)
-    if len(set(seeds)) != len(seeds):
-        raise SystemExit(f"the runs {stems} share seeds {seeds}: each seed must come from one run")
+                for col, value in cols.items():
+                    table.setdefault(dataset, {}).setdefault(row, {}).setdefault(col, []).append(value)
+        for dataset, by_method in per_seed[seed]["_paired"].items():
+            for method, pe in by_method.items():
+                paired_pe.setdefault(dataset, {}).setdefault(method, []).append(pe)
     lines, claims = _report(table, paired_pe, seeds)
     summary = {"seeds": len(seeds), "seed_list": seeds, "merged_from": stems, "datasets": list(table), "claims": claims,
                "paired_error_first_last": paired_pe, "table": table}  # fmt: skip
+    if replace_from:
+        summary["replaced_from"] = list(replace_from)
     (results / f"{out}.md").write_text("\n".join(lines) + "\n")
     (results / f"{out}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -212,7 +268,7 @@ def _report(table: dict, paired: dict, seeds: list[int]) -> tuple[list[str], dic
 def main() -> int:
     merge = _env_list("BENCH_MERGE", ())
     if merge:  # BENCH_MERGE=a,b,c BENCH_RESULTS=out: only merge earlier runs' tables
-        summary = merge_seed_results(merge, os.environ.get("BENCH_RESULTS", "diffusion"))
+        summary = merge_seed_results(merge, os.environ.get("BENCH_RESULTS", "diffusion"), replace_from=_env_list("BENCH_REPLACE", ()))
         emit("diffusion", **{k: v for k, v in summary.items() if k != "table"})
         return 0
     settings = yaml.safe_load(Path(os.environ.get("BENCH_PARAMS", ROOT / "bench" / "diffusion.yaml")).read_text())

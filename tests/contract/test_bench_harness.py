@@ -62,8 +62,39 @@ def test_merging_per_seed_diffusion_runs_appends_seeds_and_pairs_the_claims(tmp_
     claim = got["claims"]["digits-images"]["second_wave"]["dmd at 1 step against the 50-step teacher (ratio; goal <= 1.5)"]
     assert claim["ratio"] == pytest.approx(7 / 3.5) and claim["paired"]["mean_diff"] == pytest.approx(7 / 6) and claim["paired"]["interval"]
     assert "| dmd | 1 | 2.333 ± 0.76 |" in (tmp_path / "all.md").read_text()
-    with pytest.raises(SystemExit, match="share seeds"):
+    with pytest.raises(SystemExit, match="share seed 1"):
         merge_seed_results(["s1", "s1"], "dup", tmp_path)
+
+
+def test_a_rerun_of_one_method_replaces_its_rows_of_the_same_seeds_on_the_same_teacher(tmp_path):
+    import json
+
+    import pytest
+
+    from bench.diffusion import merge_seed_results
+
+    def run(name, seeds, dmd, teacher, methods=None):
+        table = {"digits-images": {"dmd/steps_1": {"fd": dmd}, "teacher/steps_50": {"fd": teacher}}}
+        pe = {"digits-images": {"dmd": [[4.0, v] for v in dmd]}}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"seeds": len(seeds), "seed_list": seeds, "table": table,
+                                                           "paired_error_first_last": pe, "methods": methods}))  # fmt: skip
+
+    run("a", [0, 1], [3.0, 4.0], [1.0, 2.0])
+    run("b", [2], [5.0], [1.5])
+    run("again", [1], [2.5], [2.0], methods=["dmd"])
+    got = merge_seed_results(["a", "b"], "all", tmp_path, replace_from=["again"])
+    assert got["table"]["digits-images"]["dmd/steps_1"]["fd"] == [3.0, 2.5, 5.0]  # seed 1's row replaced, in seed order
+    assert got["table"]["digits-images"]["teacher/steps_50"]["fd"] == [1.0, 2.0, 1.5]
+    assert got["paired_error_first_last"]["digits-images"]["dmd"] == [[4.0, 3.0], [4.0, 2.5], [4.0, 5.0]]
+    assert got["replaced_from"] == ["again"]
+    run("rounded", [1], [2.5], [2.000001], methods=["dmd"])  # the same teacher, summed in another order
+    assert merge_seed_results(["a", "b"], "all", tmp_path, replace_from=["rounded"])["table"]["digits-images"]["dmd/steps_1"]["fd"][1] == 2.5
+    run("other_teacher", [1], [2.5], [2.2], methods=["dmd"])
+    with pytest.raises(SystemExit, match="not the same teacher"):
+        merge_seed_results(["a", "b"], "all", tmp_path, replace_from=["other_teacher"])
+    run("new_seed", [7], [2.5], [2.0], methods=["dmd"])
+    with pytest.raises(SystemExit, match="seed 7 is in none"):
+        merge_seed_results(["a", "b"], "all", tmp_path, replace_from=["new_seed"])
 
 
 def test_merged_seeds_appends_each_runs_rows_and_the_multi_student_claims_pair_them(tmp_path):

@@ -1,5 +1,5 @@
 """``phased-dmd``: the subinterval score-matching target against Tweedie's formula on a Gaussian,
-the phase boundaries, a 2-phase generator whose experts each learn their phase and that moves
+the phase boundaries, the noise levels each phase is matched at, a 2-phase generator whose experts each learn their phase and that moves
 toward the teacher's 2-step solution, a killed run resumed across a phase change, and refusals."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from conftest import MOONS_DATA_SIZES, MOONS_NET, resumes_like_uninterrupted
 
 from stages import distill
 from stages.config import DataConfig, DiffusionConfig, DistillConfig
-from stages.diffusion.methods.phased_dmd import phase_bounds, subinterval_target, transition
+from stages.diffusion.methods.phased_dmd import matching_levels, phase_bounds, subinterval_target, transition
 from stages.diffusion.sampling import sample_generator
 from stages.diffusion.schedule import NoiseSchedule
 from stages.errors import DistilError
@@ -57,6 +57,12 @@ def test_phase_bounds_cut_the_schedule_evenly_and_refuse_a_count_that_does_not_d
     assert phase_bounds(1000, 4) == [-1, 249, 499, 749, 999]
     with pytest.raises(DistilError, match="divide the teacher's 1000 timesteps, got 3"):
         phase_bounds(1000, 3)
+
+
+def test_each_phase_is_matched_at_every_level_above_its_end_and_the_last_one_over_dmds_whole_range():
+    assert matching_levels(1000, 499, -1) == (20, 980)  # the clean sample: DMD's [0.02 T, 0.98 T], layout levels included
+    assert matching_levels(1000, 999, 499) == (525, 980)  # x at 499: above it, a twentieth of the phase away
+    assert matching_levels(1000, 499, 249) == (262, 980)  # an inner phase of four: up to the top, not only to 499
 
 
 def test_two_phase_experts_each_learn_their_phase_and_move_toward_the_teacher(moons_teacher, tmp_path):
