@@ -125,10 +125,12 @@ def _write_results(results: Path, lines: list[str], summary: dict) -> None:
     path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
-SECOND_WAVE = (  # (claim, A row, B row): A against B on the quality column, lower is better
+SECOND_WAVE = (  # (claim, A row, B row[, column]): A against B on the quality column unless named, lower is better
     ("dmd at 1 step against the 50-step teacher (ratio; goal <= 1.5)", "dmd/steps_1", "teacher/steps_50"),
     ("phased-dmd at 2 steps against dmd at 1", "phased-dmd/steps_2", "dmd/steps_1"),
     ("dual-expert against multistep at 2 steps", "dual-expert/steps_2", "multistep/steps_2"),
+    ("dual-expert against multistep at 4 steps", "dual-expert/steps_4", "multistep/steps_4"),
+    ("dual-expert against multistep at 2 steps, paired error to the teacher", "dual-expert/steps_2", "multistep/steps_2", "paired_error"),
     ("scott against consistency-distill at 1 step", "scott/steps_1", "consistency-distill/steps_1"),
     ("scott against consistency-distill at 2 steps", "scott/steps_2", "consistency-distill/steps_2"),
     ("flow-map against consistency-train at 1 step", "flow-map/steps_1", "consistency-train/steps_1"),
@@ -140,11 +142,12 @@ def second_wave_claims(rows: dict[str, dict[str, list[float]]], q: str) -> dict[
     """Each second-wave comparison whose two rows were measured: the means, their ratio, the
     paired difference over seeds (A - B; negative: A is better) and whether A is better."""
     out = {}
-    for claim, a, b in SECOND_WAVE:
-        if a in rows and b in rows and q in rows[a] and q in rows[b]:
-            xa, xb = rows[a][q], rows[b][q]
+    for claim, a, b, *column in SECOND_WAVE:
+        col = column[0] if column else q
+        if a in rows and b in rows and col in rows[a] and col in rows[b]:
+            xa, xb = rows[a][col], rows[b][col]
             ma, mb = statistics.fmean(xa), statistics.fmean(xb)
-            out[claim] = {"a": a, "b": b, "mean_a": ma, "mean_b": mb, "ratio": ma / mb, "a_better": ma < mb,
+            out[claim] = {"a": a, "b": b, "column": col, "mean_a": ma, "mean_b": mb, "ratio": ma / mb, "a_better": ma < mb,
                           "paired": paired(xa, xb)}  # fmt: skip
     return out
 

@@ -97,6 +97,21 @@ def test_a_rerun_of_one_method_replaces_its_rows_of_the_same_seeds_on_the_same_t
         merge_seed_results(["a", "b"], "all", tmp_path, replace_from=["new_seed"])
 
 
+def test_a_second_wave_claim_reads_its_own_column_when_it_names_one():
+    import pytest
+
+    from bench.diffusion import second_wave_claims
+
+    rows = {"dual-expert/steps_2": {"fd": [2.0, 2.2, 1.9], "paired_error": [0.7, 0.68, 0.71]},
+            "multistep/steps_2": {"fd": [1.9, 2.0, 2.1], "paired_error": [0.8, 0.79, 0.83]}}  # fmt: skip
+    got = second_wave_claims(rows, "fd")
+    on_fd, on_pe = got["dual-expert against multistep at 2 steps"], got["dual-expert against multistep at 2 steps, paired error to the teacher"]
+    assert on_fd["column"] == "fd" and on_fd["mean_a"] == pytest.approx(6.1 / 3) and not on_fd["a_better"]
+    assert on_pe["column"] == "paired_error" and on_pe["a_better"] and on_pe["paired"]["mean_diff"] == pytest.approx(-0.11)
+    assert on_pe["paired"]["interval"][1] < 0  # better on every seed by a steady margin: the interval excludes zero
+    assert "dmd at 1 step against the 50-step teacher (ratio; goal <= 1.5)" not in got  # rows not measured: no claim
+
+
 def test_merged_seeds_appends_each_runs_rows_and_the_multi_student_claims_pair_them(tmp_path):
     import json
 
