@@ -6,7 +6,11 @@ Per seed and dataset: a diffusion teacher trained with ``denoise``; its ODE traj
 method with the same optimiser steps (``progressive``: the same total over its rounds). ``evaluate`` samples every model from the same
 seeded noise: the teacher at 1, 4 and 50 ODE steps, the students at 1, 2 and 4 steps;
 quality is the sliced Wasserstein distance to the test split (2-D) or the Frechet distance
-in a digits classifier's feature space (digits), next to the held-out-data floor.
+in a digits classifier's feature space (digits), next to the held-out-data floor. The floor has
+fewer rows (the test split) than the models' samples, and both distances shrink with n, so the
+table also gives each model's distance on its first floor-n samples (``fd at the floor's n``), the
+fair comparison with the floor; on digits also fidelity and diversity apart (precision, recall,
+density, coverage in the same feature space: ``stages.diffusion.metrics.manifold``).
 
 Writes ``bench/results/diffusion.{md,json}`` and prints one JSON line with the claims:
 the 1-step ``consistency-distill`` student within 1.5x of the 50-step teacher and below
@@ -125,9 +129,18 @@ def _write_results(results: Path, lines: list[str], summary: dict) -> None:
     path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
-SECOND_WAVE = (  # (claim, A row, B row[, column]): A against B on the quality column unless named, lower is better
+MANIFOLD = ("precision", "recall", "density", "coverage")
+"""Digits' fidelity / diversity columns (``stages.diffusion.metrics.manifold``): higher is better."""
+SECOND_WAVE = (  # (claim, A row, B row[, column]): A against B on the quality column unless named; lower is better but in MANIFOLD
     ("dmd at 1 step against the 50-step teacher (ratio; goal <= 1.5)", "dmd/steps_1", "teacher/steps_50"),
     ("phased-dmd at 2 steps against dmd at 1", "phased-dmd/steps_2", "dmd/steps_1"),
+    ("phased-dmd at 2 steps against dmd at 1, recall (diversity; higher is better)", "phased-dmd/steps_2", "dmd/steps_1", "recall"),
+    ("phased-dmd at 2 steps against dmd at 1, coverage (diversity; higher is better)", "phased-dmd/steps_2", "dmd/steps_1",
+     "coverage"),
+    ("phased-dmd at 2 steps against dmd at 1, precision (fidelity; higher is better)", "phased-dmd/steps_2", "dmd/steps_1",
+     "precision"),
+    ("phased-dmd at 2 steps against dmd at 1, density (fidelity; higher is better)", "phased-dmd/steps_2", "dmd/steps_1",
+     "density"),
     ("dual-expert against multistep at 2 steps", "dual-expert/steps_2", "multistep/steps_2"),
     ("dual-expert against multistep at 4 steps", "dual-expert/steps_4", "multistep/steps_4"),
     ("dual-expert against multistep at 2 steps, paired error to the teacher", "dual-expert/steps_2", "multistep/steps_2", "paired_error"),
@@ -140,14 +153,15 @@ SECOND_WAVE = (  # (claim, A row, B row[, column]): A against B on the quality c
 
 def second_wave_claims(rows: dict[str, dict[str, list[float]]], q: str) -> dict[str, dict]:
     """Each second-wave comparison whose two rows were measured: the means, their ratio, the
-    paired difference over seeds (A - B; negative: A is better) and whether A is better."""
+    paired difference over seeds (A - B; negative: A is better, positive on a ``MANIFOLD``
+    column) and whether A is better."""
     out = {}
     for claim, a, b, *column in SECOND_WAVE:
         col = column[0] if column else q
         if a in rows and b in rows and col in rows[a] and col in rows[b]:
             xa, xb = rows[a][col], rows[b][col]
             ma, mb = statistics.fmean(xa), statistics.fmean(xb)
-            out[claim] = {"a": a, "b": b, "column": col, "mean_a": ma, "mean_b": mb, "ratio": ma / mb, "a_better": ma < mb,
+            out[claim] = {"a": a, "b": b, "column": col, "mean_a": ma, "mean_b": mb, "ratio": ma / mb, "a_better": ma > mb if col in MANIFOLD else ma < mb,
                           "paired": paired(xa, xb)}  # fmt: skip
     return out
 
@@ -239,12 +253,19 @@ def _report(table: dict, paired: dict, seeds: list[int]) -> tuple[list[str], dic
     lines, claims = [], {}
     for dataset, rows in table.items():
         q = _quality(dataset)
-        lines += [f"### {dataset} (mean ± std over {len(seeds)} seeds; {q}: lower is better)", "",
-                  f"| model | steps | {q} | paired error to teacher@50 | seconds per 1k samples |", "|---|---|---|---|---|"]  # fmt: skip
+        # runs from before these columns have none: their tables read as they did
+        higher = [c for c in MANIFOLD if any(c in cols for cols in rows.values())]
+        shown = [c for c in (f"{q}_at_floor_n",) if any(c in cols for cols in rows.values())] + higher
+        names = [c.replace("_at_floor_n", " at the floor's n") for c in shown]
+        lines += [f"### {dataset} (mean ± std over {len(seeds)} seeds; {q}: lower is better"
+                  + (f"; {', '.join(higher)}: higher is better)" if higher else ")"), "",
+                  f"| model | steps | {q} | {' | '.join(names + [''])}paired error to teacher@50 | seconds per 1k samples |",
+                  "|---|---|---|" + "---|" * len(shown) + "---|---|"]  # fmt: skip
         for key, cols in rows.items():
             model, steps = key.rsplit("/steps_", 1)
             lines.append(f"| {model} | {steps if steps != '0' else 'held-out data'} | {_cell(cols[q])} | "
-                         f"{_cell(cols['paired_error']) if 'paired_error' in cols else ''} | "
+                         + "".join(f"{_cell(cols[c]) if c in cols else ''} | " for c in shown)
+                         + f"{_cell(cols['paired_error']) if 'paired_error' in cols else ''} | "
                          f"{_cell(cols['seconds_per_1k']) if 'seconds_per_1k' in cols else ''} |")  # fmt: skip
         lines.append("")
         t1, t50 = rows.get("teacher/steps_1"), rows.get("teacher/steps_50")
@@ -286,9 +307,10 @@ def main() -> int:
             for seed in seeds:
                 got = _one(settings[dataset], dataset, seed, tmp / f"{dataset}-{seed}", methods)
                 for key, m in got["metrics"].items():
-                    if key == "floor":
-                        key = "floor/steps_0"
-                    for col in (_quality(dataset), "seconds_per_1k", "paired_error"):
+                    q = _quality(dataset)
+                    if key == "floor":  # held-out data, measured at its own n
+                        key, m = "floor/steps_0", {**m, f"{q}_at_floor_n": m.get(q)}
+                    for col in (q, f"{q}_at_floor_n", "seconds_per_1k", "paired_error", *MANIFOLD):
                         if m.get(col) is not None:
                             table.setdefault(dataset, {}).setdefault(key, {}).setdefault(col, []).append(float(m[col]))
                 for method, pe in got["paired_error_first_last"].items():

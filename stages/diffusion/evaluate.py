@@ -21,7 +21,10 @@ One row per (model, steps):
 - digits: ``fd`` (Frechet distance to the train images in the feature space of a small
   digits classifier trained here on the train split, saved as
   ``digits_classifier.safetensors``), ``class_entropy``, ``classes_covered`` and
-  ``confidence`` from its predictions;
+  ``confidence`` from its predictions, and in the same feature space fidelity and diversity
+  apart: ``precision`` / ``recall`` and ``density`` / ``coverage`` against the train images
+  (``stages.diffusion.metrics.manifold``; recall and coverage grow with the number of samples,
+  so the floor's, from fewer rows, reads lower);
 - ``paired_error`` (with a teacher): mean L2 distance to the teacher's
   ``teacher_steps``-step samples for the same noise;
 - ``seconds_per_1k``: marginal sampling cost (``stages.diffusion.metrics.timing``).
@@ -239,22 +242,19 @@ class _Images:
         self.guided = False
         """Whether the table has guided rows of class-conditional generators (set by ``evaluate_generators``)."""
 
-    def _fd(self, x: np.ndarray) -> float:
-        from stages.diffusion.metrics.digits_features import digit_features
-        from stages.diffusion.metrics.distances import frechet_between
-
-        return frechet_between(digit_features(self.classifier, x), self.ref_features)
-
     def measure(self, x: np.ndarray, floor: bool = False, labels: np.ndarray | None = None) -> dict[str, Any]:
         """The metrics of samples ``x``; with ``labels`` (the class each was asked for) also
         ``stages.diffusion.metrics.digits_features.class_conditional``'s."""
-        from stages.diffusion.metrics.digits_features import class_conditional, class_coverage
+        from stages.diffusion.metrics.digits_features import class_conditional, class_coverage, digit_features
+        from stages.diffusion.metrics.distances import frechet_between
+        from stages.diffusion.metrics.manifold import manifold_metrics
 
-        m: dict[str, Any] = {"fd": self._fd(x)}
+        feats = digit_features(self.classifier, x)
+        m: dict[str, Any] = {"fd": frechet_between(feats, self.ref_features), **manifold_metrics(self.ref_features, feats)}
         if labels is not None:
             m.update(class_conditional(self.classifier, x, labels, self.real_train, self.real_labels))
         if not floor:
-            m["fd_at_floor_n"] = self._fd(x[: self.floor_n]) if len(x) > self.floor_n else m["fd"]
+            m["fd_at_floor_n"] = frechet_between(feats[: self.floor_n], self.ref_features) if len(x) > self.floor_n else m["fd"]
         c = class_coverage(self.classifier, x)
         m.update({k: c[k] for k in ("class_entropy", "classes_covered", "confidence")})
         m["_counts"] = [c["class_counts"]]
@@ -272,6 +272,13 @@ class _Images:
             "classes_covered",
             "confidence",
             "confidence_floor",
+            "precision",
+            "precision_floor",
+            "recall",
+            "recall_floor",
+            "density",
+            "coverage",
+            "coverage_floor",
             *(["guidance", "class_accuracy", "class_accuracy_floor", "fd_per_class", "diversity", "diversity_real"]
               if self.guided else []),
             *(["control_share"] if self.control_class is not None else []),
@@ -590,7 +597,7 @@ def _fmt(v: Any) -> str:
 
 
 SUMMARY = ("model", "steps", "sw", "sw_floor", "mmd2", "hq_rate", "modes_covered", "mode_entropy", "fd", "fd_floor",
-           "class_entropy", "confidence", "class_accuracy", "fd_per_class", "diversity", "paired_error", "seconds_per_1k")  # fmt: skip
+           "class_entropy", "confidence", "precision", "recall", "class_accuracy", "fd_per_class", "diversity", "paired_error", "seconds_per_1k")  # fmt: skip
 """The columns of the printed table (generators.csv has them all)."""
 
 

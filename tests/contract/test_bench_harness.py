@@ -112,6 +112,24 @@ def test_a_second_wave_claim_reads_its_own_column_when_it_names_one():
     assert "dmd at 1 step against the 50-step teacher (ratio; goal <= 1.5)" not in got  # rows not measured: no claim
 
 
+def test_a_claim_on_a_diversity_column_counts_higher_as_better_and_the_table_shows_the_column(tmp_path):
+    import json
+
+    from bench.diffusion import merge_seed_results
+
+    table = {"digits-images": {"phased-dmd/steps_2": {"fd": [2.3, 2.2], "fd_at_floor_n": [3.1, 3.0], "recall": [0.6, 0.62]},
+                               "dmd/steps_1": {"fd": [2.0, 2.1], "fd_at_floor_n": [2.9, 3.2], "recall": [0.5, 0.55]}}}  # fmt: skip
+    (tmp_path / "r.json").write_text(json.dumps({"seeds": 2, "seed_list": [0, 1], "table": table}))
+    got = merge_seed_results(["r"], "out", tmp_path)["claims"]["digits-images"]["second_wave"]
+    on_recall = got["phased-dmd at 2 steps against dmd at 1, recall (diversity; higher is better)"]
+    assert on_recall["a_better"] and on_recall["paired"]["mean_diff"] > 0
+    assert not got["phased-dmd at 2 steps against dmd at 1"]["a_better"]  # worse on fd, the lower-is-better column
+    md = (tmp_path / "out.md").read_text()
+    assert "| model | steps | fd | fd at the floor's n | recall | paired error" in md
+    assert "| dmd | 1 | 2.05 ± 0.071 | 3.05 ± 0.21 | 0.525 ± 0.035 |" in md and "recall: higher is better)" in md
+    assert "precision" not in md.split("| claim |")[0]  # a column no row has is not shown
+
+
 def test_merged_seeds_appends_each_runs_rows_and_the_multi_student_claims_pair_them(tmp_path):
     import json
 

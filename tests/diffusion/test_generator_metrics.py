@@ -34,6 +34,7 @@ from stages.diffusion.metrics.distances import (
     paired_error,
     sliced_wasserstein,
 )
+from stages.diffusion.metrics.manifold import knn_radii, manifold_metrics
 from stages.diffusion.metrics.plots import grid_size, write_image_grid, write_scatter_grid
 from stages.diffusion.metrics.timing import seconds_per_1k
 from stages.diffusion.metrics.toy_modes import mode_coverage, normalised_entropy, toy_modes
@@ -137,6 +138,28 @@ def test_frechet_of_digits_train_vs_test_is_small_and_of_noise_large(digits, clf
     # torchmetrics (custom feature module) and scipy's sqrtm agree
     ours = frechet_between(digit_features(clf, train), digit_features(clf, test))
     assert ours == pytest.approx(floor, rel=1e-3)
+
+
+def test_precision_recall_density_coverage_tell_fidelity_from_diversity():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(1200, 8))
+    same = manifold_metrics(real, rng.normal(size=(1000, 8)))
+    assert min(same["precision"], same["recall"], same["coverage"]) > 0.8 and 0.85 < same["density"] < 1.2
+    collapsed = manifold_metrics(real, 0.3 * rng.normal(size=(1000, 8)))  # every sample typical, most of the data missed
+    assert collapsed["precision"] > 0.99 and collapsed["recall"] < 0.1 and collapsed["coverage"] < 0.4 < collapsed["density"] - 1
+    spread = manifold_metrics(real, 2 * rng.normal(size=(1000, 8)))  # the data covered, most samples atypical
+    assert spread["recall"] > 0.99 and spread["precision"] < 0.3 and spread["density"] < 0.2
+    with pytest.raises(DistilError, match="one width"):
+        manifold_metrics(real, real[:, :4])
+    with pytest.raises(DistilError, match="more than 3"):
+        manifold_metrics(real, real[:3])
+
+
+def test_a_sample_is_not_its_own_neighbour_and_a_point_on_a_ball_edge_counts():
+    x = torch.tensor([[0.0], [1.0], [3.0], [6.0]], dtype=torch.float64)
+    assert knn_radii(x, 1).tolist() == [1.0, 1.0, 2.0, 3.0]
+    got = manifold_metrics(x.numpy(), np.array([[0.0], [1.0], [3.0], [6.0], [20.0]]), k=1)
+    assert got["precision"] == pytest.approx(4 / 5) and got["coverage"] == 1.0 and got["density"] == pytest.approx(8 / 5)
 
 
 def test_class_coverage_of_digits(digits, clf):
@@ -320,9 +343,11 @@ def test_evaluate_generators_for_digits(tmp_path, digits, clf):
     )
     rows = _read_csv(out / "generators.csv")
     assert list(rows[0]) == ["model", "steps", "n", "nonfinite_rate", "fd", "fd_floor", "fd_at_floor_n", "class_entropy",
-                             "class_entropy_floor", "classes_covered", "confidence", "confidence_floor"]  # fmt: skip
+                             "class_entropy_floor", "classes_covered", "confidence", "confidence_floor", "precision",
+                             "precision_floor", "recall", "recall_floor", "density", "coverage", "coverage_floor"]  # fmt: skip
     good, bad = rows
     assert float(good["fd"]) < 20 < float(bad["fd"])
+    assert float(good["precision"]) > 0.7 > 0.1 > float(bad["precision"]) and float(good["recall"]) > float(bad["recall"])
     assert float(good["confidence"]) > float(bad["confidence"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["floor"]["classifier_test_accuracy"] > 0.9
