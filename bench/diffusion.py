@@ -131,19 +131,22 @@ def _write_results(results: Path, lines: list[str], summary: dict) -> None:
 
 MANIFOLD = ("precision", "recall", "density", "coverage")
 """Digits' fidelity / diversity columns (``stages.diffusion.metrics.manifold``): higher is better."""
+
+
+def _apart(claim: str, a: str, b: str) -> tuple[tuple[str, str, str, str], ...]:
+    """The claim ``a`` against ``b`` on each ``MANIFOLD`` column: fidelity and diversity apart."""
+    return tuple((f"{claim}, {c} ({'diversity' if c in ('recall', 'coverage') else 'fidelity'}; higher is better)", a, b, c)
+                 for c in MANIFOLD)  # fmt: skip
+
+
 SECOND_WAVE = (  # (claim, A row, B row[, column]): A against B on the quality column unless named; lower is better but in MANIFOLD
     ("dmd at 1 step against the 50-step teacher (ratio; goal <= 1.5)", "dmd/steps_1", "teacher/steps_50"),
     ("phased-dmd at 2 steps against dmd at 1", "phased-dmd/steps_2", "dmd/steps_1"),
-    ("phased-dmd at 2 steps against dmd at 1, recall (diversity; higher is better)", "phased-dmd/steps_2", "dmd/steps_1", "recall"),
-    ("phased-dmd at 2 steps against dmd at 1, coverage (diversity; higher is better)", "phased-dmd/steps_2", "dmd/steps_1",
-     "coverage"),
-    ("phased-dmd at 2 steps against dmd at 1, precision (fidelity; higher is better)", "phased-dmd/steps_2", "dmd/steps_1",
-     "precision"),
-    ("phased-dmd at 2 steps against dmd at 1, density (fidelity; higher is better)", "phased-dmd/steps_2", "dmd/steps_1",
-     "density"),
+    *_apart("phased-dmd at 2 steps against dmd at 1", "phased-dmd/steps_2", "dmd/steps_1"),
     ("dual-expert against multistep at 2 steps", "dual-expert/steps_2", "multistep/steps_2"),
     ("dual-expert against multistep at 4 steps", "dual-expert/steps_4", "multistep/steps_4"),
     ("dual-expert against multistep at 2 steps, paired error to the teacher", "dual-expert/steps_2", "multistep/steps_2", "paired_error"),
+    *_apart("dual-expert against multistep at 2 steps", "dual-expert/steps_2", "multistep/steps_2"),
     ("scott against consistency-distill at 1 step", "scott/steps_1", "consistency-distill/steps_1"),
     ("scott against consistency-distill at 2 steps", "scott/steps_2", "consistency-distill/steps_2"),
     ("flow-map against consistency-train at 1 step", "flow-map/steps_1", "consistency-train/steps_1"),
